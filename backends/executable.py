@@ -1,0 +1,85 @@
+"""The backend-independent face of a compiled graph: input checking, state (params) and outputs."""
+from __future__ import annotations
+
+import numpy as np
+
+from ir.graph import Graph
+from ir.types import IRError
+
+
+class ExecutionError(RuntimeError):
+    """A compiled function failed at run time."""
+
+
+class Executable:
+    """A compiled graph. Call with arrays by input name (or positionally in input order); returns one
+    array or a tuple. Params live in `state` (name -> float32 array) and are updated in place by the
+    graph's `updates` (a training step)."""
+
+    backend = "?"
+
+    def __init__(self, graph: Graph, params: dict | None = None):
+        self.graph = graph
+        self.name = graph.name
+        self.inputs = [(v.name, v.type) for v in graph.inputs]
+        self.outputs = [(v.name, v.type) for v in graph.outputs]
+        self.consts = {k: np.ascontiguousarray(v) for k, v in graph.consts.items()}
+        self.state = {}
+        params = params or {}
+        unknown = set(params) - {p.name for p in graph.params}
+        if unknown:
+            raise IRError(f"compile: values given for unknown params {sorted(unknown)}")
+        for p in graph.params:
+            if p.name in params:
+                self.state[p.name] = self._coerce(p.name, params[p.name], p.type, "param")
+            else:
+                self.state[p.name] = np.zeros(p.shape, p.type.np_dtype)
+
+    @staticmethod
+    def _coerce(name, arr, t, what, batch=None):
+        a = np.asarray(arr)
+        if a.dtype.kind not in "fiub":
+            raise ValueError(f"{what} {name!r}: expected numbers, got dtype {a.dtype}")
+        if a.dtype.kind == "f" and t.dtype == "f32" and a.dtype != np.float32:
+            a = a.astype(np.float32)
+        elif a.dtype.kind in "iub":
+            a = a.astype(t.np_dtype)
+        if a.ndim != t.rank or any(d is not None and d != s for d, s in zip(t.shape, a.shape)):
+            raise ValueError(f"{what} {name!r}: expected shape {t.shape} (None = any batch), got {a.shape}")
+        if batch is not None and t.batched and a.shape[0] != batch:
+            raise ValueError(f"{what} {name!r}: batch size {a.shape[0]} differs from the other inputs' {batch}")
+        return np.ascontiguousarray(a, dtype=t.np_dtype)
+
+    def check_inputs(self, args, kwargs) -> list:
+        """Validate and convert inputs (names, shapes, dtypes, one batch size) before any native call."""
+        names = [n for n, _ in self.inputs]
+        if len(args) > len(names):
+            raise TypeError(f"{self.name}: takes {len(names)} inputs ({', '.join(names)}), got {len(args)}")
+        given = dict(zip(names, args))
+        for k, v in kwargs.items():
+            if k in given:
+                raise TypeError(f"{self.name}: input {k!r} given twice")
+            given[k] = v
+        missing = [n for n in names if n not in given]
+        extra = [k for k in given if k not in names]
+        if missing or extra:
+            raise TypeError(f"{self.name}: missing inputs {missing} / unknown inputs {extra}; "
+                            f"expected {', '.join(names)}")
+        out, batch = [], None
+        for n, t in self.inputs:
+            a = self._coerce(n, given[n], t, "input", batch)
+            if t.batched:
+                if a.shape[0] < 1:
+                    raise ValueError(f"input {n!r}: batch size must be >= 1")
+                batch = a.shape[0]
+            out.append(a)
+        return out
+
+    def __call__(self, *args, **kwargs):
+        arrays = self.check_inputs(args, kwargs)
+        outs = self.run(arrays)
+        outs = tuple(np.array(o, dtype=np.float32, copy=True) for o in outs)
+        return outs[0] if len(outs) == 1 else outs
+
+    def run(self, arrays: list) -> tuple:
+        raise NotImplementedError

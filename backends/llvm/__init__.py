@@ -1,0 +1,1 @@
+"""LLVM backend: llvmlite code generation, host-tuned, JIT-compiled or emitted as objects."""
