@@ -7,6 +7,11 @@ from ir.graph import Graph
 from ir.types import IRError
 
 
+def _contiguous(a, dtype=None):
+    """C-contiguous array of `dtype`, keeping 0-d arrays 0-d (np.ascontiguousarray makes them 1-d)."""
+    return np.asarray(np.require(a, dtype=dtype, requirements="C"))
+
+
 class ExecutionError(RuntimeError):
     """A compiled function failed at run time."""
 
@@ -18,12 +23,14 @@ class Executable:
 
     backend = "?"
 
-    def __init__(self, graph: Graph, params: dict | None = None):
+    def __init__(self, graph: Graph, params: dict | None = None, compute_dtype=np.float32):
         self.graph = graph
+        # float64 is a reference mode for tests (finite differences); artifacts always use float32
+        self.compute_dtype = np.dtype(compute_dtype)
         self.name = graph.name
         self.inputs = [(v.name, v.type) for v in graph.inputs]
         self.outputs = [(v.name, v.type) for v in graph.outputs]
-        self.consts = {k: np.ascontiguousarray(v) for k, v in graph.consts.items()}
+        self.consts = {k: _contiguous(v) for k, v in graph.consts.items()}
         self.state = {}
         params = params or {}
         unknown = set(params) - {p.name for p in graph.params}
@@ -31,24 +38,24 @@ class Executable:
             raise IRError(f"compile: values given for unknown params {sorted(unknown)}")
         for p in graph.params:
             if p.name in params:
-                self.state[p.name] = self._coerce(p.name, params[p.name], p.type, "param")
+                self.state[p.name] = self._coerce(p.name, params[p.name], p.type, "param", dtype=self.compute_dtype)
             else:
-                self.state[p.name] = np.zeros(p.shape, p.type.np_dtype)
+                self.state[p.name] = np.zeros(p.shape, self.compute_dtype)
+        if self.compute_dtype != np.float32:
+            self.consts = {k: v.astype(self.compute_dtype) if v.dtype.kind == "f" else v
+                           for k, v in self.consts.items()}
 
     @staticmethod
-    def _coerce(name, arr, t, what, batch=None):
+    def _coerce(name, arr, t, what, batch=None, dtype=np.float32):
         a = np.asarray(arr)
         if a.dtype.kind not in "fiub":
             raise ValueError(f"{what} {name!r}: expected numbers, got dtype {a.dtype}")
-        if a.dtype.kind == "f" and t.dtype == "f32" and a.dtype != np.float32:
-            a = a.astype(np.float32)
-        elif a.dtype.kind in "iub":
-            a = a.astype(t.np_dtype)
+        want = dtype if t.dtype == "f32" else t.np_dtype
         if a.ndim != t.rank or any(d is not None and d != s for d, s in zip(t.shape, a.shape)):
             raise ValueError(f"{what} {name!r}: expected shape {t.shape} (None = any batch), got {a.shape}")
         if batch is not None and t.batched and a.shape[0] != batch:
             raise ValueError(f"{what} {name!r}: batch size {a.shape[0]} differs from the other inputs' {batch}")
-        return np.ascontiguousarray(a, dtype=t.np_dtype)
+        return _contiguous(a, want)
 
     def check_inputs(self, args, kwargs) -> list:
         """Validate and convert inputs (names, shapes, dtypes, one batch size) before any native call."""
@@ -67,7 +74,7 @@ class Executable:
                             f"expected {', '.join(names)}")
         out, batch = [], None
         for n, t in self.inputs:
-            a = self._coerce(n, given[n], t, "input", batch)
+            a = self._coerce(n, given[n], t, "input", batch, self.compute_dtype)
             if t.batched:
                 if a.shape[0] < 1:
                     raise ValueError(f"input {n!r}: batch size must be >= 1")
@@ -78,7 +85,7 @@ class Executable:
     def __call__(self, *args, **kwargs):
         arrays = self.check_inputs(args, kwargs)
         outs = self.run(arrays)
-        outs = tuple(np.array(o, dtype=np.float32, copy=True) for o in outs)
+        outs = tuple(np.array(o, dtype=self.compute_dtype, copy=True) for o in outs)
         return outs[0] if len(outs) == 1 else outs
 
     def run(self, arrays: list) -> tuple:

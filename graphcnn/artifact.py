@@ -59,7 +59,7 @@ def artifact_bytes(graph: ir.Graph, weights: dict, meta: dict) -> bytes:
         raise ArtifactError(f"save: no values for params {missing}")
     wbuf = io.BytesIO()
     arrays = {f"p{i}": np.ascontiguousarray(weights[n], np.float32) for i, n in enumerate(names)}
-    arrays.update({f"c{i}": np.ascontiguousarray(graph.consts[v.name]) for i, v in enumerate(graph.const_values)})
+    arrays.update({f"c{i}": np.asarray(np.require(graph.consts[v.name], requirements="C")) for i, v in enumerate(graph.const_values)})
     np.savez(wbuf, **arrays)
     from . import __version__
     meta = dict(meta, format=FORMAT, version=VERSION, graphcnn_version=__version__,
@@ -172,7 +172,7 @@ def _read_npz(data, path, expected):
                     raise ArtifactError(f"{path}: weights.npz entry {k} has trailing bytes")
                 if a.dtype.kind not in "fi" or a.dtype.byteorder not in "=<|":
                     raise ArtifactError(f"{path}: weights.npz entry {k} has unsupported dtype {a.dtype}")
-                out[k] = np.ascontiguousarray(a)
+                out[k] = np.asarray(np.require(a, requirements="C"))
             return out
     except zipfile.BadZipFile as e:
         raise ArtifactError(f"{path}: weights.npz is not a valid npz: {e}") from None

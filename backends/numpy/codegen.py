@@ -115,7 +115,7 @@ def generate_source(g: Graph, fn_name: str | None = None) -> tuple[str, str, dic
         lines.append(f"    N = {var[batch_src.name]}.shape[0]")
     for i, n in enumerate(g.nodes):
         if n.op in INPLACE_UPDATE_OPS:
-            for idx in INPLACE_UPDATE_OPS[n.op]:
+            for _, idx in zip(n.outputs, INPLACE_UPDATE_OPS[n.op]):
                 src = n.inputs[idx]
                 if last_use.get(src.name, -1) > i or src.kind != "param":
                     raise ValueError(f"numpy backend: {n.op} -> %{n.name} updates %{src.name} in place, "

@@ -11,8 +11,8 @@ from .codegen import generate_source
 class NumpyExecutable(Executable):
     backend = "numpy"
 
-    def __init__(self, graph, params=None, plan=None):
-        super().__init__(graph, params)
+    def __init__(self, graph, params=None, plan=None, compute_dtype=np.float32):
+        super().__init__(graph, params, compute_dtype)
         self.source, self.fn_name, self.var = generate_source(graph)
         ns = {"np": np, "K": K}
         exec(compile(self.source, f"<graphcnn:{graph.name}>", "exec"), ns)
@@ -20,8 +20,9 @@ class NumpyExecutable(Executable):
         self.plan = plan
 
     def _buffers(self, batch):
-        if self.plan is None:
-            return lambda key, shape: np.empty(shape, np.float32)
+        if self.plan is None or self.compute_dtype != np.float32:
+            dt = self.compute_dtype
+            return lambda key, shape: np.empty(shape, dt)
         return self.plan.numpy_allocator(batch)
 
     def run(self, arrays):
@@ -29,6 +30,6 @@ class NumpyExecutable(Executable):
         return self._fn(*arrays, self.state, self.consts, self._buffers(batch))
 
 
-def compile_numpy(graph, params=None, plan=None) -> NumpyExecutable:
-    """Compile an (optimized) graph with the NumPy backend."""
-    return NumpyExecutable(graph, params, plan)
+def compile_numpy(graph, params=None, plan=None, compute_dtype=np.float32) -> NumpyExecutable:
+    """Compile an (optimized) graph with the NumPy backend (compute_dtype=float64: test reference mode)."""
+    return NumpyExecutable(graph, params, plan, compute_dtype)

@@ -1,0 +1,77 @@
+"""Lower an optimized ir.Graph to one LLVM function: `void gc_<name>(ptr args, i64 n, ptr arena)`.
+
+`args` is an array of pointers to the leaves (inputs, params, constants, in graph order); node outputs
+live in `arena` at their layout offsets (n * per_sample + fixed). Each node becomes one call to a kernel
+generated for its exact shapes by backends/llvm/kernels (identical kernels are generated once). One
+native call runs the whole graph — a whole training step for a training graph."""
+from __future__ import annotations
+
+from llvmlite import ir as ll
+
+from .layout import compute_layout
+
+PTR = ll.PointerType()
+I64 = ll.IntType(64)
+I8 = ll.IntType(8)
+VOID = ll.VoidType()
+
+
+class LoweringError(NotImplementedError):
+    """The LLVM backend has no lowering for an op (the caller falls back to NumPy)."""
+
+
+class KernelCache:
+    """Generates each distinct kernel once per module."""
+
+    def __init__(self, module, target):
+        self.module, self.target, self.fns = module, target, {}
+
+    def get(self, key, build):
+        if key not in self.fns:
+            name = f"k{len(self.fns)}_{key[0]}"
+            fn = build(self.module, name)
+            fn.linkage = "internal"
+            self.fns[key] = fn
+        return self.fns[key]
+
+
+def lower_graph(g, target, entry_name=None):
+    """-> (llvmlite module, entry function name, Layout)."""
+    from .lowering import LOWERINGS
+    module = ll.Module(name=g.name)
+    layout = compute_layout(g)
+    entry_name = entry_name or f"gc_{g.name}"
+    fn = ll.Function(module, ll.FunctionType(VOID, [PTR, I64, PTR]), name=entry_name)
+    fn.attributes.add("nounwind")
+    args, n, arena = fn.args
+    b = ll.IRBuilder(fn.append_basic_block("entry"))
+    addr = {}
+    for name in layout.arg_order:
+        slot = layout.slots[name]
+        addr[name] = b.load(b.gep(args, [ll.Constant(I64, slot.index)], inbounds=True, source_etype=PTR),
+                            typ=PTR)
+    cache = KernelCache(module, target)
+
+    def address(name):
+        if name in addr:
+            return addr[name]
+        s = layout.slots[name]
+        if s.kind == "alias":
+            a = address(s.target)
+        else:
+            off = b.add(b.mul(n, ll.Constant(I64, s.per_sample)), ll.Constant(I64, s.fixed))
+            a = b.gep(arena, [off], inbounds=True, source_etype=I8)
+        addr[name] = a
+        return a
+
+    for node in g.nodes:
+        if node.op in ("reshape", "flatten"):
+            continue
+        lower = LOWERINGS.get(node.op)
+        if lower is None:
+            raise LoweringError(f"LLVM backend: no lowering for op {node.op!r} (node %{node.name})")
+        kernel, operands = lower(cache, node, target)
+        call_args = [address(v) if isinstance(v, str) else v for v in operands]
+        b.call(kernel, call_args + [n])
+    b.ret_void()
+    return module, entry_name, layout

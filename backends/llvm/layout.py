@@ -1,0 +1,81 @@
+"""Where each value lives for the LLVM backend: an argument slot (inputs, params, constants), an arena
+offset (node outputs), or an alias of another value (views; in-place optimizer updates).
+
+Arena offsets have the form `n * per_sample + fixed` (bytes), so one layout serves every batch size.
+With a memory plan from ir/passes/plan_memory the planned offsets are used; otherwise every node
+output gets its own buffer (the naive layout)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+VIEW_OPS = {"reshape", "flatten"}
+INPLACE_UPDATE_OPS = {"adam_update": (0, 2, 3), "sgd_update": (0, 2)}
+ALIGN = 64
+
+
+@dataclass(frozen=True)
+class Slot:
+    kind: str            # 'arg' | 'arena' | 'alias'
+    index: int = 0       # arg index
+    per_sample: int = 0  # arena: bytes per sample
+    fixed: int = 0       # arena: fixed bytes
+    target: str = ""     # alias: the value whose storage this is
+
+
+@dataclass
+class Layout:
+    slots: dict
+    arena_per_sample: int
+    arena_fixed: int
+    arg_order: list
+
+    def arena_bytes(self, n: int) -> int:
+        return n * self.arena_per_sample + self.arena_fixed
+
+    def resolve(self, name):
+        s = self.slots[name]
+        while s.kind == "alias":
+            s = self.slots[s.target]
+        return s
+
+
+def _align(x):
+    return (x + ALIGN - 1) // ALIGN * ALIGN
+
+
+def compute_layout(g) -> Layout:
+    """Layout for graph g, from g.memory_plan when present, else naive."""
+    slots, order = {}, []
+    for v in g.leaves:
+        slots[v.name] = Slot("arg", index=len(order))
+        order.append(v.name)
+    plan = getattr(g, "memory_plan", None)
+    per_sample = fixed = 0
+    planned = plan.llvm_slots() if plan is not None and hasattr(plan, "llvm_slots") else None
+    for n in g.nodes:
+        if n.op in VIEW_OPS:
+            slots[n.outputs[0].name] = Slot("alias", target=n.inputs[0].name)
+            continue
+        if n.op in INPLACE_UPDATE_OPS:
+            for v, i in zip(n.outputs, INPLACE_UPDATE_OPS[n.op]):
+                slots[v.name] = Slot("alias", target=n.inputs[i].name)
+            continue
+        for v in n.outputs:
+            if planned is not None and v.name in planned:
+                ps, fx = planned[v.name]
+                slots[v.name] = Slot("arena", per_sample=ps, fixed=fx)
+            elif v.type.batched:
+                slots[v.name] = Slot("arena", per_sample=per_sample, fixed=-1)
+                per_sample += _align(v.type.nbytes(1))
+            else:
+                slots[v.name] = Slot("arena", per_sample=0, fixed=fixed)
+                fixed += _align(v.type.nbytes(1))
+    if planned is not None:
+        return Layout(slots, plan.llvm_arena()[0], plan.llvm_arena()[1], order)
+    # naive: batched region first (n * per_sample), then the fixed region after it
+    for k, s in slots.items():
+        if s.kind == "arena" and s.fixed == -1:
+            slots[k] = Slot("arena", per_sample=s.per_sample, fixed=0)
+        elif s.kind == "arena" and s.per_sample == 0:
+            slots[k] = Slot("arena", per_sample=per_sample, fixed=s.fixed)   # after n * batched bytes
+    return Layout(slots, per_sample, fixed, order)
