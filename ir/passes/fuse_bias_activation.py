@@ -1,0 +1,70 @@
+"""Fuse conv2d/dense + bias_add + activation into one node.
+
+    conv2d(x, w) [-> bias_add(., b)] [-> relu | sigmoid | tanh]   =>   conv2d(x, w, b, activation=...)
+
+and the same for dense. The kernels add the bias and apply the activation on the accumulator before
+the store, so the intermediate tensors are never written.
+
+Fusion rule (ONNX Runtime conv_activation_fusion, Glow fuseActivation): a value is absorbed only when
+it has exactly one use and is not a graph output or update source — otherwise someone still needs
+the pre-bias / pre-activation tensor. The fused node takes the name of the last node it replaces, so
+every downstream reference (including relu_grad(y, dy) in training graphs, which reads the
+activation's OUTPUT) stays valid."""
+from __future__ import annotations
+
+from ..graph import Graph, Node, Value
+from ..ops import get_op
+
+FUSABLE_OPS = ("conv2d", "dense")
+FUSABLE_ACTIVATIONS = ("relu", "sigmoid", "tanh")
+
+
+def _sole_user(v: Value, users: dict, results: set):
+    """The only node reading v, or None when v has several uses (or none) or is a graph result."""
+    readers = users[v.name]
+    if v.name in results or len(readers) != 1:
+        return None
+    return readers[0]
+
+
+def fuse_bias_activation(g: Graph) -> Graph:
+    """Fold bias_add and a following relu/sigmoid/tanh into conv2d/dense nodes (see module doc).
+
+    The result carries `fused`: names of all fused nodes so far (this pass's added to the input
+    graph's), and a `pass_note` counting fusions per pattern."""
+    users = g.users()
+    results = {v.name for v in g.result_values()}
+    replace: dict[int, Node] = {}      # id(last node of a chain) -> the fused node
+    absorbed: set[int] = set()         # ids of the other nodes of each chain
+    patterns: dict[str, int] = {}
+    fused_names = []
+    for n in g.nodes:
+        if n.op not in FUSABLE_OPS or n.attrs["activation"] != "linear" or id(n) in absorbed:
+            continue
+        chain = [n]
+        x, w, *bias = n.inputs
+        user = _sole_user(n.outputs[0], users, results)
+        if not bias and user is not None and user.op == "bias_add" and user.inputs[0] is n.outputs[0]:
+            bias = [user.inputs[1]]
+            chain.append(user)
+            user = _sole_user(user.outputs[0], users, results)
+        activation = "linear"
+        if user is not None and user.op in FUSABLE_ACTIVATIONS:
+            activation = user.op
+            chain.append(user)
+        if len(chain) == 1:
+            continue
+        inputs = [x, w] + bias
+        attrs = get_op(n.op).check(inputs, dict(n.attrs, activation=activation))
+        last = chain[-1]
+        # the fused node reuses the last node's output value: same name, same type
+        replace[id(last)] = Node(n.op, inputs, attrs, last.outputs)
+        absorbed.update(id(c) for c in chain[:-1])
+        pattern = "+".join(c.op for c in chain)
+        patterns[pattern] = patterns.get(pattern, 0) + 1
+        fused_names.append(last.name)
+    nodes = [replace.get(id(n), n) for n in g.nodes if id(n) not in absorbed]
+    out = g.rebuild(nodes)
+    out.fused = list(getattr(g, "fused", [])) + fused_names
+    out.pass_note = ("(fused " + ", ".join(f"{k} x{v}" for k, v in patterns.items()) + ")") if patterns else ""
+    return out
