@@ -1,0 +1,35 @@
+"""Inference-time dropout removal: dropout is the identity outside training (Keras semantics)."""
+from __future__ import annotations
+
+from ..graph import Graph, Node
+from ..ops import get_op
+from ..types import IRError
+
+
+def drop_dropout(g: Graph) -> Graph:
+    """Rewire every reader of dropout(x) to x and drop the dropout node.
+
+    When the dropout's output is a graph output or update source, it becomes scale(x, factor=1.0)
+    (an exact copy) instead, so result names do not change. Refuses training graphs (a graph with
+    dropout_grad): dropping the forward mask while the backward pass applies it would be wrong."""
+    if any(n.op == "dropout_grad" for n in g.nodes):
+        raise IRError(f"drop_dropout: graph {g.name!r} has dropout_grad nodes (a training graph); "
+                      f"dropout is removed only from inference graphs")
+    results = {v.name for v in g.result_values()}
+    subst = {}                                   # dropout output name -> its input value
+    nodes: list[Node] = []
+    for n in g.nodes:
+        ins = [subst.get(v.name, v) for v in n.inputs]
+        if n.op == "dropout":
+            x = ins[0]
+            if n.outputs[0].name in results:
+                attrs = get_op("scale").check([x], {"factor": 1.0})
+                nodes.append(Node("scale", [x], attrs, n.outputs))
+            else:
+                subst[n.outputs[0].name] = x
+            continue
+        nodes.append(n if all(a is b for a, b in zip(ins, n.inputs)) else Node(n.op, ins, n.attrs, n.outputs))
+    removed = sum(1 for n in g.nodes if n.op == "dropout")
+    out = g.rebuild(nodes)
+    out.pass_note = f"(removed {removed} dropout nodes)" if removed else ""
+    return out
