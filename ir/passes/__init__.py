@@ -10,19 +10,38 @@ from dataclasses import dataclass, field
 from ..graph import Graph
 from ..types import IRError
 from ..verify import verify_graph
+from .cse import eliminate_common_subexpressions
 from .dce import eliminate_dead_code
+from .drop_dropout import drop_dropout
+from .fold_constants import fold_constants
+from .fold_softmax_cross_entropy import fold_softmax_cross_entropy
+from .fuse_bias_activation import fuse_bias_activation
+from .plan_memory import plan_memory
 
 PASSES = {
     "verify": verify_graph,
     "dce": eliminate_dead_code,
+    "drop_dropout": drop_dropout,
+    "fold_constants": fold_constants,
+    "cse": eliminate_common_subexpressions,
+    "fuse_bias_activation": fuse_bias_activation,
+    "fold_softmax_cross_entropy": fold_softmax_cross_entropy,
+    "plan_memory": plan_memory,
 }
 
 PIPELINES = {
-    "inference": ["verify", "dce"],
-    "training_forward": ["verify", "dce"],
-    "training": ["verify", "dce"],
+    "inference": ["verify", "drop_dropout", "fold_constants", "cse", "fuse_bias_activation", "dce", "plan_memory"],
+    "training_forward": ["verify", "fold_softmax_cross_entropy", "dce"],
+    "training": ["verify", "cse", "fuse_bias_activation", "dce", "plan_memory"],
     "none": ["verify"],
 }
+
+
+def _carry_annotations(before: Graph, after: Graph) -> None:
+    """Passes that rebuild a graph drop attributes set by earlier passes; keep `fused` (the names of
+    fused nodes, for reports and tests) across them, minus nodes that no longer exist."""
+    if hasattr(before, "fused") and not hasattr(after, "fused"):
+        after.fused = [name for name in before.fused if after.has_value(name)]
 
 
 def register_pass(name: str, fn) -> None:
@@ -65,8 +84,9 @@ def run_pipeline(g: Graph, pipeline="inference", print_ir_after_all: bool = Fals
         if after is None or not isinstance(after, Graph):
             raise IRError(f"pass {name!r} did not return a Graph")
         verify_graph(after)
+        _carry_annotations(before, after)
         rec = PassRecord(name, dt, len(before.nodes), len(after.nodes), nvals - sum(1 for _ in after.values()),
-                         getattr(after, "pass_note", ""))
+                         getattr(after, "pass_note", "") if after is not before else "")
         result.records.append(rec)
         result.graph = after
         if print_ir_after_all:

@@ -60,6 +60,6 @@ def eliminate_common_subexpressions(g: Graph) -> Graph:
         kept.append(node)
     out = g.rebuild(kept, keep_leaves={v.name for v in g.const_values if v.name not in subst})
     consts_merged = sum(1 for v in g.const_values if v.name in subst)
-    parts = [f"merged {merged} nodes" if merged else "", f"{consts_merged} constants" if consts_merged else ""]
-    out.pass_note = f"({', '.join(p for p in parts if p)})" if merged or consts_merged else ""
+    parts = [f"{merged} nodes" if merged else "", f"{consts_merged} constants" if consts_merged else ""]
+    out.pass_note = f"(merged {' and '.join(p for p in parts if p)})" if merged or consts_merged else ""
     return out

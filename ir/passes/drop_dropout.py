@@ -3,18 +3,19 @@ from __future__ import annotations
 
 from ..graph import Graph, Node
 from ..ops import get_op
-from ..types import IRError
 
 
 def drop_dropout(g: Graph) -> Graph:
     """Rewire every reader of dropout(x) to x and drop the dropout node.
 
     When the dropout's output is a graph output or update source, it becomes scale(x, factor=1.0)
-    (an exact copy) instead, so result names do not change. Refuses training graphs (a graph with
-    dropout_grad): dropping the forward mask while the backward pass applies it would be wrong."""
-    if any(n.op == "dropout_grad" for n in g.nodes):
-        raise IRError(f"drop_dropout: graph {g.name!r} has dropout_grad nodes (a training graph); "
-                      f"dropout is removed only from inference graphs")
+    (an exact copy) instead, so result names do not change. A training graph (one with updates or
+    dropout_grad nodes) is returned unchanged: dropping the forward mask while the backward pass
+    still applies it would be wrong."""
+    if g.updates or any(n.op == "dropout_grad" for n in g.nodes):
+        out = g.rebuild(g.nodes)
+        out.pass_note = "(training graph: dropout kept)" if any(n.op == "dropout" for n in g.nodes) else ""
+        return out
     results = {v.name for v in g.result_values()}
     subst = {}                                   # dropout output name -> its input value
     nodes: list[Node] = []
