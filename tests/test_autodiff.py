@@ -1,5 +1,7 @@
 """Every op's gradient rule against central finite differences, in float64, through the generated
 NumPy code: loss = mse(op(inputs), target) (or the loss op itself)."""
+import zlib
+
 import numpy as np
 import pytest
 
@@ -67,7 +69,7 @@ CONV_CASES = [
 @pytest.mark.parametrize("act", ["linear", "relu", "tanh"])
 def test_conv2d(attrs, act):
     check_grads(lambda g, x, w, b: emit("conv2d", x, w, b, activation=act, **attrs),
-                [(None, 7, 6, 2), (3, 2, 2, 3), (3,)], seed=hash(str(attrs)) % 1000)
+                [(None, 7, 6, 2), (3, 2, 2, 3), (3,)], seed=zlib.crc32(str(attrs).encode()) % 1000)
 
 
 @pytest.mark.parametrize("batch_shape", [(1,), (5,)])

@@ -42,9 +42,9 @@ def host_target() -> HostTarget:
     return HostTarget(triple, cpu, features, bits)
 
 
-@functools.lru_cache(maxsize=4)
 def target_machine(opt: int = 3, reloc: str = "default", jit: bool = True) -> llvm.TargetMachine:
-    """A TargetMachine for the host; reloc='pic' for objects linked into shared libraries."""
+    """A new TargetMachine for the host; reloc='pic' for objects linked into shared libraries.
+    Not cached: an MCJIT engine takes ownership of its TargetMachine and frees it with itself."""
     t = host_target()
     target = llvm.Target.from_triple(t.triple)
     return target.create_target_machine(cpu=t.cpu, features=t.features, opt=opt, reloc=reloc,

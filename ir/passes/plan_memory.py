@@ -20,6 +20,9 @@ grows to the view's last use. An op with `inplace = i` writes its output into in
 that buffer dies at this node, has the same size and is an arena buffer (never a param, input or
 constant). Optimizer updates write their param inputs in place and have no arena buffer.
 
+Schedule. The given node order, or a greedy topological order (run the ready node that grows the live
+set least) when that gives a smaller arena; the returned graph's nodes are in the chosen order.
+
 Placement (TFLite's arena planner, XLA's heap simulator): for a given order of buffers, put each in the
 best-fitting gap among the already placed buffers whose lifetimes overlap it. Several orders are tried
 (size, start, size x duration, end); the smallest region wins. The lower bound is the largest live set.
@@ -78,6 +81,14 @@ class MemoryPlan:
     strategy: str = ""              # which placement order won
     fused: list = field(default_factory=list)
     _tls: threading.local = field(default_factory=threading.local, repr=False, compare=False)
+
+    def __getstate__(self):                     # copy/pickle without the per-thread arenas
+        state = dict(self.__dict__)
+        state.pop("_tls")
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _tls=threading.local())
 
     # -- sizes ------------------------------------------------------------------------------------
     def arena_bytes(self, batch: int) -> int:
@@ -174,19 +185,23 @@ def greedy_schedule(g: Graph) -> list:
         for k in UPDATE_OPS.get(n.op, ())[:len(n.outputs)]:
             d |= readers[root[n.inputs[k].name]] - {i}
         deps.append(d)
-    pending = {r: set(users) for r, users in readers.items()}
+    pending = {r: set(users) for r, users in readers.items()}   # buffer root -> readers not yet run
+
+    def growth(i):
+        """(per-sample, fixed) bytes the live set grows by when node i runs now; then i (the tie-break)."""
+        n, delta = g.nodes[i], [0, 0]
+        if n.op not in VIEW_OPS:
+            for v in n.outputs:
+                if root[v.name] == v.name:
+                    delta[not v.type.batched] += v.type.nbytes(1)
+        for r in {root[v.name] for v in n.inputs}:
+            if r in producer and r not in results and pending[r] == {i}:
+                t = g.value(r).type
+                delta[not t.batched] -= t.nbytes(1)
+        return delta, i
+
     done, order = set(), []
     while len(order) < len(g.nodes):
-        def growth(i):
-            n, delta = g.nodes[i], [0, 0]
-            for v in n.outputs:
-                if root[v.name] == v.name and n.op not in VIEW_OPS:
-                    delta[not v.type.batched] += v.type.nbytes(1)
-            for r in {root[v.name] for v in n.inputs}:
-                if r in producer and r not in results and pending[r] == {i}:
-                    t = g.value(r).type
-                    delta[not t.batched] -= t.nbytes(1)
-            return delta, i
         i = min((i for i in range(len(g.nodes)) if i not in done and deps[i] <= done), key=growth)
         done.add(i)
         order.append(g.nodes[i])

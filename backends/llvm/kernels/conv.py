@@ -1,0 +1,350 @@
+"""conv2d forward, grad_input and grad_filter kernels (NHWC activations, HWIO filters) as implicit GEMMs
+on the microkernel of matmul.py — no im2col buffer is ever materialized.
+
+    forward      rows = output pixels,     cols = filters,        k = (kh, kw, c)  -> one store per tile
+    grad_input   rows = output pixels,     cols = (kw, c) per kh, k = filters      -> col2im by adding each
+                 tile into the (padded) input gradient: every output pixel scatters into its receptive field
+    grad_filter  rows = (kh, kw, c),       cols = filters,        k = (oh, ow)     -> summed over images
+
+Zero padding is handled by copying each image into a zero-bordered scratch image (its border is zeroed
+once per call), so the inner loops never test bounds; the same trick in reverse (accumulate into a
+padded scratch, copy the interior out) serves grad_input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llvmlite import ir
+
+from .matmul import (ACTIVATIONS, Epilogue, EpilogueOperands, KernelContext, Loop, TilePlan, column_blocks,
+                     emit_tile, for_row_tiles, new_kernel_function, pack_b, packed_block, packed_floats,
+                     plan_tile)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """All compile-time sizes of one conv2d (per image)."""
+    h: int
+    w: int
+    c: int
+    kh: int
+    kw: int
+    f: int
+    sh: int
+    sw: int
+    dh: int
+    dw: int
+    pt: int
+    pb: int
+    pl: int
+    pr: int
+
+    @property
+    def hp(self) -> int:
+        return self.h + self.pt + self.pb
+
+    @property
+    def wp(self) -> int:
+        return self.w + self.pl + self.pr
+
+    @property
+    def oh(self) -> int:
+        return (self.hp - self.dh * (self.kh - 1) - 1) // self.sh + 1
+
+    @property
+    def ow(self) -> int:
+        return (self.wp - self.dw * (self.kw - 1) - 1) // self.sw + 1
+
+    @property
+    def padded(self) -> bool:
+        return any((self.pt, self.pb, self.pl, self.pr))
+
+    @property
+    def pixels(self) -> int:
+        return self.oh * self.ow
+
+    @property
+    def taps(self) -> int:
+        """Reduction length of the forward GEMM."""
+        return self.kh * self.kw * self.c
+
+
+def _pair(name: str, v, minimum: int) -> tuple[int, int]:
+    if (not isinstance(v, (tuple, list)) or len(v) != 2
+            or not all(isinstance(e, int) and not isinstance(e, bool) and e >= minimum for e in v)):
+        raise ValueError(f"{name} must be a pair of ints >= {minimum}, got {v!r}")
+    return int(v[0]), int(v[1])
+
+
+def conv_geometry(in_hwc, kernel_hw, filters, stride, padding, dilation) -> ConvGeometry:
+    """Validate conv2d attributes and return the geometry (ValueError naming the bad argument)."""
+    if (not isinstance(in_hwc, (tuple, list)) or len(in_hwc) != 3
+            or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in in_hwc)):
+        raise ValueError(f"in_hwc must be (H, W, C) positive ints, got {in_hwc!r}")
+    kh, kw = _pair("kernel_hw", kernel_hw, 1)
+    if not isinstance(filters, int) or isinstance(filters, bool) or filters < 1:
+        raise ValueError(f"filters must be a positive int, got {filters!r}")
+    sh, sw = _pair("stride", stride, 1)
+    dh, dw = _pair("dilation", dilation, 1)
+    if not isinstance(padding, (tuple, list)) or len(padding) != 2:
+        raise ValueError(f"padding must be ((top, bottom), (left, right)), got {padding!r}")
+    pt, pb = _pair("padding[0] (top, bottom)", padding[0], 0)
+    pl, pr = _pair("padding[1] (left, right)", padding[1], 0)
+    g = ConvGeometry(in_hwc[0], in_hwc[1], in_hwc[2], kh, kw, filters, sh, sw, dh, dw, pt, pb, pl, pr)
+    if g.oh < 1 or g.ow < 1:
+        raise ValueError(f"conv2d output would be empty: input {tuple(in_hwc)} padded to "
+                         f"({g.hp}, {g.wp}) is smaller than the dilated kernel "
+                         f"({dh * (kh - 1) + 1}, {dw * (kw - 1) + 1})")
+    return g
+
+
+def _tap_loops(g: ConvGeometry, nr: int) -> list[Loop]:
+    """Reduction nest over (kh, kw, c) for A = a padded image (row stride wp*c) and B = packed filters
+    (nr floats per k). simplify_loops merges (kw, c) into one contiguous run when dw == 1."""
+    return [Loop(g.kh, g.dh * g.wp * g.c, g.kw * g.c * nr),
+            Loop(g.kw, g.dw * g.c, g.c * nr),
+            Loop(g.c, 1, nr)]
+
+
+def _pixel_offset(kc: KernelContext, g: ConvGeometry, p):
+    """Offset (floats) in the padded input of output pixel p's receptive-field origin."""
+    if isinstance(p, int):
+        oh, ow = divmod(p, g.ow)
+        return (oh * g.sh * g.wp + ow * g.sw) * g.c
+    oh = kc.b.udiv(p, kc.i64(g.ow))
+    ow = kc.b.sub(p, kc.b.mul(oh, kc.i64(g.ow)))
+    return kc.mul(kc.add(kc.mul(oh, g.sh * g.wp), kc.mul(ow, g.sw)), g.c)
+
+
+def _copy_into_padded(kc: KernelContext, g: ConvGeometry, dst_padded, src_image) -> None:
+    def row(r, carried):
+        kc.memcpy(kc.gep(dst_padded, kc.mul(kc.add(kc.mul(r, g.wp), g.pt * g.wp + g.pl), g.c)),
+                  kc.gep(src_image, kc.mul(r, g.w * g.c)), g.w * g.c)
+        return []
+    kc.loop(g.h, [], row, name="pad.copy")
+
+
+def _copy_from_padded(kc: KernelContext, g: ConvGeometry, dst_image, src_padded) -> None:
+    def row(r, carried):
+        kc.memcpy(kc.gep(dst_image, kc.mul(r, g.w * g.c)),
+                  kc.gep(src_padded, kc.mul(kc.add(kc.mul(r, g.wp), g.pt * g.wp + g.pl), g.c)), g.w * g.c)
+        return []
+    kc.loop(g.h, [], row, name="unpad.copy")
+
+
+def _apply_positive_mask(kc: KernelContext, data, y, count: int) -> None:
+    """data[i] *= (y[i] > 0) for i < count, vectorized with a masked tail."""
+    lanes = kc.lanes
+    full, rem = divmod(count, lanes)
+    mask = Epilogue.of(positive_mask=True)
+
+    def vec(i, carried):
+        off = kc.mul(i, lanes)
+        ptr = kc.gep(data, off)
+        mask.emit(kc, [[kc.load_vec(ptr, lanes)]], [ptr], lanes, EpilogueOperands(mask_rows=[kc.gep(y, off)]))
+        return []
+    kc.loop(full, [], vec, name="mask")
+    if rem:
+        ptr = kc.gep(data, full * lanes)
+        mask.emit(kc, [[kc.load_vec(ptr, rem)]], [ptr], rem,
+                  EpilogueOperands(mask_rows=[kc.gep(y, full * lanes)]))
+
+
+def _new_kernel(module, name, n_ptrs, target):
+    fn = new_kernel_function(module, name, n_ptrs, target)
+    return fn, KernelContext(module, fn, target)
+
+
+def build_conv2d(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, stride=(1, 1),
+                 padding=((0, 0), (0, 0)), dilation=(1, 1), has_bias: bool = False,
+                 activation: str = "linear", target, plan: TilePlan | None = None,
+                 loop_order: str = "cols") -> ir.Function:
+    """void name(ptr x, ptr w, ptr b, ptr out, i64 n):
+    out (n, OH, OW, F) = activation(conv2d(x (n, H, W, C), w (KH, KW, C, F)) + b), bias and activation
+    fused into the tile epilogue. `b` is not read when has_bias is False (may be null).
+    loop_order "cols": filter blocks outer, pixel tiles inner (a filter block stays in L1);
+    "rows": pixel tiles outer."""
+    g = conv_geometry(in_hwc, kernel_hw, filters, stride, padding, dilation)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if loop_order not in ("cols", "rows"):
+        raise ValueError(f"loop_order must be 'cols' or 'rows', got {loop_order!r}")
+    fn, kc = _new_kernel(module, name, 4, target)
+    x, w, bias, out, n = fn.args
+    lanes = kc.lanes
+    plan = plan or plan_tile(g.pixels, g.f, target, g.taps)
+    blocks = column_blocks(g.pixels, g.f, plan, target, g.taps)
+    k = g.taps
+    packed = kc.scratch(k * packed_floats(k, blocks, lanes))
+    xp = kc.scratch(g.hp * g.wp * g.c) if g.padded else None
+    pack_b(kc, w, k, g.f, 1, blocks, packed)
+    if xp is not None:
+        kc.memset_zero(xp, g.hp * g.wp * g.c)
+    epilogue = Epilogue.of(bias=has_bias, activation=activation)
+
+    def image(i, carried):
+        x_img = kc.gep(x, kc.mul(i, g.h * g.w * g.c))
+        if xp is not None:
+            _copy_into_padded(kc, g, xp, x_img)
+        src = xp if xp is not None else x_img
+        out_img = kc.gep(out, kc.mul(i, g.pixels * g.f))
+
+        def tile(r0, mr, which, j):
+            blk = blocks[which]
+            nr = blk.nv * lanes
+            col0 = kc.add(blk.start, kc.mul(j, nr))
+            a_rows = [kc.gep(src, _pixel_offset(kc, g, kc.add(r0, m))) for m in range(mr)]
+            acc = emit_tile(kc, a_rows, packed_block(kc, packed, k, blocks, which, j), _tap_loops(g, nr),
+                            blk.nv, nr)
+            out_rows = [kc.gep(out_img, kc.add(kc.mul(kc.add(r0, m), g.f), col0)) for m in range(mr)]
+            epilogue.emit(kc, acc, out_rows, blk.width,
+                          EpilogueOperands(bias=kc.gep(bias, col0) if has_bias else None))
+
+        for which, blk in enumerate(blocks):
+            if loop_order == "cols":
+                def col_block(j, carried, which=which, blk=blk):
+                    for_row_tiles(kc, g.pixels, blk.mr, lambda r0, mr: tile(r0, mr, which, j))
+                    return []
+                kc.loop(blk.count, [], col_block, name="cols")
+            else:
+                def row_tile(r0, mr, which=which, blk=blk):
+                    kc.loop(blk.count, [], lambda j, c: tile(r0, mr, which, j) or [], name="cols")
+                for_row_tiles(kc, g.pixels, blk.mr, row_tile)
+        return []
+
+    kc.loop(n, [], image, name="image")
+    return kc.finish()
+
+
+def build_conv2d_grad_input(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, stride=(1, 1),
+                            padding=((0, 0), (0, 0)), dilation=(1, 1), target,
+                            output_mask: bool = False, plan: TilePlan | None = None) -> ir.Function:
+    """void name(ptr dy, ptr w, [ptr y,] ptr out, i64 n): out (n, H, W, C) = d conv2d / d x applied to
+    dy (n, OH, OW, F). With output_mask, out *= (y > 0) for y shaped like out (a fused relu_grad)."""
+    g = conv_geometry(in_hwc, kernel_hw, filters, stride, padding, dilation)
+    fn, kc = _new_kernel(module, name, 3 + bool(output_mask), target)
+    dy, w = fn.args[:2]
+    y = fn.args[2] if output_mask else None
+    out, n = fn.args[-2], fn.args[-1]
+    lanes = kc.lanes
+    # Column groups: runs of the receptive field that are contiguous in the input image.
+    if g.dw == 1:
+        ngroups, group_width = g.kh, g.kw * g.c
+    else:
+        ngroups, group_width = g.kh * g.kw, g.c
+    plan = plan or plan_tile(g.pixels, group_width, target, g.f)
+    blocks = column_blocks(g.pixels, group_width, plan, target, g.f)
+    group_floats = g.f * packed_floats(g.f, blocks, lanes)
+    packed = kc.scratch(ngroups * group_floats)
+    image_floats = g.hp * g.wp * g.c
+    dxp = kc.scratch(image_floats) if g.padded else None
+    for grp in range(ngroups):
+        # B[k=f, col] = w[(grp*group_width + col)*F + f]
+        pack_b(kc, kc.gep(w, grp * group_width * g.f), g.f, 1, g.f, blocks, kc.gep(packed, grp * group_floats))
+
+    def group_offset(grp):
+        """Offset in the padded input of a column group relative to a receptive-field origin."""
+        if g.dw == 1:
+            return kc.mul(grp, g.dh * g.wp * g.c)
+        kh = kc.b.udiv(grp, kc.i64(g.kw))
+        kw = kc.b.sub(grp, kc.b.mul(kh, kc.i64(g.kw)))
+        return kc.mul(kc.add(kc.mul(kh, g.dh * g.wp), kc.mul(kw, g.dw)), g.c)
+
+    accumulate = Epilogue(accumulate=True)
+
+    def image(i, carried):
+        out_img = kc.gep(out, kc.mul(i, g.h * g.w * g.c))
+        dst = dxp if dxp is not None else out_img
+        kc.memset_zero(dst, image_floats)
+        dy_img = kc.gep(dy, kc.mul(i, g.pixels * g.f))
+
+        for which, blk in enumerate(blocks):
+            nr = blk.nv * lanes
+
+            def row_tile(r0, mr, which=which, blk=blk, nr=nr):
+                a_rows = [kc.gep(dy_img, kc.mul(kc.add(r0, m), g.f)) for m in range(mr)]
+                origins = [_pixel_offset(kc, g, kc.add(r0, m)) for m in range(mr)]
+
+                def group(grp, carried):
+                    goff = group_offset(grp)
+                    gpacked = kc.gep(packed, kc.mul(grp, group_floats))
+
+                    def col_block(j, carried):
+                        col0 = kc.add(blk.start, kc.mul(j, nr))
+                        acc = emit_tile(kc, a_rows, packed_block(kc, gpacked, g.f, blocks, which, j),
+                                        [Loop(g.f, 1, nr)], blk.nv, nr)
+                        out_rows = [kc.gep(dst, kc.add(kc.add(o, goff), col0)) for o in origins]
+                        accumulate.emit(kc, acc, out_rows, blk.width)
+                        return []
+                    kc.loop(blk.count, [], col_block, name="cols")
+                    return []
+                kc.loop(ngroups, [], group, name="groups")
+            for_row_tiles(kc, g.pixels, blk.mr, row_tile)
+        if dxp is not None:
+            _copy_from_padded(kc, g, out_img, dxp)
+        if y is not None:
+            _apply_positive_mask(kc, out_img, kc.gep(y, kc.mul(i, g.h * g.w * g.c)), g.h * g.w * g.c)
+        return []
+
+    kc.loop(n, [], image, name="image")
+    return kc.finish()
+
+
+def build_conv2d_grad_filter(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, stride=(1, 1),
+                             padding=((0, 0), (0, 0)), dilation=(1, 1), target,
+                             plan: TilePlan | None = None) -> ir.Function:
+    """void name(ptr x, ptr dy, ptr out, i64 n): out (KH, KW, C, F) = sum over the n images of
+    d conv2d / d w (overwritten, not accumulated into; zeros when n == 0)."""
+    g = conv_geometry(in_hwc, kernel_hw, filters, stride, padding, dilation)
+    fn, kc = _new_kernel(module, name, 3, target)
+    x, dy, out, n = fn.args
+    lanes = kc.lanes
+    rows = g.taps
+    plan = plan or plan_tile(rows, g.f, target, g.pixels)
+    blocks = column_blocks(rows, g.f, plan, target, g.pixels)
+    xp = kc.scratch(g.hp * g.wp * g.c) if g.padded else None
+    kc.memset_zero(out, rows * g.f)
+    if xp is not None:
+        kc.memset_zero(xp, g.hp * g.wp * g.c)
+    accumulate = Epilogue(accumulate=True)
+    # k = (oh, ow): A walks the image with the stride, B walks dy's pixels.
+    loops_for = lambda: [Loop(g.oh, g.sh * g.wp * g.c, g.ow * g.f), Loop(g.ow, g.sw * g.c, g.f)]
+
+    def tap_offset(m):
+        """Offset in the padded image of filter row m = (kh, kw, c)."""
+        if isinstance(m, int):
+            kh, rest = divmod(m, g.kw * g.c)
+            kw, c = divmod(rest, g.c)
+            return (kh * g.dh * g.wp + kw * g.dw) * g.c + c
+        kh = kc.b.udiv(m, kc.i64(g.kw * g.c))
+        rest = kc.b.sub(m, kc.b.mul(kh, kc.i64(g.kw * g.c)))
+        if g.dw == 1:
+            return kc.add(kc.mul(kh, g.dh * g.wp * g.c), rest)
+        kw = kc.b.udiv(rest, kc.i64(g.c))
+        c = kc.b.sub(rest, kc.b.mul(kw, kc.i64(g.c)))
+        return kc.add(kc.mul(kc.add(kc.mul(kh, g.dh * g.wp), kc.mul(kw, g.dw)), g.c), c)
+
+    def image(i, carried):
+        x_img = kc.gep(x, kc.mul(i, g.h * g.w * g.c))
+        if xp is not None:
+            _copy_into_padded(kc, g, xp, x_img)
+        src = xp if xp is not None else x_img
+        dy_img = kc.gep(dy, kc.mul(i, g.pixels * g.f))
+        for blk in blocks:
+            nr = blk.nv * lanes
+
+            def row_tile(r0, mr, blk=blk, nr=nr):
+                a_rows = [kc.gep(src, tap_offset(kc.add(r0, m))) for m in range(mr)]
+
+                def col_block(j, carried):
+                    col0 = kc.add(blk.start, kc.mul(j, nr))
+                    acc = emit_tile(kc, a_rows, kc.gep(dy_img, col0), loops_for(), blk.nv, blk.width)
+                    out_rows = [kc.gep(out, kc.add(kc.mul(kc.add(r0, m), g.f), col0)) for m in range(mr)]
+                    accumulate.emit(kc, acc, out_rows, blk.width)
+                    return []
+                kc.loop(blk.count, [], col_block, name="cols")
+            for_row_tiles(kc, rows, blk.mr, row_tile)
+        return []
+
+    kc.loop(n, [], image, name="image")
+    return kc.finish()

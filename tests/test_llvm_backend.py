@@ -1,0 +1,132 @@
+"""The LLVM backend against the NumPy backend: every op forward and backward (through gradient graphs),
+the example networks' inference and training steps, dropout masks, input checking."""
+import numpy as np
+import pytest
+
+import graphcnn as gc
+import ir
+from backends.llvm import compile_llvm
+from backends.numpy import compile_numpy
+from ir.ops import emit
+from conftest import load_example
+
+CASES = {
+    "conv_valid_relu": (lambda g, x, w, b: emit("conv2d", x, w, b, activation="relu"), [(None, 9, 8, 3), (3, 3, 3, 5), (5,)]),
+    "conv_same_s2": (lambda g, x, w: emit("conv2d", x, w, stride=2, padding="same"), [(None, 9, 9, 2), (3, 3, 2, 4)]),
+    "conv_dil_pad": (lambda g, x, w: emit("conv2d", x, w, padding=((1, 0), (2, 1)), dilation=2), [(None, 9, 8, 1), (2, 3, 1, 6)]),
+    "conv_tanh_5x5": (lambda g, x, w, b: emit("conv2d", x, w, b, activation="tanh", padding="same"), [(None, 8, 8, 4), (5, 5, 4, 16), (16,)]),
+    "maxpool_2": (lambda g, x: emit("max_pool2d", x, pool=2), [(None, 8, 8, 3)]),
+    "maxpool_3s2same": (lambda g, x: emit("max_pool2d", x, pool=3, stride=2, padding="same"), [(None, 7, 7, 3)]),
+    "avgpool_3s1": (lambda g, x: emit("avg_pool2d", x, pool=3, stride=1, padding="same"), [(None, 6, 6, 2)]),
+    "avgpool_incl": (lambda g, x: emit("avg_pool2d", x, pool=2, stride=1, padding=((0, 1), (1, 0)), count_include_pad=True), [(None, 5, 5, 2)]),
+    "gap": (lambda g, x: emit("global_avg_pool2d", x), [(None, 4, 5, 3)]),
+    "dense_sigmoid": (lambda g, x, w, b: emit("dense", x, w, b, activation="sigmoid"), [(None, 13), (13, 7), (7,)]),
+    "matmul_tt": (lambda g, a, b: emit("matmul", a, b, transpose_a=True, transpose_b=True), [(6, 5), (3, 6)]),
+    "broadcast": (lambda g, a, b, c: emit("mul", emit("sub", emit("add", a, b), c), a), [(None, 3, 4), (4,), (3, 1)]),
+    "unary": (lambda g, x: emit("tanh", emit("sigmoid", emit("neg", emit("scale", x, factor=1.5)))), [(None, 5, 3)]),
+    "softmaxes": (lambda g, x: emit("add", emit("softmax", x, axis=1), emit("log_softmax", x)), [(None, 4, 6)]),
+    "shapes": (lambda g, x: emit("transpose", emit("reshape", emit("flatten", x), shape=(None, 6, 4)), perm=(0, 2, 1)), [(None, 2, 3, 4)]),
+    "bias": (lambda g, x, b: emit("relu", emit("bias_add", x, b)), [(None, 3, 3, 4), (4,)]),
+}
+
+
+def _feed(g, batch, rng):
+    return {v.name: rng.standard_normal(v.type.concrete(batch)).astype(np.float32) for v in g.inputs}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_op_forward_and_gradients_match_numpy(case):
+    build, shapes = CASES[case]
+    g = ir.Graph(case)
+    ins = [g.input(f"in{i}", s) for i, s in enumerate(shapes)]
+    out = build(g, *ins)
+    t = g.input("target", out.shape)
+    g.output(out, emit("mse", out, t))
+    gg = ir.grad(g, wrt=[v.name for v in ins], loss=g.outputs[1].name)
+    rng = np.random.default_rng(0)
+    for batch in (1, 5):
+        feed = _feed(gg, batch, rng)
+        ref = compile_numpy(gg)(**feed)
+        got = compile_llvm(gg)(**feed)
+        for r, o in zip(ref, got):
+            np.testing.assert_allclose(o, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss,from_logits", [("sparse_categorical_crossentropy", True),
+                                              ("sparse_categorical_crossentropy", False),
+                                              ("categorical_crossentropy", True),
+                                              ("categorical_crossentropy", False), ("mse", False)])
+def test_losses_match(loss, from_logits):
+    g = ir.Graph("l")
+    p = g.input("p", (None, 6))
+    t = g.input("t", (None,) if loss.startswith("sparse") else (None, 6))
+    q = emit("softmax", p) if not from_logits and loss != "mse" else p
+    g.output(emit(loss, q, t, **({} if loss == "mse" else {"from_logits": from_logits})))
+    gg = ir.grad(g, wrt=["p"])
+    rng = np.random.default_rng(1)
+    feed = {"p": rng.standard_normal((5, 6)).astype(np.float32) * 3,
+            "t": rng.integers(0, 6, 5).astype(np.float32) if loss.startswith("sparse") else
+            rng.random((5, 6)).astype(np.float32)}
+    for r, o in zip(compile_numpy(gg)(**feed), compile_llvm(gg)(**feed)):
+        np.testing.assert_allclose(o, r, rtol=1e-4, atol=1e-6)
+
+
+def test_dropout_masks_identical_across_backends():
+    g = ir.Graph("d")
+    x = g.input("x", (None, 300, 7))
+    s = g.input("s", ())
+    g.output(emit("dropout", x, s, rate=0.3, seed=12345))
+    xs = np.ones((50, 300, 7), np.float32)
+    for step in (0, 1, 77):
+        a = compile_numpy(g)(x=xs, s=np.float32(step))
+        b = compile_llvm(g)(x=xs, s=np.float32(step))
+        assert np.array_equal(a, b)
+        assert abs((a > 0).mean() - 0.7) < 0.01
+
+
+@pytest.mark.parametrize("name", ["mnist_cnn", "lenet5", "seed_dense"])
+def test_examples_inference_match(name):
+    m = load_example(name)
+    g = m.inference_graph()
+    x = np.random.default_rng(2).random((9,) + tuple(m.input_shape)).astype(np.float32)
+    ref = gc.compile(g, "numpy", m.weights)(x=x)
+    got = gc.compile(g, "llvm", m.weights)(x=x)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mnist_cnn", "lenet5"])
+def test_training_100_steps_match_numpy(name):
+    from graphcnn.datasets import mnist
+    (x, y), _ = mnist.load_data()
+    x = x[:1600].astype(np.float32) / 255
+    y = y[:1600]
+    weights = []
+    for backend in ("numpy", "llvm"):
+        m = load_example(name)
+        m.compile(optimizer="adam", loss="sparse_categorical_crossentropy", backend=backend)
+        m.fit(x, y, epochs=8, batch_size=128, seed=0, verbose=0)   # 8 x 13 = 104 steps
+        weights.append(m.get_weights())
+    for k in weights[0]:
+        np.testing.assert_allclose(weights[1][k], weights[0][k], rtol=1e-3, atol=1e-3, err_msg=k)
+
+
+def test_bad_inputs_are_checked_before_native_code():
+    m = load_example("mnist_cnn")
+    fn = gc.compile(m.inference_graph(), "llvm", m.weights)
+    with pytest.raises(ValueError, match="shape"):
+        fn(x=np.zeros((2, 28, 27, 1), np.float32))
+    with pytest.raises(ValueError, match="numbers"):
+        fn(x=np.array([["a"]]))
+    with pytest.raises(TypeError, match="missing"):
+        fn()
+    out = fn(x=np.asfortranarray(np.zeros((3, 28, 28, 1), np.float64)))   # converted, not rejected
+    assert out.shape == (3, 10)
+
+
+def test_asm_uses_host_vectors():
+    from backends.llvm.jit import host_target
+    m = load_example("mnist_cnn")
+    fn = gc.compile(m.inference_graph(), "llvm", m.weights)
+    reg = {512: "zmm", 256: "ymm", 128: "xmm"}[host_target().vector_bits]
+    assert reg in fn.asm
