@@ -73,5 +73,12 @@ def lower_graph(g, target, entry_name=None):
         kernel, operands = lower(cache, node, target)
         call_args = [address(v) if isinstance(v, str) else v for v in operands]
         b.call(kernel, call_args + [n])
+    # state writes that no kernel did in place (e.g. the step counter): copy the new value back
+    for param, new in g.updates.items():
+        if layout.resolve(param) != layout.resolve(new.name):
+            memcpy = module.globals.get("llvm.memcpy.p0.p0.i64") or ll.Function(
+                module, ll.FunctionType(VOID, [PTR, PTR, I64, ll.IntType(1)]), name="llvm.memcpy.p0.p0.i64")
+            b.call(memcpy, [address(param), address(new.name), ll.Constant(I64, new.type.nbytes(1)),
+                            ll.Constant(ll.IntType(1), 0)])
     b.ret_void()
     return module, entry_name, layout
