@@ -11,6 +11,7 @@ Scalar IR in counted loops over contiguous innermost dimensions: LLVM's O3 loop 
 inner loops into vector code. Every kernel: void name(ptr... , i64 n), n = dynamic batch size."""
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 
 from .matmul import F32, I32, I64, PTR, KernelContext, new_kernel_function
@@ -97,8 +98,33 @@ def _resolve(kc, v):
     return v
 
 
-def emit_map(kc, out_shape, ins, out, n, fn):
+def _collapse(out_shape, shapes):
+    """Merge adjacent dims that every operand treats alike (all full, or all broadcast for that operand),
+    so same-shape maps become one flat loop the vectorizer handles well. -> (out_dims, in_shapes)."""
+    r = len(out_shape)
+    full = [tuple([1] * (r - len(sh)) + list(sh)) for sh in shapes]
+    groups = []                      # [(modes, [dims])]
+    for d in range(r):
+        if out_shape[d] == 1:
+            continue
+        modes = tuple(f[d] != 1 or out_shape[d] == 1 for f in full)
+        if groups and groups[-1][0] == modes and None not in groups[-1][1]:
+            groups[-1][1].append(out_shape[d])
+        else:
+            groups.append((modes, [out_shape[d]]))
+
+    def prod(ds):
+        return None if None in ds else int(np.prod(ds))
+    out_dims = tuple(prod(ds) for _, ds in groups)
+    in_shapes = [tuple(prod(ds) if modes[i] else 1 for modes, ds in groups) for i in range(len(shapes))]
+    return out_dims, in_shapes
+
+
+def emit_map(kc, out_shape, ins, out, n, fn, collapse=True):
     """for every index i of out_shape: out[i] = fn(values of ins at i (broadcast), flat index i)."""
+    if collapse:
+        dims, shapes = _collapse(out_shape, [s for _, s in ins])
+        out_shape, ins = dims, [(p, s) for (p, _), s in zip(ins, shapes)]
     sc = Scalar(kc)
     dims = _dims(out_shape, n)
     in_strides = [[_resolve(kc, s) for s in _strides(shape, out_shape, n)] for _, shape in ins]

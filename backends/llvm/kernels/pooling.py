@@ -6,7 +6,7 @@ from __future__ import annotations
 from llvmlite import ir
 
 from .matmul import F32, I64
-from .pointwise import Scalar, _kernel, f32
+from .pointwise import _kernel, f32
 
 
 def _geometry(in_shape, out_hw, pool, stride, padding):
@@ -31,69 +31,95 @@ def _taps(kc, G, oy, ox):
 
 
 def build_pool(module, name, *, op, in_shape, out_hw, pool, stride, padding, count_include_pad=False, target):
-    """max_pool2d (x, out) | avg_pool2d (x, out) | max_pool2d_grad (x, dy, out) | avg_pool2d_grad (dy, out)."""
+    """max_pool2d (x, out) | avg_pool2d (x, out) | max_pool2d_grad (x, dy, out) | avg_pool2d_grad (dy, out).
+    Vectorized across channels (blocks of `lanes`, a masked tail block)."""
     grad = op.endswith("_grad")
     nptr = 3 if op == "max_pool2d_grad" else 2
     fn, kc = _kernel(module, name, nptr, target)
     out, n = fn.args[-2], fn.args[-1]
     G = _geometry(in_shape, out_hw, pool, stride, padding)
-    sc, b = Scalar(kc), kc.b
-    in_img, out_img = G["h"] * G["w"] * G["c"], G["oh"] * G["ow"] * G["c"]
+    b = kc.b
+    lanes = kc.lanes
+    C = G["c"]
+    in_img, out_img = G["h"] * G["w"] * C, G["oh"] * G["ow"] * C
+    # windows that never overlap and cover each input at most once: the gradient is a plain store
+    disjoint = G["sh"] >= G["ph"] and G["sw"] >= G["pw"]
     if grad:
         kc.memset_zero(out, b.mul(n, kc.i64(in_img)))
+    zero = kc.vconst(0.0)
 
     def pixel(img, oy, ox):
         taps = _taps(kc, G, oy, ox)
-        obase = kc.add(kc.mul(img, out_img), b.mul(b.add(b.mul(oy, kc.i64(G["ow"])), ox), kc.i64(G["c"])))
+        obase = kc.add(kc.mul(img, out_img), b.mul(b.add(b.mul(oy, kc.i64(G["ow"])), ox), kc.i64(C)))
         ibase = kc.mul(img, in_img)
+        inv = None
         if op.startswith("avg"):
-            cnt = G["ph"] * G["pw"]
             if count_include_pad:
-                inv = f32(1.0 / cnt)
+                inv = kc.vconst(1.0 / (G["ph"] * G["pw"]))
             else:
-                valid = taps[0][0]
                 tot = b.uitofp(taps[0][0], F32)
                 for ok, _ in taps[1:]:
                     tot = b.fadd(tot, b.uitofp(ok, F32))
-                inv = b.fdiv(f32(1), tot)
-                _ = valid
+                inv = kc.splat(b.fdiv(f32(1), tot))
 
-        def channel(ch, carried):
-            at = lambda pix: kc.add(ibase, kc.add(kc.mul(pix, G["c"]), ch))  # noqa: E731
-            o = kc.add(obase, ch)
+        def block(c0, width):
+            at = lambda pix: kc.gep(fn.args[0] if op != "avg_pool2d_grad" else out,  # noqa: E731
+                                    kc.add(ibase, kc.add(kc.mul(pix, C), c0)))
+            o = kc.gep(out if not grad else fn.args[-3], kc.add(obase, c0))
             if op == "max_pool2d":
-                m = f32(-3.4e38)
+                m = kc.vconst(-3.4e38)
                 for ok, pix in taps:
-                    m = b.select(ok, sc.max(m, sc.load(fn.args[0], at(pix))), m)
-                sc.store(m, out, o)
+                    m = b.select(ok, kc.vcall("maxnum", m, kc.load_vec(at(pix), width)), m)
+                kc.store_vec(m, o, width)
             elif op == "avg_pool2d":
-                s = f32(0)
+                acc = zero
                 for ok, pix in taps:
-                    s = b.fadd(s, b.select(ok, sc.load(fn.args[0], at(pix)), f32(0)))
-                sc.store(b.fmul(s, inv), out, o)
+                    acc = b.select(ok, b.fadd(acc, kc.load_vec(at(pix), width)), acc)
+                kc.store_vec(b.fmul(acc, inv), o, width)
             elif op == "max_pool2d_grad":
                 x, dy = fn.args[0], fn.args[1]
-                best, arg = f32(-3.4e38), kc.i64(-1)
-                for ok, pix in taps:       # first maximum in row-major order wins (strict >)
-                    v = sc.load(x, at(pix))
-                    better = b.and_(ok, b.or_(b.fcmp_ordered(">", v, best), b.icmp_signed("<", arg, kc.i64(0))))
-                    best = b.select(better, v, best)
-                    arg = b.select(better, at(pix), arg)
-                ok_any = b.icmp_signed(">=", arg, kc.i64(0))
-                dst = b.select(ok_any, arg, kc.i64(0))
-                add = b.select(ok_any, sc.load(dy, o), f32(0))
-                sc.store(b.fadd(sc.load(out, dst), add), out, dst)
-            else:  # avg_pool2d_grad
-                g = b.fmul(sc.load(fn.args[0], o), inv)
+                xs = [kc.load_vec(at(pix), width) for _, pix in taps]
+                best = kc.vconst(-3.4e38)
+                for (ok, _), v in zip(taps, xs):
+                    best = b.select(ok, kc.vcall("maxnum", best, v), best)
+                g = kc.load_vec(kc.gep(dy, kc.add(obase, c0)), width)
+                found = ir.Constant(ir.VectorType(ir.IntType(1), lanes), [0] * lanes)
+                for (ok, pix), v in zip(taps, xs):     # the FIRST maximum in row-major order gets dy
+                    hit = b.and_(b.fcmp_ordered("==", v, best), b.not_(found))
+                    hit = b.select(ok, hit, ir.Constant(hit.type, [0] * lanes))
+                    found = b.or_(found, hit)
+                    contrib = b.select(hit, g, zero)
+                    dst = kc.gep(out, kc.add(ibase, kc.add(kc.mul(pix, C), c0)))
+                    _guarded(kc, ok, lambda: kc.store_vec(
+                        contrib if disjoint else b.fadd(kc.load_vec(dst, width), contrib), dst, width))
+            else:  # avg_pool2d_grad: input 0 is dy, `out` is the image gradient
+                dy = fn.args[0]
+                g = b.fmul(kc.load_vec(kc.gep(dy, kc.add(obase, c0)), width), inv)
                 for ok, pix in taps:
-                    dst = at(pix)
-                    sc.store(b.fadd(sc.load(out, dst), b.select(ok, g, f32(0))), out, dst)
-            return []
-        kc.loop(G["c"], [], channel, name="ch")
+                    dst = kc.gep(out, kc.add(ibase, kc.add(kc.mul(pix, C), c0)))
+                    _guarded(kc, ok, lambda dst=dst: kc.store_vec(
+                        g if disjoint else b.fadd(kc.load_vec(dst, width), g), dst, width))
+
+        full, tail = divmod(C, lanes)
+        kc.loop(full, [], lambda j, c: block(kc.mul(j, lanes), lanes) or [], name="cblk")
+        if tail:
+            block(full * lanes, tail)
 
     kc.loop(n, [], lambda img, c: kc.loop(G["oh"], [], lambda oy, c2: kc.loop(
         G["ow"], [], lambda ox, c3: pixel(img, oy, ox) or []) or []) or [], name="img")
     return kc.finish()
 
 
-_ = I64, ir
+def _guarded(kc, cond, emit):
+    """if (cond) { emit() } — for stores that must not touch a clamped out-of-image address."""
+    b = kc.b
+    then = kc.fn.append_basic_block("tap")
+    after = kc.fn.append_basic_block("tap.end")
+    b.cbranch(cond, then, after)
+    b.position_at_end(then)
+    emit()
+    b.branch(after)
+    b.position_at_end(after)
+
+
+_ = I64
