@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from llvmlite import ir
 
 from .matmul import (ACTIVATIONS, Epilogue, EpilogueOperands, KernelContext, Loop, TilePlan, column_blocks,
-                     emit_tile, for_row_tiles, new_kernel_function, pack_b, packed_block, packed_floats,
-                     plan_tile)
+                     emit_tile, for_row_tiles, gemm_kernel, pack_b, packed_block, packed_floats, plan_tile)
 
 
 @dataclass(frozen=True)
@@ -150,11 +149,6 @@ def _apply_positive_mask(kc: KernelContext, data, y, count: int) -> None:
                   EpilogueOperands(mask_rows=[kc.gep(y, full * lanes)]))
 
 
-def _new_kernel(module, name, n_ptrs, target):
-    fn = new_kernel_function(module, name, n_ptrs, target)
-    return fn, KernelContext(module, fn, target)
-
-
 def build_conv2d(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, stride=(1, 1),
                  padding=((0, 0), (0, 0)), dilation=(1, 1), has_bias: bool = False,
                  activation: str = "linear", target, plan: TilePlan | None = None,
@@ -169,13 +163,13 @@ def build_conv2d(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, st
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if loop_order not in ("cols", "rows"):
         raise ValueError(f"loop_order must be 'cols' or 'rows', got {loop_order!r}")
-    fn, kc = _new_kernel(module, name, 4, target)
+    fn, kc = gemm_kernel(module, name, 4, target)
     x, w, bias, out, n = fn.args
     lanes = kc.lanes
     plan = plan or plan_tile(g.pixels, g.f, target, g.taps)
     blocks = column_blocks(g.pixels, g.f, plan, target, g.taps)
     k = g.taps
-    packed = kc.scratch(k * packed_floats(k, blocks, lanes))
+    packed = kc.scratch(k * packed_floats(blocks, lanes))
     xp = kc.scratch(g.hp * g.wp * g.c) if g.padded else None
     pack_b(kc, w, k, g.f, 1, blocks, packed)
     if xp is not None:
@@ -222,7 +216,7 @@ def build_conv2d_grad_input(module: ir.Module, name: str, *, in_hwc, kernel_hw, 
     """void name(ptr dy, ptr w, [ptr y,] ptr out, i64 n): out (n, H, W, C) = d conv2d / d x applied to
     dy (n, OH, OW, F). With output_mask, out *= (y > 0) for y shaped like out (a fused relu_grad)."""
     g = conv_geometry(in_hwc, kernel_hw, filters, stride, padding, dilation)
-    fn, kc = _new_kernel(module, name, 3 + bool(output_mask), target)
+    fn, kc = gemm_kernel(module, name, 3 + bool(output_mask), target)
     dy, w = fn.args[:2]
     y = fn.args[2] if output_mask else None
     out, n = fn.args[-2], fn.args[-1]
@@ -234,7 +228,7 @@ def build_conv2d_grad_input(module: ir.Module, name: str, *, in_hwc, kernel_hw, 
         ngroups, group_width = g.kh * g.kw, g.c
     plan = plan or plan_tile(g.pixels, group_width, target, g.f)
     blocks = column_blocks(g.pixels, group_width, plan, target, g.f)
-    group_floats = g.f * packed_floats(g.f, blocks, lanes)
+    group_floats = g.f * packed_floats(blocks, lanes)
     packed = kc.scratch(ngroups * group_floats)
     image_floats = g.hp * g.wp * g.c
     dxp = kc.scratch(image_floats) if g.padded else None
@@ -296,7 +290,7 @@ def build_conv2d_grad_filter(module: ir.Module, name: str, *, in_hwc, kernel_hw,
     """void name(ptr x, ptr dy, ptr out, i64 n): out (KH, KW, C, F) = sum over the n images of
     d conv2d / d w (overwritten, not accumulated into; zeros when n == 0)."""
     g = conv_geometry(in_hwc, kernel_hw, filters, stride, padding, dilation)
-    fn, kc = _new_kernel(module, name, 3, target)
+    fn, kc = gemm_kernel(module, name, 3, target)
     x, dy, out, n = fn.args
     lanes = kc.lanes
     rows = g.taps

@@ -77,6 +77,9 @@ class KernelContext:
         self.entry = fn.append_basic_block("entry")
         self.b = ir.IRBuilder(self.entry)
         self._heap_buffers: list[ir.Value] = []
+        # False: loops get llvm.loop.unroll.disable (for emitters that unroll by hand, like emit_tile);
+        # True leaves unrolling to LLVM (scalar loops that its vectorizer handles).
+        self.llvm_unrolling = True
 
     # -- integers (Python ints fold at generation time) --
     @staticmethod
@@ -182,7 +185,9 @@ class KernelContext:
         i.add_incoming(nxt, tail)
         for p, v in zip(phis, new):
             p.add_incoming(v, tail)
-        b.cbranch(b.icmp_signed("<", nxt, cnt), head, done)
+        latch = b.cbranch(b.icmp_signed("<", nxt, cnt), head, done)
+        if not self.llvm_unrolling:
+            latch.set_metadata("llvm.loop", self._loop_id_without_unrolling())
         b.position_at_end(done)
         if isinstance(count, int):
             return new
@@ -193,6 +198,16 @@ class KernelContext:
             p.add_incoming(v1, tail)
             out.append(p)
         return out
+
+    def _loop_id_without_unrolling(self) -> ir.Value:
+        """A fresh self-referential loop ID carrying llvm.loop.unroll.disable: the generator already
+        unrolled what pays off, and LLVM's unroller re-unrolling tile loops doubles compile time
+        (and code size) for nothing. llvmlite has no API for self-referential nodes, hence the patch."""
+        mod = self.module
+        disable = mod.add_metadata([ir.MetaDataString(mod, "llvm.loop.unroll.disable")])
+        node = ir.values.MDValue(mod, [disable], name=str(len(mod.metadata)))
+        node.operands = (node, disable)
+        return node
 
     # -- vectors --
     def vconst(self, value: float) -> ir.Constant:
@@ -651,7 +666,7 @@ def pack_b(kc: KernelContext, src: ir.Value, k: IntLike, k_stride: IntLike, col_
         offset = kc.add(offset, kc.mul(blk.count, block_floats))
 
 
-def packed_floats(k: IntLike, blocks: Sequence[ColumnBlock], lanes: int) -> int:
+def packed_floats(blocks: Sequence[ColumnBlock], lanes: int) -> int:
     """Floats per unit of k that pack_b writes for these blocks (multiply by k for the total)."""
     return sum(blk.count * blk.nv * lanes for blk in blocks)
 
@@ -692,7 +707,7 @@ def emit_gemm(kc: KernelContext, *, rows: IntLike, cols: int, k: IntLike,
     blocks = column_blocks(rows_hint, cols, plan, kc.target, k_hint)
     pack = not (b_col_stride == 1 and not isinstance(k, int))
     if pack:
-        packed = kc.scratch(kc.mul(k, packed_floats(k, blocks, lanes)))
+        packed = kc.scratch(kc.mul(k, packed_floats(blocks, lanes)))
         pack_b(kc, b, k, b_k_stride, b_col_stride, blocks, packed)
 
     for which, blk in enumerate(blocks):
@@ -722,9 +737,12 @@ def emit_gemm(kc: KernelContext, *, rows: IntLike, cols: int, k: IntLike,
         for_row_tiles(kc, rows, blk.mr, row_tile)
 
 
-def _finish_signature(module, name, n_ptrs, target):
+def gemm_kernel(module, name, n_ptrs, target) -> tuple[ir.Function, KernelContext]:
+    """A new kernel function and its context, set up for hand-unrolled GEMM code."""
     fn = new_kernel_function(module, name, n_ptrs, target)
-    return fn, KernelContext(module, fn, target)
+    kc = KernelContext(module, fn, target)
+    kc.llvm_unrolling = False
+    return fn, kc
 
 
 def build_dense(module: ir.Module, name: str, *, in_features: int, units: int, has_bias: bool,
@@ -737,7 +755,7 @@ def build_dense(module: ir.Module, name: str, *, in_features: int, units: int, h
     _check_dim("units", units)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    fn, kc = _finish_signature(module, name, 4 + bool(output_mask), target)
+    fn, kc = gemm_kernel(module, name, 4 + bool(output_mask), target)
     x, w, bias = fn.args[:3]
     mask = fn.args[3] if output_mask else None
     out, n = fn.args[-2], fn.args[-1]
@@ -775,7 +793,7 @@ def build_matmul(module: ir.Module, name: str, *, a_shape, b_shape, transpose_a:
     if cols is None:
         raise ValueError(f"matmul output columns must be static, got b_shape={b_shape} "
                          f"with transpose_b={transpose_b}")
-    fn, kc = _finish_signature(module, name, 3 + bool(output_mask), target)
+    fn, kc = gemm_kernel(module, name, 3 + bool(output_mask), target)
     a, bm = fn.args[:2]
     mask = fn.args[2] if output_mask else None
     out, n = fn.args[-2], fn.args[-1]
