@@ -1,6 +1,9 @@
-"""Lower an optimized ir.Graph to one LLVM function: `void gc_<name>(ptr args, i64 n, ptr arena)`.
+"""Lower an optimized ir.Graph to one LLVM function:
+`void gc_<name>(ptr args, i64 n, ptr arena, i64 first)`.
 
-`args` is an array of pointers to the leaves (inputs, params, constants, in graph order); node outputs
+`first` is the index of this call's first sample within the whole batch (non-zero when a batch is split
+across threads; it keeps dropout masks a function of the global element index). `args` is an array of
+pointers to the leaves (inputs, params, constants, in graph order); node outputs
 live in `arena` at their layout offsets (n * per_sample + fixed). Each node becomes one call to a kernel
 generated for its exact shapes by backends/llvm/kernels (identical kernels are generated once). One
 native call runs the whole graph — a whole training step for a training graph."""
@@ -41,9 +44,9 @@ def lower_graph(g, target, entry_name=None):
     module = ll.Module(name=g.name)
     layout = compute_layout(g)
     entry_name = entry_name or f"gc_{g.name}"
-    fn = ll.Function(module, ll.FunctionType(VOID, [PTR, I64, PTR]), name=entry_name)
+    fn = ll.Function(module, ll.FunctionType(VOID, [PTR, I64, PTR, I64]), name=entry_name)
     fn.attributes.add("nounwind")
-    args, n, arena = fn.args
+    args, n, arena, first = fn.args
     b = ll.IRBuilder(fn.append_basic_block("entry"))
     addr = {}
     for name in layout.arg_order:
@@ -71,7 +74,9 @@ def lower_graph(g, target, entry_name=None):
         if lower is None:
             raise LoweringError(f"LLVM backend: no lowering for op {node.op!r} (node %{node.name})")
         kernel, operands = lower(cache, node, target)
-        call_args = [address(v) if isinstance(v, str) else v for v in operands]
+        call_args = [address(v) if isinstance(v, str) else
+                     b.inttoptr(b.mul(first, ll.Constant(I64, v[1])), PTR) if isinstance(v, tuple) else v
+                     for v in operands]
         b.call(kernel, call_args + [n])
     # state writes that no kernel did in place (e.g. the step counter): copy the new value back
     for param, new in g.updates.items():

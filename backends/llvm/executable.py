@@ -1,6 +1,11 @@
 """LLVM executable: JIT the lowered graph once, then one native call per batch (ctypes releases the
-GIL). Inference batches are split across threads (each with its own arena); a training step is one
-call."""
+GIL, so threads run native code in parallel).
+
+- Inference: the batch is split across threads, each with its own arena.
+- Training (a graph with state updates): with one thread, one native call runs the whole step. With
+  several, the step is split (ir.training.split_training_step) into a gradient function, run on one
+  batch chunk per thread, and an update function; chunk gradients and losses are combined in a fixed
+  order with weights n_i / n, so results are bit-identical run to run for a given thread count."""
 from __future__ import annotations
 
 import ctypes
@@ -16,7 +21,7 @@ from .codegen import lower_graph
 from .jit import JitModule, host_target
 from .layout import ALIGN
 
-ENTRY = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p)
+ENTRY = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64)
 
 
 def default_threads() -> int:
@@ -24,49 +29,42 @@ def default_threads() -> int:
     return max(1, int(env)) if env else (os.cpu_count() or 1)
 
 
-class LlvmExecutable(Executable):
-    backend = "llvm"
+class NativeGraph:
+    """One graph compiled to one native function, with per-thread, per-batch-size arenas."""
 
-    def __init__(self, graph, params=None, threads=None):
-        super().__init__(graph, params)
-        self.target = host_target()
+    def __init__(self, graph, target):
+        if getattr(graph, "memory_plan", None) is None:
+            from ir.passes.plan_memory import plan_memory
+            graph = plan_memory(graph)
+        self.graph = graph
         t0 = time.perf_counter()
-        module, self.entry_name, self.layout = lower_graph(graph, self.target)
+        module, self.entry_name, self.layout = lower_graph(graph, target)
         self.llvm_ir = str(module)
-        self._jit = JitModule(self.llvm_ir)
+        self.jit = JitModule(self.llvm_ir)
         self.compile_seconds = time.perf_counter() - t0
-        self._fn = ENTRY(self._jit.address(self.entry_name))
-        self.threads = threads or default_threads()
+        self.fn = ENTRY(self.jit.address(self.entry_name))
         self._local = threading.local()
-        self._pool = None
-        # batch splitting is legal only when nothing couples samples: no state updates, no scalar outputs
-        self.splittable = not graph.updates and all(t.batched for _, t in self.outputs) and \
-            all(t.batched for _, t in self.inputs)
 
-    @property
-    def asm(self) -> str:
-        return self._jit.asm
-
-    def _arena(self, n):
+    def arena(self, n):
         cache = getattr(self._local, "arenas", None)
         if cache is None:
             cache = self._local.arenas = {}
         a = cache.get(n)
         if a is None:
-            nbytes = self.layout.arena_bytes(n) + ALIGN
-            raw = np.empty(nbytes // 4 + 1, np.float32)
+            if len(cache) > 4:
+                cache.clear()
+            size = self.layout.arena_bytes(n) // 4 + 1
+            raw = np.empty(size + ALIGN // 4, np.float32)
             off = (-raw.ctypes.data) % ALIGN // 4
-            a = cache[n] = raw[off:off + self.layout.arena_bytes(n) // 4 + 1]
+            a = cache[n] = raw[off:off + size]
         return a
 
-    def _call(self, arrays, n):
-        leaves = {name: a for (name, _), a in zip(self.inputs, arrays)}
-        leaves.update(self.state)
-        leaves.update(self.consts)
+    def __call__(self, leaves: dict, n: int, first: int = 0) -> list:
+        """Run on `leaves` (name -> C-contiguous array); returns copies of the graph outputs."""
         ptrs = (ctypes.c_void_p * max(1, len(self.layout.arg_order)))(
             *[leaves[name].ctypes.data for name in self.layout.arg_order])
-        arena = self._arena(n)
-        self._fn(ptrs, n, arena.ctypes.data)
+        arena = self.arena(n)
+        self.fn(ptrs, n, arena.ctypes.data, first)
         outs = []
         for v in self.graph.outputs:
             s = self.layout.resolve(v.name)
@@ -75,20 +73,94 @@ class LlvmExecutable(Executable):
             else:
                 off = (n * s.per_sample + s.fixed) // 4
                 shape = v.type.concrete(n)
-                outs.append(arena[off:off + int(np.prod(shape))].reshape(shape).copy())
+                outs.append(arena[off:off + int(np.prod(shape, dtype=np.int64))].reshape(shape).copy())
         return outs
+
+
+class LlvmExecutable(Executable):
+    backend = "llvm"
+
+    def __init__(self, graph, params=None, threads=None):
+        super().__init__(graph, params)
+        self.target = host_target()
+        self.threads = threads or default_threads()
+        self._pool = None
+        self.training = bool(graph.updates)
+        t0 = time.perf_counter()
+        if self.training and self.threads > 1:
+            from ir.training import split_training_step
+            gg, ug = split_training_step(graph)
+            self._grads, self._update = NativeGraph(gg, self.target), NativeGraph(ug, self.target)
+            self._parts = [self._grads, self._update]
+        else:
+            self._main = NativeGraph(graph, self.target)
+            self._parts = [self._main]
+        self.compile_seconds = time.perf_counter() - t0
+        self.llvm_ir = "\n".join(p.llvm_ir for p in self._parts)
+        # inference batches split freely when nothing couples samples
+        self.splittable = not self.training and all(t.batched for _, t in self.outputs) and \
+            all(t.batched for _, t in self.inputs)
+
+    @property
+    def asm(self) -> str:
+        return "\n".join(p.jit.asm for p in self._parts)
+
+    def _leaves(self, arrays):
+        leaves = {name: a for (name, _), a in zip(self.inputs, arrays)}
+        leaves.update(self.state)
+        leaves.update(self.consts)
+        return leaves
+
+    def _map_chunks(self, fn, chunks):
+        if len(chunks) == 1:
+            return [fn(*chunks[0])]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads)
+        return list(self._pool.map(lambda c: fn(*c), chunks))
+
+    def _chunks(self, n):
+        k = max(1, min(self.threads, n))
+        bounds = np.linspace(0, n, k + 1).astype(int)
+        return [(int(bounds[i]), int(bounds[i + 1])) for i in range(k)]
 
     def run(self, arrays):
         n = next((a.shape[0] for a, (_, t) in zip(arrays, self.inputs) if t.batched), 1)
-        chunks = min(self.threads, n) if self.splittable else 1
-        if chunks <= 1:
-            return self._call(arrays, n)
-        bounds = np.linspace(0, n, chunks + 1).astype(int)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads)
-        parts = list(self._pool.map(lambda i: self._call([a[bounds[i]:bounds[i + 1]] for a in arrays],
-                                                         int(bounds[i + 1] - bounds[i])), range(chunks)))
+        if self.training and self.threads > 1:
+            return self._train_step(arrays, n)
+        if not self.splittable or self.threads == 1 or n < 2:
+            return self._main(self._leaves(arrays), n)
+        parts = self._map_chunks(
+            lambda a, b: self._main(self._leaves([x[a:b] if t.batched else x
+                                                  for x, (_, t) in zip(arrays, self.inputs)]), b - a, a),
+            self._chunks(n))
         return [np.concatenate([p[k] for p in parts]) for k in range(len(self.outputs))]
+
+    def _train_step(self, arrays, n):
+        chunks = self._chunks(n)
+
+        def grads(a, b):
+            sl = [x[a:b] if t.batched else x for x, (_, t) in zip(arrays, self.inputs)]
+            return self._grads(self._leaves(sl), b - a, a)
+        parts = self._map_chunks(grads, chunks)
+        k_out = len(self.outputs)
+        outs = []
+        for k, (_, t) in enumerate(self.outputs):
+            if t.batched:
+                outs.append(np.concatenate([p[k] for p in parts]))
+            else:       # chunk means -> batch mean
+                outs.append(sum(p[k] * np.float32((b - a) / n) for p, (a, b) in zip(parts, chunks)))
+        gnames = [v.name for v in self._grads.graph.outputs[k_out:]]
+        combined = {}
+        for j, name in enumerate(gnames):
+            acc = parts[0][k_out + j] * np.float32((chunks[0][1] - chunks[0][0]) / n)
+            for p, (a, b) in zip(parts[1:], chunks[1:]):
+                acc += p[k_out + j] * np.float32((b - a) / n)
+            combined[name] = np.ascontiguousarray(acc, np.float32)
+        leaves = dict(self.state)
+        leaves.update(self.consts)
+        leaves.update(combined)
+        self._update(leaves, 1)
+        return outs
 
 
 def compile_llvm(graph, params=None, threads=None, **_):

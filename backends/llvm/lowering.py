@@ -120,7 +120,8 @@ def lower_dropout(cache, node, target):
     has_step = len(node.inputs) > 1
     spec = dict(shape=tuple(node.inputs[0].shape), rate=node.attrs["rate"], seed=node.attrs["seed"], has_step=has_step)
     fn = cache.get(("dropout", repr(spec)), lambda m, name: pointwise.build_dropout(m, name, target=target, **spec))
-    return fn, [v.name for v in node.inputs] + [node.outputs[0].name]
+    # ("sample_base", k): codegen passes first_sample * k, the flat index of this call's first element
+    return fn, [v.name for v in node.inputs] + [node.outputs[0].name, ("sample_base", node.inputs[0].type.numel(1))]
 
 
 def lower_softmax(cache, node, target):

@@ -1,4 +1,4 @@
-"""NumPy kernels: the runtime library of the NumPy backend (contract: docs in the design notes).
+"""NumPy kernels: the runtime library of the NumPy backend (generated code calls them as K.<op>).
 
 Every kernel writes its result into a caller-provided `out` (possibly a view into the memory arena) and
 returns it; results follow `out`'s dtype (float32 in production, float64 in the test reference mode).
@@ -133,7 +133,7 @@ def _windows(xp, kh, kw, stride, dilation, oh, ow):
 
 
 def _batch_chunks(n, bytes_per_sample):
-    """[start, stop) batch ranges whose im2col buffers hold about IM2COL_CHUNK_BYTES each."""
+    """[start, stop) batch ranges of about IM2COL_CHUNK_BYTES each (at least one sample per range)."""
     step = max(1, min(n, IM2COL_CHUNK_BYTES // max(1, bytes_per_sample)))
     return [(s, min(n, s + step)) for s in range(0, n, step)]
 
@@ -162,6 +162,11 @@ def _taps(kh, kw, stride, pads, dilation, in_hw, out_hw):
             taps.append((i * kw + j, (slice(span_h[0], span_h[1]), slice(span_w[0], span_w[1])),
                          (span_h[2], span_w[2])))
     return taps
+
+
+def _accumulate(region, value):
+    """region += value for a strided view region (np.add with out=: no write-back copy of the view)."""
+    np.add(region, value, out=region)
 
 
 def _write_matmul(a, b, out, rows, cols):
@@ -216,22 +221,19 @@ def conv2d_grad_filter(x, dy, out, stride, padding, dilation):
     _expect_rank("conv2d_grad_filter", "dy", dy, 4)
     _expect_rank("conv2d_grad_filter", "out", out, 4)
     n, _, _, c = x.shape
-    kh, kw, oc, f = out.shape
+    kh, kw, _, f = out.shape
     stride, pads, dilation, (oh, ow) = _window_geometry("conv2d_grad_filter", x.shape, kh, kw,
                                                          stride, padding, dilation)
     _expect_shape("conv2d_grad_filter", "out", out.shape, (kh, kw, c, dy.shape[3]))
     _expect_shape("conv2d_grad_filter", "dy", dy.shape, (n, oh, ow, f))
     k = kh * kw * c
     dy2 = dy.reshape(n * oh * ow, f)
-    acc = None
     for s, e in _batch_chunks(n, oh * ow * (k + f) * x.itemsize):
         cols = _windows(_padded(x[s:e], pads, 0), kh, kw, stride, dilation, oh, ow).reshape(-1, k)
-        part = np.matmul(cols.T, dy2[s * oh * ow:e * oh * ow])
-        if acc is None:
-            acc = part
-        else:
-            acc += part
-    out[...] = acc.reshape(out.shape)
+        if s == 0:
+            _write_matmul(cols.T, dy2[:e * oh * ow], out, k, f)
+        else:      # later batch chunks add their (small, filter-sized) partial sums
+            out += np.matmul(cols.T, dy2[s * oh * ow:e * oh * ow]).reshape(out.shape)
     return out
 
 
@@ -261,7 +263,7 @@ def conv2d_grad_input(dy, w, out, stride, padding, dilation):
         dcols = dcols.reshape(e - s, oh, ow, kh * kw, c)
         dx = out[s:e]
         for tap, (o_h, o_w), (i_h, i_w) in taps:
-            dx[:, i_h, i_w] += dcols[:, o_h, o_w, tap]
+            _accumulate(dx[:, i_h, i_w], dcols[:, o_h, o_w, tap])
     return out
 
 
@@ -294,19 +296,34 @@ def max_pool2d_grad(x, dy, out, pool, stride, padding):
     pool, stride, pads, out_hw = _pool_geometry("max_pool2d_grad", x.shape, pool, stride, padding)
     _expect_shape("max_pool2d_grad", "dy", dy.shape, (x.shape[0],) + out_hw + (x.shape[3],))
     _expect_shape("max_pool2d_grad", "out", out.shape, x.shape)
-    dtype = np.result_type(x, dy)
-    window_max = max_pool2d(x, np.empty(dy.shape, x.dtype), pool, stride, pads)
-    routed = np.zeros(dy.shape, bool)           # windows whose gradient already went to a maximum
-    hit = np.empty(dy.shape, bool)
-    share = np.empty(dy.shape, dtype)
+    taps = _taps(pool[0], pool[1], stride, pads, (1, 1), x.shape[1:3], out_hw)
+    # disjoint windows write each input cell at most once: no accumulation buffer needed
+    disjoint = stride[0] >= pool[0] and stride[1] >= pool[1]
+    # batch chunks keep the scratch arrays small, cache-resident and reused; a chunk touches about
+    # 4x its slice of x (x, out, dy and the scratch)
+    chunks = _batch_chunks(x.shape[0], 4 * x[:1].nbytes)
+    rows = chunks[0][1] - chunks[0][0]
+    window_max = np.empty((rows,) + dy.shape[1:], x.dtype)
+    routed = np.empty(window_max.shape, bool)        # windows whose gradient already went to a maximum
+    hit = np.empty(window_max.shape, bool)
+    share = None if disjoint else np.empty(window_max.shape, out.dtype)
     out.fill(0)
-    for _, (o_h, o_w), (i_h, i_w) in _taps(pool[0], pool[1], stride, pads, (1, 1), x.shape[1:3], out_hw):
-        hit_r, routed_r, share_r = hit[:, o_h, o_w], routed[:, o_h, o_w], share[:, o_h, o_w]
-        np.equal(x[:, i_h, i_w], window_max[:, o_h, o_w], out=hit_r)
-        hit_r &= ~routed_r
-        routed_r |= hit_r
-        np.multiply(dy[:, o_h, o_w], hit_r, out=share_r)
-        out[:, i_h, i_w] += share_r
+    for s, e in chunks:
+        xc, dyc, dxc = x[s:e], dy[s:e], out[s:e]
+        wm, rt, ht = window_max[:e - s], routed[:e - s], hit[:e - s]
+        max_pool2d(xc, wm, pool, stride, pads)
+        rt.fill(False)
+        for _, (o_h, o_w), (i_h, i_w) in taps:
+            hit_r, routed_r = ht[:, o_h, o_w], rt[:, o_h, o_w]
+            np.equal(xc[:, i_h, i_w], wm[:, o_h, o_w], out=hit_r)
+            np.greater(hit_r, routed_r, out=hit_r)     # hit and not yet routed (bools: a > b == a & ~b)
+            routed_r |= hit_r
+            if disjoint:
+                np.multiply(dyc[:, o_h, o_w], hit_r, out=dxc[:, i_h, i_w])
+            else:
+                share_r = share[:e - s, o_h, o_w]
+                np.multiply(dyc[:, o_h, o_w], hit_r, out=share_r)
+                _accumulate(dxc[:, i_h, i_w], share_r)
     return out
 
 
@@ -326,9 +343,15 @@ def avg_pool2d(x, out, pool, stride, padding, count_include_pad=False):
     _expect_rank("avg_pool2d", "x", x, 4)
     pool, stride, pads, out_hw = _pool_geometry("avg_pool2d", x.shape, pool, stride, padding)
     _expect_shape("avg_pool2d", "out", out.shape, (x.shape[0],) + out_hw + (x.shape[3],))
-    out.fill(0)
-    for _, (o_h, o_w), (i_h, i_w) in _taps(pool[0], pool[1], stride, pads, (1, 1), x.shape[1:3], out_hw):
-        out[:, o_h, o_w] += x[:, i_h, i_w]
+    taps = _taps(pool[0], pool[1], stride, pads, (1, 1), x.shape[1:3], out_hw)
+    _, (o_h, o_w), (i_h, i_w) = taps[0]
+    if (o_h.start, o_h.stop, o_w.start, o_w.stop) == (0, out_hw[0], 0, out_hw[1]):
+        np.copyto(out, x[:, i_h, i_w])     # no top/left padding: the first tap initializes everything
+        taps = taps[1:]
+    else:
+        out.fill(0)
+    for _, (o_h, o_w), (i_h, i_w) in taps:
+        _accumulate(out[:, o_h, o_w], x[:, i_h, i_w])
     out /= _avg_divisors(x.shape[1:3], out_hw, pool, stride, pads, count_include_pad, out.dtype)
     return out
 
@@ -338,10 +361,18 @@ def avg_pool2d_grad(dy, out, pool, stride, padding, count_include_pad=False):
     _expect_rank("avg_pool2d_grad", "out", out, 4)
     pool, stride, pads, out_hw = _pool_geometry("avg_pool2d_grad", out.shape, pool, stride, padding)
     _expect_shape("avg_pool2d_grad", "dy", dy.shape, (out.shape[0],) + out_hw + (out.shape[3],))
-    share = dy / _avg_divisors(out.shape[1:3], out_hw, pool, stride, pads, count_include_pad, out.dtype)
+    divisor = _avg_divisors(out.shape[1:3], out_hw, pool, stride, pads, count_include_pad, out.dtype)
+    taps = _taps(pool[0], pool[1], stride, pads, (1, 1), out.shape[1:3], out_hw)
     out.fill(0)
-    for _, (o_h, o_w), (i_h, i_w) in _taps(pool[0], pool[1], stride, pads, (1, 1), out.shape[1:3], out_hw):
-        out[:, i_h, i_w] += share[:, o_h, o_w]
+    if stride[0] >= pool[0] and stride[1] >= pool[1]:
+        # disjoint windows write each input cell at most once: divide straight into out
+        for _, (o_h, o_w), (i_h, i_w) in taps:
+            d = divisor if np.ndim(divisor) == 0 else divisor[o_h, o_w]
+            np.divide(dy[:, o_h, o_w], d, out=out[:, i_h, i_w])
+        return out
+    share = np.divide(dy, divisor, dtype=out.dtype)
+    for _, (o_h, o_w), (i_h, i_w) in taps:
+        _accumulate(out[:, i_h, i_w], share[:, o_h, o_w])
     return out
 
 
@@ -397,7 +428,7 @@ def matmul(a, b, out, transpose_a=False, transpose_b=False):
 def bias_add(x, b, out):
     """out = x + b, b (C,) broadcast over the last axis of x."""
     if np.ndim(x) < 1 or np.shape(b) != (x.shape[-1],):
-        _fail("bias_add", f"b has shape {np.shape(b)}, expected ({np.shape(x)[-1:]},) for x {np.shape(x)}")
+        _fail("bias_add", f"b has shape {np.shape(b)}, expected {np.shape(x)[-1:]} for x {np.shape(x)}")
     _expect_shape("bias_add", "out", out.shape, x.shape)
     return np.add(x, b, out=out)
 
@@ -460,15 +491,14 @@ def relu(x, out):
 
 
 def sigmoid(x, out):
-    """out = 1 / (1 + exp(-x)), via exp(-|x|) so nothing overflows; out may be x."""
+    """out = 1 / (1 + exp(-x)); out may be x. exp(-x) is capped below overflow: the result is then a
+    denormal (or 0), which is what sigmoid is there, so it stays accurate in relative terms elsewhere."""
     _expect_shape("sigmoid", "out", out.shape, x.shape)
-    positive = x >= 0                      # before out (possibly x) is overwritten
-    np.abs(x, out=out)
-    np.negative(out, out=out)
-    np.exp(out, out=out)                   # e = exp(-|x|) in (0, 1]
-    denom = out + 1
-    np.divide(out, denom, out=out)         # sigmoid(-|x|) = e / (1 + e)
-    np.subtract(1, out, out=out, where=positive)   # sigmoid(|x|) = 1 - sigmoid(-|x|)
+    np.negative(x, out=out)
+    np.minimum(out, math.floor(math.log(np.finfo(out.dtype).max)), out=out)   # 88 in float32
+    np.exp(out, out=out)
+    out += 1
+    np.reciprocal(out, out=out)
     return out
 
 
@@ -663,7 +693,7 @@ def _clip_bounds(dtype):
 def _grad_scale(kernel, dloss, n, dtype):
     if np.size(dloss) != 1:
         _fail(kernel, f"dloss must be a scalar, got shape {np.shape(dloss)}")
-    return dtype.type(float(np.asarray(dloss).reshape(())) / n)
+    return dtype.type(float(np.asarray(dloss).reshape(())) / max(1, n))
 
 
 def sparse_categorical_crossentropy(p, labels, out, from_logits=False):

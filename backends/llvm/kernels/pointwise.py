@@ -256,18 +256,21 @@ def _mix32(b, x):
 
 
 def build_dropout(module, name, *, shape, rate, seed, target, has_step=True):
-    """void name(ptr x, [ptr step,] ptr out, i64 n): out = x * keep / (1 - rate), keep = hash >= rate * 2^32."""
-    fn, kc = _kernel(module, name, 3 if has_step else 2, target)
+    """void name(ptr x, [ptr step,] ptr out, ptr base, i64 n): out = x * keep / (1 - rate), keep = hash >= rate * 2^32.
+    `base` carries an integer (inttoptr): the flat index of element 0 in the whole batch, so a batch split
+    across threads draws exactly the mask of the unsplit batch."""
+    fn, kc = _kernel(module, name, 4 if has_step else 3, target)
     x = fn.args[0]
-    out, n = fn.args[-2], fn.args[-1]
+    out, base, n = fn.args[-3], fn.args[-2], fn.args[-1]
     b = kc.b
+    base = b.ptrtoint(base, I64)
     step = b.fptoui(b.load(fn.args[1], typ=F32), I32) if has_step else ir.Constant(I32, 0)
     key = _mix32(b, b.add(ir.Constant(I32, (int(seed) * 0x9E3779B9) & 0xFFFFFFFF), step))
     threshold = ir.Constant(I64, int(rate * 2 ** 32))
     inv = f32(1.0 / (1.0 - rate))
 
     def f(sc, v, i):
-        h = _mix32(b, b.xor(b.trunc(kc.i64(i), I32), key))
+        h = _mix32(b, b.xor(b.trunc(b.add(kc.i64(i), base), I32), key))
         keep = b.icmp_unsigned(">=", b.zext(h, I64), threshold)
         return b.select(keep, b.fmul(v[0], inv), f32(0))
     emit_map(kc, shape, [(x, shape)], out, n, f)
