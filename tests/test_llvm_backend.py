@@ -139,3 +139,16 @@ def test_asm_uses_host_vectors():
     fn = gc.compile(m.inference_graph(), "llvm", m.weights)
     reg = {512: "zmm", 256: "ymm", 128: "xmm"}[host_target().vector_bits]
     assert reg in fn.asm
+
+
+def test_compiled_code_is_cached_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAPHCNN_CACHE", str(tmp_path))
+    m = load_example("lenet5")
+    g = m.inference_graph()
+    x = np.random.default_rng(3).random((4, 28, 28, 1)).astype(np.float32)
+    cold = gc.compile(g, "llvm", m.weights)
+    warm = gc.compile(g, "llvm", m.weights)
+    assert [p.jit.cache_hit for p in cold._parts] == [False]
+    assert [p.jit.cache_hit for p in warm._parts] == [True]
+    assert list(tmp_path.glob("*.o"))
+    np.testing.assert_array_equal(cold(x=x), warm(x=x))

@@ -7,6 +7,8 @@ manager at O3; the legacy PassManagerBuilder is gone from recent LLVM).
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 from dataclasses import dataclass
 
 import llvmlite.binding as llvm
@@ -68,13 +70,64 @@ def optimize(llvm_ir: str, opt: int = 3, tm: llvm.TargetMachine | None = None) -
     return mod
 
 
+def cache_dir() -> str | None:
+    """Where compiled objects are cached: $GRAPHCNN_CACHE, else ~/.cache/graphcnn/jit; '0' disables."""
+    d = os.environ.get("GRAPHCNN_CACHE")
+    if d == "0":
+        return None
+    return d or os.path.join(os.path.expanduser("~"), ".cache", "graphcnn", "jit")
+
+
+def cache_key(llvm_ir: str, opt: int) -> str:
+    """Hash of everything the machine code depends on: the IR, the target, the LLVM version."""
+    t = host_target()
+    h = hashlib.sha256()
+    for part in (llvm_ir, t.triple, t.cpu, t.features, str(opt), llvm.llvm_version_info.__repr__(),
+                 getattr(llvm, "__version__", "")):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 class JitModule:
-    """An optimized module loaded into an MCJIT engine; keeps the engine alive while in use."""
+    """An optimized module loaded into an MCJIT engine; keeps the engine alive while in use.
+
+    Compiled machine code is cached on disk keyed by cache_key(): a warm start skips the O3 pipeline
+    and code generation (`cache_hit` tells which happened)."""
 
     def __init__(self, llvm_ir: str, opt: int = 3):
         tm = target_machine(opt)
-        self.module = optimize(llvm_ir, opt, tm)
+        folder = cache_dir()
+        path = os.path.join(folder, cache_key(llvm_ir, opt) + ".o") if folder else None
+        cached = None
+        if path and os.path.isfile(path):
+            try:
+                with open(path, "rb") as f:
+                    cached = f.read()
+            except OSError:
+                cached = None
+        self.cache_hit = cached is not None
+        if cached is not None:
+            self.module = llvm.parse_assembly(llvm_ir)
+            self.module.triple = tm.triple
+            self.module.data_layout = str(tm.target_data)
+        else:
+            self.module = optimize(llvm_ir, opt, tm)
+        self._ir_text = None
         self.engine = llvm.create_mcjit_compiler(self.module, tm)
+
+        def notify(module, buffer):
+            if path and cached is None:
+                try:
+                    os.makedirs(folder, exist_ok=True)
+                    tmp = f"{path}.{os.getpid()}.tmp"
+                    with open(tmp, "wb") as f:
+                        f.write(buffer)
+                    os.replace(tmp, path)
+                except OSError:
+                    pass        # a read-only cache folder only costs speed
+
+        self.engine.set_object_cache(notify, lambda module: cached)
         self.engine.finalize_object()
         self.engine.run_static_constructors()
         self._tm = tm
