@@ -33,13 +33,21 @@ def compile(graph: Graph, backend: str | None = None, params: dict | None = None
     if backend == "llvm":
         try:
             from backends.llvm import compile_llvm
-        except ImportError as e:
-            warnings.warn(f"graphcnn: LLVM backend unavailable ({e}); using the NumPy backend", RuntimeWarning,
-                          stacklevel=2)
+            from backends.llvm.codegen import LoweringError
+            from backends.llvm.jit import host_target
+            host_target()
+        except (ImportError, RuntimeError) as e:
+            warnings.warn(f"graphcnn: LLVM backend unavailable on this host ({e}); using the NumPy backend",
+                          RuntimeWarning, stacklevel=2)
         else:
-            exe = compile_llvm(g, params, **options)
-            exe.pipeline = result
-            return exe
+            try:
+                exe = compile_llvm(g, params, **options)
+            except LoweringError as e:
+                warnings.warn(f"graphcnn: {e}; using the NumPy backend for graph {g.name!r}", RuntimeWarning,
+                              stacklevel=2)
+            else:
+                exe.pipeline = result
+                return exe
     from backends.numpy import compile_numpy
     exe = compile_numpy(g, params, plan=getattr(g, "memory_plan", None))
     exe.pipeline = result
