@@ -288,7 +288,8 @@ def build_parser():
     s = sub.add_parser("show", help="print a model's IR, graph, passes or memory plan")
     s.add_argument("model")
     s.add_argument("--format", choices=["text", "dot", "svg", "json"], default="text")
-    s.add_argument("--passes", action="store_true", help="print the IR after each pass")
+    s.add_argument("--passes", "--print-ir-after-all", dest="passes", action="store_true",
+                   help="print the IR after each pass of the inference pipeline")
     s.add_argument("--memory", action="store_true", help="print the memory plan")
     s.add_argument("--batch", type=int, default=128)
     s.add_argument("--training", action="store_true", help="(with --memory) plan the training graph")

@@ -152,3 +152,15 @@ def test_compiled_code_is_cached_on_disk(tmp_path, monkeypatch):
     assert [p.jit.cache_hit for p in warm._parts] == [True]
     assert list(tmp_path.glob("*.o"))
     np.testing.assert_array_equal(cold(x=x), warm(x=x))
+
+
+def test_fused_code_has_no_separate_bias_or_relu_pass():
+    m = load_example("mnist_cnn")
+    g = m.inference_graph()
+    npx = gc.compile(g, "numpy", m.weights)
+    assert "K.bias_add(" not in npx.source and "K.relu(" not in npx.source
+    assert npx.source.count("activation='relu'") == 2
+    native = gc.compile(g, "llvm", m.weights)
+    kernels = [line for line in native.llvm_ir.splitlines() if line.startswith("define")]
+    assert not any("_relu" in k or "_bias_add" in k for k in kernels), kernels
+    assert sum("_conv2d" in k for k in kernels) == 2
