@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ir.ops import emit
+from ir.ops import emit, pair
 from ir.types import IRError
 
 from .errors import LayerError
@@ -243,16 +243,10 @@ LAYER_TYPES = {c.__name__: c for c in (Input, Conv2D, Dense, MaxPool2D, AverageP
 
 
 def _pair(v, what, layer):
-    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-        v = (int(v), int(v))
     try:
-        a, b = v
-        a, b = int(a), int(b)
-    except (TypeError, ValueError):
-        raise LayerError(f"{layer}: {what} must be an int or a pair of ints, got {v!r}") from None
-    if a < 1 or b < 1:
-        raise LayerError(f"{layer}: {what} must be >= 1, got {v!r}")
-    return (a, b)
+        return pair(v, what, layer)
+    except IRError as e:
+        raise LayerError(str(e)) from None
 
 
 def _padding(p, layer):
@@ -272,4 +266,3 @@ def _shape(v):
 
 
 __all__ = list(LAYER_TYPES) + ["MaxPooling2D", "AveragePooling2D", "AvgPool2D", "Layer"]
-_ = IRError

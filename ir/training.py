@@ -7,7 +7,7 @@ import numpy as np
 from .autodiff import append_backward
 from .passes.dce import eliminate_dead_code
 from .graph import Graph
-from .ops import emit
+from .ops import emit, in_place_update_ops
 from .types import IRError
 
 STEP = "step"   # f32 scalar param: number of completed steps (dropout counter, Adam's t - 1)
@@ -52,7 +52,7 @@ def make_training_graph(forward: Graph, loss: str, optimizer: str = "adam", conf
     return eliminate_dead_code(g)
 
 
-UPDATE_OPS = ("adam_update", "sgd_update")
+UPDATE_OPS = tuple(in_place_update_ops())
 
 
 def split_training_step(g: Graph) -> tuple:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from llvmlite import ir as ll
 
-from .layout import compute_layout
+from .layout import VIEW_OPS, compute_layout
 
 PTR = ll.PointerType()
 I64 = ll.IntType(64)
@@ -68,7 +68,7 @@ def lower_graph(g, target, entry_name=None):
         return a
 
     for node in g.nodes:
-        if node.op in ("reshape", "flatten"):
+        if node.op in VIEW_OPS:
             continue
         lower = LOWERINGS.get(node.op)
         if lower is None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-VIEW_OPS = {"reshape", "flatten"}
-INPLACE_UPDATE_OPS = {"adam_update": (0, 2, 3), "sgd_update": (0, 2)}
+from ir.ops import in_place_update_ops, view_ops
+
+VIEW_OPS = view_ops()
+INPLACE_UPDATE_OPS = in_place_update_ops()
 ALIGN = 64
 
 

@@ -11,13 +11,14 @@ import keyword
 import re
 
 from ir.graph import Graph, Node
+from ir.ops import in_place_update_ops, view_ops
 
 # attributes the kernels do not take (they are implied by the output buffer's shape)
 SHAPE_ONLY_ATTRS = {"input_shape", "kernel_hw", "shape"}
 # ops whose output is a view of their input (no buffer, no copy)
-VIEW_OPS = {"reshape", "flatten"}
+VIEW_OPS = view_ops()
 # optimizer kernels write their state inputs in place and stand for their outputs
-INPLACE_UPDATE_OPS = {"adam_update": (0, 2, 3), "sgd_update": (0, 2)}
+INPLACE_UPDATE_OPS = in_place_update_ops()
 
 
 def py_name(name: str, taken: set) -> str:

@@ -43,6 +43,8 @@ class Op:
     inputs: tuple = ()          # input names; a trailing '?' marks an optional input
     attrs: dict = {}            # attribute name -> default (REQUIRED for no default)
     inplace: int | None = None  # index of an input whose buffer the output may reuse (elementwise)
+    view = False                # output is the input reinterpreted (reshape): no buffer, no copy
+    writes_inputs: tuple = ()   # output k IS input writes_inputs[k], updated in place (optimizers)
     differentiable = True
 
     def check(self, ins, attrs: dict) -> dict:
@@ -95,6 +97,16 @@ class _Required:
 
 
 REQUIRED = _Required()
+
+
+def view_ops() -> frozenset:
+    """Ops whose output aliases their input (backends emit no copy)."""
+    return frozenset(n for n, o in REGISTRY.items() if o.view)
+
+
+def in_place_update_ops() -> dict:
+    """op -> tuple: output k overwrites input tuple[k] (optimizer state updates)."""
+    return {n: o.writes_inputs for n, o in REGISTRY.items() if o.writes_inputs}
 
 
 def emit(op: str, *inputs, **attrs):

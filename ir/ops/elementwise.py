@@ -271,6 +271,7 @@ class Reshape(Op):
     inputs = ("x",)
     attrs = {"shape": REQUIRED}
     inplace = 0
+    view = True
 
     def normalize(self, types, attrs):
         x = types[0]
@@ -308,6 +309,7 @@ class Flatten(Op):
     name = "flatten"
     inputs = ("x",)
     inplace = 0
+    view = True
 
     def infer(self, types, attrs):
         x = types[0]

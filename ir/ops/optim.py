@@ -30,6 +30,7 @@ class SGDUpdate(UpdateBase):
     inputs = ("w", "g", "velocity?")
     attrs = {"lr": REQUIRED, "momentum": 0.0, "nesterov": False}
     flops_per_elem = 4
+    writes_inputs = (0, 2)
 
     def normalize(self, types, attrs):
         a = super().normalize(types, attrs)
@@ -49,6 +50,7 @@ class AdamUpdate(UpdateBase):
     inputs = ("w", "g", "m", "v", "t")
     attrs = {"lr": REQUIRED, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7}
     flops_per_elem = 12
+    writes_inputs = (0, 2, 3)
 
     def infer(self, types, attrs):
         return [types[0]] * 3

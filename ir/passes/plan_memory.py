@@ -35,12 +35,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..graph import Graph
-from ..ops import get_op
+from ..ops import get_op, in_place_update_ops, view_ops
 from ..types import DTYPES
 
 ALIGN = 64
-VIEW_OPS = {"reshape", "flatten"}
-UPDATE_OPS = {"adam_update": (0, 2, 3), "sgd_update": (0, 2)}   # output k overwrites input UPDATE_OPS[op][k]
+VIEW_OPS = view_ops()
+UPDATE_OPS = in_place_update_ops()   # output k overwrites input UPDATE_OPS[op][k]
 ARENAS_PER_THREAD = 4          # arenas kept per thread (one per recent batch size)
 
 
