@@ -13,7 +13,7 @@ import numpy as np
 import ir
 from ir.ops import emit
 from ir.passes import run_pipeline
-from ir.training import STEP, make_training_graph, optimizer_slots
+from ir.training import STEP, make_training_graph
 
 from . import layers as L
 from .compiler import compile as compile_graph, default_backend
@@ -446,4 +446,3 @@ def _progress(total, desc, verbose):
 
 
 __all__ = ["Sequential", "History"]
-_ = optimizer_slots

@@ -57,7 +57,7 @@ _TYPE = r"[a-z]\w*\[[^\]]*\]"
 _HEADER = re.compile(rf"^graph\s+({_NAME})\s*\{{\s*$")
 _LEAF = re.compile(rf"^(input|param|const)\s+%({_NAME})\s*:\s*({_TYPE})\s*(?:=\s*(.+))?$")
 _OUT = re.compile(rf"%({_NAME})\s*:\s*({_TYPE})")
-_NODE = re.compile(rf"^(.+?)=\s*([a-z_0-9]+)\((.*?)\)\s*(\{{.*\}})?\s*$")
+_NODE = re.compile(r"^(.+?)=\s*([a-z_0-9]+)\((.*?)\)\s*(\{.*\})?\s*$")
 _UPDATE = re.compile(rf"^update\s+%({_NAME})\s*<-\s*%({_NAME})\s*$")
 _RETURN = re.compile(r"^return\b(.*)$")
 

@@ -103,7 +103,6 @@ def generate_source(g: Graph, fn_name: str | None = None) -> tuple[str, str, dic
         var[v.name] = f"P[{v.name!r}]"
     for v in g.const_values:
         var[v.name] = f"C[{v.name!r}]"
-    users = g.users()
     last_use = {}
     for i, n in enumerate(g.nodes):
         for v in n.inputs:

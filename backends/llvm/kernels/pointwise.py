@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 
-from .matmul import F32, I32, I64, PTR, KernelContext, new_kernel_function
+from .matmul import F32, I32, I64, KernelContext, new_kernel_function
 
 I1 = ir.IntType(1)
 

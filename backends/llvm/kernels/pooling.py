@@ -77,7 +77,7 @@ def build_pool(module, name, *, op, in_shape, out_hw, pool, stride, padding, cou
                     acc = b.select(ok, b.fadd(acc, kc.load_vec(at(pix), width)), acc)
                 kc.store_vec(b.fmul(acc, inv), o, width)
             elif op == "max_pool2d_grad":
-                x, dy = fn.args[0], fn.args[1]
+                dy = fn.args[1]
                 xs = [kc.load_vec(at(pix), width) for _, pix in taps]
                 best = kc.vconst(-3.4e38)
                 for (ok, _), v in zip(taps, xs):
