@@ -75,7 +75,7 @@ def lower_graph(g, target, entry_name=None):
             raise LoweringError(f"LLVM backend: no lowering for op {node.op!r} (node %{node.name})")
         kernel, operands = lower(cache, node, target)
         call_args = [address(v) if isinstance(v, str) else
-                     b.inttoptr(b.mul(first, ll.Constant(I64, v[1])), PTR) if isinstance(v, tuple) else v
+                     b.mul(first, ll.Constant(I64, v[1])) if isinstance(v, tuple) else v
                      for v in operands]
         b.call(kernel, call_args + [n])
     # state writes that no kernel did in place (e.g. the step counter): copy the new value back

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from llvmlite import ir as ll
 
-from .kernels import conv, matmul, pointwise, pooling
+from .kernels import conv, elementwise, loss, matmul, optimizer, pool
 
 NULL = ll.Constant(ll.PointerType(), None)
 
@@ -70,112 +70,79 @@ LOWERINGS = {
 }
 
 
-# -- memory-bound ops (kernels/pointwise.py, kernels/pooling.py) -----------------------------------
+# -- memory-bound ops (kernels/elementwise.py, pool.py, loss.py, optimizer.py) -------------------------
 
-def _map(op):
-    def lower(cache, node, target):
-        spec = dict(op=op, in_shapes=tuple(tuple(v.shape) for v in node.inputs),
-                    out_shape=tuple(node.outputs[0].shape))
-        if op == "scale":
-            spec["factor"] = node.attrs["factor"]
-        fn = cache.get((op, repr(spec)), lambda m, name: pointwise.build_map(m, name, target=target, **spec))
-        return fn, [v.name for v in node.inputs] + [node.outputs[0].name]
-    return lower
+def _shape(v):
+    return tuple(v.shape)
 
 
-def lower_sum_to(cache, node, target):
-    spec = dict(x_shape=tuple(node.inputs[0].shape), out_shape=tuple(node.outputs[0].shape))
-    fn = cache.get(("sum_to", repr(spec)), lambda m, name: pointwise.build_sum_to(m, name, target=target, **spec))
-    return fn, [node.inputs[0].name, node.outputs[0].name]
+def _pool_spec(node):
+    a = node.attrs
+    x = node.outputs[0] if node.op.endswith("_grad") else node.inputs[0]
+    spec = dict(in_hwc=_shape(x)[1:], pool=tuple(a["pool"]), stride=tuple(a["stride"]),
+                padding=tuple(map(tuple, a["padding"])))
+    if node.op.startswith("avg"):
+        spec["count_include_pad"] = a["count_include_pad"]
+    return spec
 
 
-def lower_bias_add_grad(cache, node, target):
-    spec = dict(x_shape=tuple(node.inputs[0].shape), out_shape=tuple(node.outputs[0].shape))
-    fn = cache.get(("sum_to", repr(spec)), lambda m, name: pointwise.build_sum_to(m, name, target=target, **spec))
-    return fn, [node.inputs[0].name, node.outputs[0].name]
+# op -> (kernel module, node -> builder kwargs); operands are the node's inputs then its output
+SPECS = {
+    **{op: (elementwise, lambda nd: dict(shape=_shape(nd.outputs[0])))
+       for op in ("relu", "sigmoid", "tanh", "neg", "relu_grad", "sigmoid_grad", "tanh_grad", "bias_add")},
+    "scale": (elementwise, lambda nd: dict(shape=_shape(nd.outputs[0]), factor=nd.attrs["factor"])),
+    **{op: (elementwise, lambda nd: dict(a_shape=_shape(nd.inputs[0]), b_shape=_shape(nd.inputs[1])))
+       for op in ("add", "sub", "mul")},
+    "sum_to": (elementwise, lambda nd: dict(x_shape=_shape(nd.inputs[0]), out_shape=_shape(nd.outputs[0]))),
+    "bias_add_grad": (elementwise, lambda nd: dict(shape=_shape(nd.inputs[0]))),
+    "transpose": (elementwise, lambda nd: dict(in_shape=_shape(nd.inputs[0]), perm=tuple(nd.attrs["perm"]))),
+    **{op: (elementwise, lambda nd: dict(shape=_shape(nd.inputs[0]), axis=nd.attrs["axis"]))
+       for op in ("softmax", "log_softmax", "softmax_grad", "log_softmax_grad")},
+    **{op: (pool, _pool_spec) for op in ("max_pool2d", "avg_pool2d", "max_pool2d_grad", "avg_pool2d_grad")},
+    **{op: (pool, lambda nd: dict(in_hwc=_shape(nd.inputs[0])[1:] if nd.op == "global_avg_pool2d"
+                                  else tuple(nd.attrs["input_shape"])))
+       for op in ("global_avg_pool2d", "global_avg_pool2d_grad")},
+    **{op: (loss, lambda nd: dict(num_classes=nd.inputs[0].shape[1], from_logits=nd.attrs["from_logits"]))
+       for op in ("sparse_categorical_crossentropy", "sparse_categorical_crossentropy_grad",
+                  "categorical_crossentropy", "categorical_crossentropy_grad")},
+    **{op: (loss, lambda nd: dict(shape=_shape(nd.inputs[0]))) for op in ("mse", "mse_grad")},
+}
 
 
-def lower_global_avg_pool2d(cache, node, target):
-    x = node.inputs[0]
-    h, w, c = x.shape[1:]
-    spec = dict(x_shape=tuple(x.shape), out_shape=(None, 1, 1, c), scale=1.0 / (h * w))
-    fn = cache.get(("gap", repr(spec)), lambda m, name: pointwise.build_sum_to(m, name, target=target, **spec))
-    return fn, [x.name, node.outputs[0].name]
-
-
-def lower_global_avg_pool2d_grad(cache, node, target):
-    spec = dict(in_shape=tuple(node.attrs["input_shape"]))
-    fn = cache.get(("gap_grad", repr(spec)),
-                   lambda m, name: pointwise.build_global_avg_pool2d_grad(m, name, target=target, **spec))
-    return fn, [node.inputs[0].name, node.outputs[0].name]
-
-
-def lower_transpose(cache, node, target):
-    spec = dict(in_shape=tuple(node.inputs[0].shape), perm=tuple(node.attrs["perm"]))
-    fn = cache.get(("transpose", repr(spec)), lambda m, name: pointwise.build_transpose(m, name, target=target, **spec))
-    return fn, [node.inputs[0].name, node.outputs[0].name]
+def lower_generic(cache, node, target):
+    module, spec_of = SPECS[node.op]
+    spec = spec_of(node)
+    build = getattr(module, f"build_{node.op}")
+    fn = cache.get((node.op, repr(spec)), lambda m, name: build(m, name, target=target, **spec))
+    return fn, [v.name for v in node.inputs] + [node.outputs[0].name]
 
 
 def lower_dropout(cache, node, target):
-    has_step = len(node.inputs) > 1
-    spec = dict(shape=tuple(node.inputs[0].shape), rate=node.attrs["rate"], seed=node.attrs["seed"], has_step=has_step)
-    fn = cache.get(("dropout", repr(spec)), lambda m, name: pointwise.build_dropout(m, name, target=target, **spec))
-    # ("sample_base", k): codegen passes first_sample * k, the flat index of this call's first element
+    spec = dict(shape=_shape(node.inputs[0]), rate=node.attrs["rate"], seed=node.attrs["seed"],
+                has_step=len(node.inputs) > 1, index_base=True)
+    build = getattr(elementwise, f"build_{node.op}")
+    fn = cache.get((node.op, repr(spec)), lambda m, name: build(m, name, target=target, **spec))
+    # ("sample_base", k): codegen passes first_sample * k, the flat index of this call's first element,
+    # so a batch split across threads draws exactly the unsplit batch's mask
     return fn, [v.name for v in node.inputs] + [node.outputs[0].name, ("sample_base", node.inputs[0].type.numel(1))]
-
-
-def lower_softmax(cache, node, target):
-    spec = dict(op=node.op, shape=tuple(node.inputs[0].shape), axis=node.attrs["axis"])
-    fn = cache.get((node.op, repr(spec)), lambda m, name: pointwise.build_softmax(m, name, target=target, **spec))
-    return fn, [v.name for v in node.inputs] + [node.outputs[0].name]
-
-
-def lower_loss(cache, node, target):
-    k = node.inputs[0].type.numel(1) if node.op.startswith("mse") else node.inputs[0].shape[1]
-    spec = dict(op=node.op, k=k, from_logits=node.attrs.get("from_logits", False))
-    fn = cache.get((node.op, repr(spec)), lambda m, name: pointwise.build_loss(m, name, target=target, **spec))
-    return fn, [v.name for v in node.inputs] + [node.outputs[0].name]
-
-
-def lower_pool(cache, node, target):
-    a = node.attrs
-    x_shape = node.outputs[0].shape[1:] if node.op.endswith("_grad") else node.inputs[0].shape[1:]
-    out_hw = (node.inputs[-1].shape[1:3] if node.op.endswith("_grad") else node.outputs[0].shape[1:3])
-    spec = dict(op=node.op, in_shape=tuple(x_shape), out_hw=tuple(out_hw), pool=tuple(a["pool"]),
-                stride=tuple(a["stride"]), padding=tuple(map(tuple, a["padding"])),
-                count_include_pad=a.get("count_include_pad", False))
-    fn = cache.get((node.op, repr(spec)), lambda m, name: pooling.build_pool(m, name, target=target, **spec))
-    return fn, [v.name for v in node.inputs] + [node.outputs[0].name]
 
 
 def lower_adam(cache, node, target):
     a = node.attrs
     spec = dict(size=node.inputs[0].type.numel(1), lr=a["lr"], beta_1=a["beta_1"], beta_2=a["beta_2"],
                 epsilon=a["epsilon"])
-    fn = cache.get(("adam", repr(spec)), lambda m, name: pointwise.build_adam(m, name, target=target, **spec))
-    return fn, [v.name for v in node.inputs] + [NULL]
+    fn = cache.get(("adam", repr(spec)), lambda m, name: optimizer.build_adam_update(m, name, target=target, **spec))
+    return fn, [v.name for v in node.inputs]
 
 
 def lower_sgd(cache, node, target):
     a = node.attrs
     spec = dict(size=node.inputs[0].type.numel(1), lr=a["lr"], momentum=a["momentum"], nesterov=a["nesterov"],
                 has_velocity=len(node.inputs) > 2)
-    fn = cache.get(("sgd", repr(spec)), lambda m, name: pointwise.build_sgd(m, name, target=target, **spec))
-    return fn, [v.name for v in node.inputs] + [NULL]
+    fn = cache.get(("sgd", repr(spec)), lambda m, name: optimizer.build_sgd_update(m, name, target=target, **spec))
+    return fn, [v.name for v in node.inputs]
 
 
-for _op in ("relu", "sigmoid", "tanh", "neg", "scale", "relu_grad", "sigmoid_grad", "tanh_grad", "add", "sub",
-            "mul", "bias_add"):
-    LOWERINGS[_op] = _map(_op)
-LOWERINGS.update({
-    "sum_to": lower_sum_to, "bias_add_grad": lower_bias_add_grad,
-    "global_avg_pool2d": lower_global_avg_pool2d, "global_avg_pool2d_grad": lower_global_avg_pool2d_grad,
-    "transpose": lower_transpose, "dropout": lower_dropout, "dropout_grad": lower_dropout,
-    "softmax": lower_softmax, "log_softmax": lower_softmax, "softmax_grad": lower_softmax,
-    "log_softmax_grad": lower_softmax,
-    "max_pool2d": lower_pool, "avg_pool2d": lower_pool, "max_pool2d_grad": lower_pool, "avg_pool2d_grad": lower_pool,
-    "adam_update": lower_adam, "sgd_update": lower_sgd,
-})
-for _op in ("sparse_categorical_crossentropy", "categorical_crossentropy", "mse"):
-    LOWERINGS[_op] = lower_loss
-    LOWERINGS[_op + "_grad"] = lower_loss
+LOWERINGS.update({op: lower_generic for op in SPECS})
+LOWERINGS.update({"dropout": lower_dropout, "dropout_grad": lower_dropout,
+                  "adam_update": lower_adam, "sgd_update": lower_sgd})
