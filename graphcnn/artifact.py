@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
@@ -17,6 +16,7 @@ import numpy as np
 import ir
 from ir.serialize import graph_from_json, graph_to_json
 
+from .atomic_file import write_file_atomically
 from .errors import GraphcnnError
 
 FORMAT = "graphcnn-model"
@@ -31,24 +31,7 @@ class ArtifactError(GraphcnnError):
     """A .gcnn file is missing, malformed or unsafe. The message names the file and the problem."""
 
 
-def atomic_write_bytes(path, data: bytes):
-    """Write via a temp file in the same folder + os.replace: a crash never leaves a partial file."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+atomic_write_bytes = write_file_atomically
 
 
 def artifact_bytes(graph: ir.Graph, weights: dict, meta: dict) -> bytes:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import gzip
 import math
 import os
-import secrets
 import zlib
 
 import numpy as np
 
+from ..atomic_file import write_file_atomically  # noqa: F401  (re-exported)
 from ..errors import GraphcnnError
 
 # type code -> on-disk dtype (IDX is big-endian)
@@ -141,27 +141,6 @@ def read_idx(path) -> np.ndarray:
     if dtype.byteorder == ">":
         arr = arr.astype(dtype.newbyteorder("="))  # native order for fast arithmetic downstream
     return arr
-
-
-def write_file_atomically(path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same folder and os.replace, so readers never see
-    a half-written file. The temp file is created with mode 0o666 & ~umask, like a plain open()."""
-    path = os.fspath(path)
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def encode_idx(array) -> bytes:
