@@ -3,9 +3,15 @@ allow_pickle=False) and meta.json (graphcnn version, input/output specs, model a
 
 Loading never executes code from the file and validates everything before anything runs: entry names
 and sizes (no zip bombs, no path tricks), JSON, the IR (every op, attribute and shape re-checked),
-and every weight's dtype, shape and byte size."""
+and every weight's dtype, shape and byte size.
+
+Integrity: meta.json carries SHA-256 digests of graph.json, weights.npz and of meta.json's own
+canonical form (sorted keys, no whitespace, digests left out). The zip's CRC-32 only covers the bytes as
+stored, so without these a bit flip inside an entry that was re-zipped (or a flipped weight mantissa)
+would load as a different, wrong model; with them a corrupted artifact is refused."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -25,6 +31,9 @@ ENTRIES = ("meta.json", "graph.json", "weights.npz")
 MAX_JSON_BYTES = 16 << 20
 MAX_WEIGHT_BYTES = 2 << 30
 MAX_RATIO = 200            # uncompressed / compressed, beyond which an entry is treated as a zip bomb
+MAX_VALUE_BYTES = 1 << 31  # per-sample size of any one graph value; keeps native index arithmetic far from overflow
+MAX_NPY_HEADER = 10_000
+INTEGRITY = "integrity"    # meta.json key holding the digests
 
 
 class ArtifactError(GraphcnnError):
@@ -49,12 +58,30 @@ def artifact_bytes(graph: ir.Graph, weights: dict, meta: dict) -> bytes:
                 params=names, consts=[v.name for v in graph.const_values],
                 inputs=[{"name": v.name, "shape": list(v.shape), "dtype": v.dtype} for v in graph.inputs],
                 outputs=[{"name": v.name, "shape": list(v.shape), "dtype": v.dtype} for v in graph.outputs])
+    graph_bytes = json.dumps(graph_to_json(graph), indent=1).encode("utf-8")
+    weight_bytes = wbuf.getvalue()
+    meta.pop(INTEGRITY, None)
+    meta[INTEGRITY] = integrity_digests(meta, graph_bytes, weight_bytes)
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("meta.json", json.dumps(meta, indent=1))
-        z.writestr("graph.json", json.dumps(graph_to_json(graph), indent=1))
-        z.writestr("weights.npz", wbuf.getvalue())
+        z.writestr("graph.json", graph_bytes)
+        z.writestr("weights.npz", weight_bytes)
     return out.getvalue()
+
+
+def integrity_digests(meta: dict, graph_bytes: bytes, weight_bytes: bytes) -> dict:
+    """The digests stored under meta.json's "integrity" key (meta's own is over its canonical JSON)."""
+    return {"algorithm": "sha256",
+            "meta.json": hashlib.sha256(_canonical_meta(meta)).hexdigest(),
+            "graph.json": hashlib.sha256(graph_bytes).hexdigest(),
+            "weights.npz": hashlib.sha256(weight_bytes).hexdigest()}
+
+
+def _canonical_meta(meta: dict) -> bytes:
+    # whitespace and key order do not change meaning, so they do not change the digest
+    body = {k: v for k, v in meta.items() if k != INTEGRITY}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
 def save_model(model, path):
@@ -64,16 +91,18 @@ def save_model(model, path):
     atomic_write_bytes(path, artifact_bytes(g, model.weights, meta))
 
 
-def _read_entry(z, info, path, limit):
+def _read_entry(z, info, path, limit, inside=""):
+    """One entry's bytes, refusing declared sizes over `limit` and zip-bomb ratios (`inside`: 'weights.npz ' for
+    entries of the inner archive, so messages say where)."""
     if info.file_size > limit:
-        raise ArtifactError(f"{path}: entry {info.filename!r} is {info.file_size} bytes, over the {limit}-byte limit")
-    if info.compress_size and info.file_size / max(info.compress_size, 1) > MAX_RATIO and info.file_size > 1 << 20:
-        raise ArtifactError(f"{path}: entry {info.filename!r} expands {info.file_size / info.compress_size:.0f}x "
+        raise ArtifactError(f"{path}: {inside}entry {info.filename!r} is {info.file_size} bytes, over the {limit}-byte limit")
+    if info.file_size > 1 << 20 and info.file_size / max(info.compress_size, 1) > MAX_RATIO:
+        raise ArtifactError(f"{path}: {inside}entry {info.filename!r} expands {info.file_size / info.compress_size:.0f}x "
                             f"(looks like a zip bomb)")
     with z.open(info) as f:
         data = f.read(limit + 1)
     if len(data) != info.file_size:
-        raise ArtifactError(f"{path}: entry {info.filename!r} size does not match its header")
+        raise ArtifactError(f"{path}: {inside}entry {info.filename!r} size does not match its header")
     return data
 
 
@@ -89,8 +118,8 @@ def read_artifact(path):
             if sorted(names) != sorted(ENTRIES):
                 raise ArtifactError(f"{path}: expected exactly the entries {list(ENTRIES)}, found {names[:10]}")
             by = {i.filename: i for i in infos}
-            meta = _json(_read_entry(z, by["meta.json"], path, MAX_JSON_BYTES), path, "meta.json")
-            gdoc = _json(_read_entry(z, by["graph.json"], path, MAX_JSON_BYTES), path, "graph.json")
+            meta_bytes = _read_entry(z, by["meta.json"], path, MAX_JSON_BYTES)
+            graph_bytes = _read_entry(z, by["graph.json"], path, MAX_JSON_BYTES)
             wdata = _read_entry(z, by["weights.npz"], path, MAX_WEIGHT_BYTES)
     except zipfile.BadZipFile as e:
         raise ArtifactError(f"{path}: not a valid .gcnn (zip) file: {e}") from None
@@ -100,10 +129,13 @@ def read_artifact(path):
         if isinstance(e, ArtifactError):
             raise
         raise ArtifactError(f"{path}: corrupt archive: {type(e).__name__}: {e}") from None
+    meta = _json(meta_bytes, path, "meta.json")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ArtifactError(f"{path}: meta.json is not a {FORMAT} description")
     if meta.get("version") != VERSION:
         raise ArtifactError(f"{path}: format version {meta.get('version')!r} is not supported (this graphcnn reads {VERSION})")
+    _check_integrity(meta, graph_bytes, wdata, path)
+    gdoc = _json(graph_bytes, path, "graph.json")
     pnames, cnames = meta.get("params"), meta.get("consts", [])
     if not isinstance(pnames, list) or not all(isinstance(n, str) for n in pnames) or \
             not isinstance(cnames, list) or not all(isinstance(n, str) for n in cnames):
@@ -114,6 +146,20 @@ def read_artifact(path):
         graph = graph_from_json(gdoc, consts)
     except ir.IRError as e:
         raise ArtifactError(f"{path}: graph.json: {e}") from None
+    except RecursionError:
+        raise ArtifactError(f"{path}: graph.json is nested too deeply") from None
+    except (TypeError, AttributeError, KeyError, IndexError, OverflowError, ArithmeticError) as e:
+        # an op's attribute check that assumed a well-typed value (e.g. softmax axis=null); still a bad file
+        raise ArtifactError(f"{path}: graph.json has a malformed node or attribute "
+                            f"({type(e).__name__}: {e})") from None
+    # the name becomes file names (CLI `compile` writes NAME.ir, NAME.so): same rule as Sequential names
+    if not graph.name.replace("_", "a").isalnum() or len(graph.name) > 200:
+        raise ArtifactError(f"{path}: graph.json: graph name {graph.name[:80]!r} must be letters, digits and '_'")
+    _check_value_sizes(graph, path)
+    for key, vals in (("inputs", graph.inputs), ("outputs", graph.outputs)):
+        specs = [{"name": v.name, "shape": list(v.shape), "dtype": v.dtype} for v in vals]
+        if meta.get(key) != specs:
+            raise ArtifactError(f"{path}: meta.json {key!r} do not match the graph's {key} {specs}")
     want = [p.name for p in graph.params]
     if want != pnames:
         raise ArtifactError(f"{path}: meta.json params {pnames[:5]}... do not match the graph's {want[:5]}...")
@@ -127,7 +173,42 @@ def read_artifact(path):
         weights[p.name] = a
     if not graph.outputs:
         raise ArtifactError(f"{path}: the graph has no outputs")
+    # Runtime.predict feeds one batched input and concatenates batched outputs (what save_model writes)
+    if len(graph.inputs) != 1 or not all(v.type.batched for v in graph.inputs + graph.outputs):
+        raise ArtifactError(f"{path}: graph.json must have exactly one input, and batched (None, ...) inputs "
+                            f"and outputs; found inputs {[str(v.type) for v in graph.inputs]}, "
+                            f"outputs {[str(v.type) for v in graph.outputs]}")
     return graph, weights, meta
+
+
+def _check_integrity(meta, graph_bytes, weight_bytes, path):
+    """Compare the stored SHA-256 digests with the entries' contents (see the module docstring)."""
+    stored = meta.get(INTEGRITY)
+    if not isinstance(stored, dict) or stored.get("algorithm") != "sha256":
+        raise ArtifactError(f"{path}: meta.json has no {INTEGRITY!r} digests (sha256); the file is damaged "
+                            f"or was not written by graphcnn")
+    try:
+        actual = integrity_digests(meta, graph_bytes, weight_bytes)
+    except (TypeError, ValueError, RecursionError) as e:   # meta holds values JSON cannot re-encode
+        raise ArtifactError(f"{path}: meta.json cannot be canonicalized: {e}") from None
+    for entry in ("meta.json", "graph.json", "weights.npz"):
+        if stored.get(entry) != actual[entry]:
+            raise ArtifactError(f"{path}: {entry} does not match its sha256 digest in meta.json "
+                                f"(the file is corrupted or was modified)")
+
+
+def _check_value_sizes(graph, path):
+    """Refuse values with a zero or absurdly large per-sample size before any memory is planned."""
+    for v in graph.values():
+        dims = [d for d in v.shape if d is not None]
+        if any(d == 0 for d in dims):
+            raise ArtifactError(f"{path}: graph.json: value %{v.name} has a zero-sized dimension {list(v.shape)}")
+        size = np.dtype(v.type.np_dtype).itemsize
+        for d in dims:
+            size *= d            # Python ints: no overflow
+        if size > MAX_VALUE_BYTES:
+            raise ArtifactError(f"{path}: graph.json: value %{v.name} of shape {list(v.shape)} needs {size} bytes "
+                                f"per sample, over the {MAX_VALUE_BYTES}-byte limit")
 
 
 def _json(data, path, entry):
@@ -135,27 +216,55 @@ def _json(data, path, entry):
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ArtifactError(f"{path}: {entry} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ArtifactError(f"{path}: {entry} is nested too deeply") from None
+
+
+_NPY_DTYPES = (np.dtype("<f4"), np.dtype("<i4"))
+
+
+def _read_npy(raw, path, key):
+    """Parse one .npy entry without trusting its header: the declared shape must match the bytes present
+    exactly before anything is allocated; no pickles, only little-endian float32/int32."""
+    f = io.BytesIO(raw)
+    try:
+        major, minor = np.lib.format.read_magic(f)
+        if (major, minor) == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=MAX_NPY_HEADER)
+        elif (major, minor) == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=MAX_NPY_HEADER)
+        else:
+            raise ValueError(f"unsupported .npy format version {major}.{minor}")
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
+        raise ArtifactError(f"{path}: weights.npz entry {key} has a bad .npy header: {e}") from None
+    if dtype.hasobject or dtype not in _NPY_DTYPES or dtype.byteorder == ">":
+        raise ArtifactError(f"{path}: weights.npz entry {key} has unsupported dtype {dtype} "
+                            f"(expected little-endian float32 or int32)")
+    if not isinstance(shape, tuple) or any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
+        raise ArtifactError(f"{path}: weights.npz entry {key} has a bad shape {shape!r}")
+    count = 1
+    for d in shape:
+        count *= d
+    data_bytes = len(raw) - f.tell()
+    if count * dtype.itemsize != data_bytes:
+        raise ArtifactError(f"{path}: weights.npz entry {key} declares shape {list(shape)} ({count * dtype.itemsize} "
+                            f"bytes) but holds {data_bytes} bytes of data")
+    a = np.frombuffer(raw, dtype=dtype, count=count, offset=f.tell()).reshape(shape, order="F" if fortran else "C")
+    return np.array(a, dtype=dtype.newbyteorder("="), order="C")   # own, writable, native-order copy
 
 
 def _read_npz(data, path, expected):
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
-            infos = {i.filename: i for i in z.infolist()}
+            listed = z.infolist()
+            infos = {i.filename: i for i in listed}
+            if len(infos) != len(listed):    # readers disagree on which duplicate wins: refuse
+                raise ArtifactError(f"{path}: weights.npz has duplicate entries")
             if sorted(infos) != sorted(f"{k}.npy" for k in expected):
                 raise ArtifactError(f"{path}: weights.npz holds {sorted(infos)[:6]}, expected {len(expected)} arrays")
             out = {}
             for k in expected:
-                raw = _read_entry(z, infos[f"{k}.npy"], path, MAX_WEIGHT_BYTES)
-                f = io.BytesIO(raw)
-                try:
-                    a = np.lib.format.read_array(f, allow_pickle=False)
-                except ValueError as e:
-                    raise ArtifactError(f"{path}: weights.npz entry {k}: {e}") from None
-                if f.tell() != len(raw):
-                    raise ArtifactError(f"{path}: weights.npz entry {k} has trailing bytes")
-                if a.dtype.kind not in "fi" or a.dtype.byteorder not in "=<|":
-                    raise ArtifactError(f"{path}: weights.npz entry {k} has unsupported dtype {a.dtype}")
-                out[k] = np.asarray(np.require(a, requirements="C"))
+                out[k] = _read_npy(_read_entry(z, infos[f"{k}.npy"], path, MAX_WEIGHT_BYTES, "weights.npz "), path, k)
             return out
     except zipfile.BadZipFile as e:
         raise ArtifactError(f"{path}: weights.npz is not a valid npz: {e}") from None
