@@ -164,7 +164,7 @@ def test_grad_of_unconnected_input_is_zero():
     g = ir.Graph("z")
     x = g.input("x", (None, 3))
     t = g.input("t", (None, 3))
-    w = g.param("w", (3,))
+    g.param("w", (3,))
     g.output(emit("mse", x, t))
     gg = ir.grad(g, wrt=["x", "w"])
     fn = compile_numpy(gg)

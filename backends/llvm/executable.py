@@ -85,6 +85,7 @@ class LlvmExecutable(Executable):
         self.target = host_target()
         self.threads = threads or default_threads()
         self._pool = None
+        self._pool_lock = threading.Lock()
         self.training = bool(graph.updates)
         t0 = time.perf_counter()
         if self.training and self.threads > 1:
@@ -114,8 +115,9 @@ class LlvmExecutable(Executable):
     def _map_chunks(self, fn, chunks):
         if len(chunks) == 1:
             return [fn(*chunks[0])]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads)
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads)
         return list(self._pool.map(lambda c: fn(*c), chunks))
 
     def _chunks(self, n):

@@ -1,6 +1,8 @@
 """Elementwise, broadcasting, shape and activation ops, with their gradients."""
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from ..types import IRError, TensorType
@@ -111,7 +113,10 @@ class AxisOp(Op):
 
     def normalize(self, types, attrs):
         r = types[0].rank
-        ax = int(attrs["axis"])
+        ax = attrs["axis"]
+        if not isinstance(ax, numbers.Integral) or isinstance(ax, bool):
+            raise IRError(f"{self.name}: axis must be an int, got {ax!r}")
+        ax = int(ax)
         if not -r <= ax < r:
             raise IRError(f"{self.name}: axis {ax} out of range for rank {r}")
         if (ax % r) == 0 and types[0].batched:
