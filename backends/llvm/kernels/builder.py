@@ -155,7 +155,37 @@ class Loop:
         return self._result[id(carried)]
 
 
-class KernelBuilder:
+class IntFolding:
+    """Integer index arithmetic on a builder `self.b` where Python ints fold at generation time, so fully
+    static shapes produce no runtime index code. Shared by every kernel builder (KernelBuilder here and
+    matmul.KernelContext)."""
+
+    @staticmethod
+    def i64(v: IntLike) -> ir.Value:
+        return ir.Constant(I64, int(v)) if isinstance(v, int) else v
+
+    def add(self, a: IntLike, c: IntLike) -> IntLike:
+        if isinstance(a, int) and isinstance(c, int):
+            return a + c
+        if isinstance(c, int) and c == 0:
+            return a
+        if isinstance(a, int) and a == 0:
+            return c
+        return self.b.add(self.i64(a), self.i64(c))
+
+    def mul(self, a: IntLike, c: IntLike) -> IntLike:
+        if isinstance(a, int) and isinstance(c, int):
+            return a * c
+        if (isinstance(c, int) and c == 0) or (isinstance(a, int) and a == 0):
+            return 0
+        if isinstance(c, int) and c == 1:
+            return a
+        if isinstance(a, int) and a == 1:
+            return c
+        return self.b.mul(self.i64(a), self.i64(c))
+
+
+class KernelBuilder(IntFolding):
     """An IR builder inside one new kernel function, plus helpers. `args` are the pointer arguments,
     `int_args` the extra i64 arguments, `n` the runtime batch size (None when built with batch_arg=False).
     Call `finish()` to return."""
@@ -180,31 +210,6 @@ class KernelBuilder:
         self.b.ret_void()
         self._finished = True
         return self.fn
-
-    # -- integers: Python ints fold at generation time --------------------------------------------------
-    @staticmethod
-    def i64(v: IntLike) -> ir.Value:
-        return ir.Constant(I64, int(v)) if isinstance(v, int) else v
-
-    def add(self, a: IntLike, c: IntLike) -> IntLike:
-        if isinstance(a, int) and isinstance(c, int):
-            return a + c
-        if isinstance(c, int) and c == 0:
-            return a
-        if isinstance(a, int) and a == 0:
-            return c
-        return self.b.add(self.i64(a), self.i64(c))
-
-    def mul(self, a: IntLike, c: IntLike) -> IntLike:
-        if isinstance(a, int) and isinstance(c, int):
-            return a * c
-        if (isinstance(c, int) and c == 0) or (isinstance(a, int) and a == 0):
-            return 0
-        if isinstance(c, int) and c == 1:
-            return a
-        if isinstance(a, int) and a == 1:
-            return c
-        return self.b.mul(self.i64(a), self.i64(c))
 
     def linear_index(self, terms: Sequence[tuple[IntLike, IntLike]], base: IntLike = 0) -> IntLike:
         """base + sum(index * stride) with folding."""

@@ -22,6 +22,8 @@ from typing import Callable, Sequence, Union
 
 from llvmlite import ir
 
+from .builder import IntFolding, new_kernel_function  # noqa: F401  (conv.py imports it from here)
+
 F32 = ir.FloatType()
 I1 = ir.IntType(1)
 I8 = ir.IntType(8)
@@ -47,27 +49,7 @@ MAX_TILE_ROWS = 8
 # IR plumbing
 # ----------------------------------------------------------------------------------------------------
 
-def new_kernel_function(module: ir.Module, name: str, n_ptr_args: int, target) -> ir.Function:
-    """Add `void name(ptr x n_ptr_args, i64 n)` with the attributes every kernel carries."""
-    if not isinstance(module, ir.Module):
-        raise TypeError(f"module must be an llvmlite.ir.Module, got {type(module).__name__}")
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty string, got {name!r}")
-    if name in module.globals:
-        raise ValueError(f"name {name!r} is already defined in the module")
-    fn = ir.Function(module, ir.FunctionType(VOID, [PTR] * n_ptr_args + [I64]), name=name)
-    fn.attributes.add("nounwind")
-    # Kernels are big and called once per graph node: inlining them only bloats compile time (and
-    # would pile every kernel's stack scratch into the caller's frame).
-    fn.attributes.add("noinline")
-    width_attr = f'"prefer-vector-width"="{target.vector_bits}"'
-    # llvmlite only knows enum attributes; string attributes print verbatim once declared known.
-    fn.attributes._known = fn.attributes._known | {width_attr}
-    fn.attributes.add(width_attr)
-    return fn
-
-
-class KernelContext:
+class KernelContext(IntFolding):
     """An IR builder inside one kernel function, plus the helpers every emitter needs."""
 
     def __init__(self, module: ir.Module, fn: ir.Function, target):
@@ -80,31 +62,6 @@ class KernelContext:
         # False: loops get llvm.loop.unroll.disable (for emitters that unroll by hand, like emit_tile);
         # True leaves unrolling to LLVM (scalar loops that its vectorizer handles).
         self.llvm_unrolling = True
-
-    # -- integers (Python ints fold at generation time) --
-    @staticmethod
-    def i64(v: IntLike) -> ir.Value:
-        return ir.Constant(I64, v) if isinstance(v, int) else v
-
-    def add(self, a: IntLike, c: IntLike) -> IntLike:
-        if isinstance(a, int) and isinstance(c, int):
-            return a + c
-        if isinstance(c, int) and c == 0:
-            return a
-        if isinstance(a, int) and a == 0:
-            return c
-        return self.b.add(self.i64(a), self.i64(c))
-
-    def mul(self, a: IntLike, c: IntLike) -> IntLike:
-        if isinstance(a, int) and isinstance(c, int):
-            return a * c
-        if (isinstance(c, int) and c == 0) or (isinstance(a, int) and a == 0):
-            return 0
-        if isinstance(c, int) and c == 1:
-            return a
-        if isinstance(a, int) and a == 1:
-            return c
-        return self.b.mul(self.i64(a), self.i64(c))
 
     def gep(self, ptr: ir.Value, index: IntLike) -> ir.Value:
         """Pointer to float element `index` after `ptr`."""
