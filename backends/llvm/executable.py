@@ -60,7 +60,8 @@ class NativeGraph:
         return a
 
     def __call__(self, leaves: dict, n: int, first: int = 0) -> list:
-        """Run on `leaves` (name -> C-contiguous array); returns copies of the graph outputs."""
+        """Run on `leaves` (name -> C-contiguous array). Outputs are views into this thread's arena, valid
+        until this thread's next call; Executable.__call__ copies them once."""
         ptrs = (ctypes.c_void_p * max(1, len(self.layout.arg_order)))(
             *[leaves[name].ctypes.data for name in self.layout.arg_order])
         arena = self.arena(n)
@@ -73,7 +74,7 @@ class NativeGraph:
             else:
                 off = (n * s.per_sample + s.fixed) // 4
                 shape = v.type.concrete(n)
-                outs.append(arena[off:off + int(np.prod(shape, dtype=np.int64))].reshape(shape).copy())
+                outs.append(arena[off:off + int(np.prod(shape, dtype=np.int64))].reshape(shape))
         return outs
 
 
@@ -131,9 +132,11 @@ class LlvmExecutable(Executable):
             return self._train_step(arrays, n)
         if not self.splittable or self.threads == 1 or n < 2:
             return self._main(self._leaves(arrays), n)
+        # a pool thread may run two chunks, reusing its arena: copy each chunk's outputs out of it
         parts = self._map_chunks(
-            lambda a, b: self._main(self._leaves([x[a:b] if t.batched else x
-                                                  for x, (_, t) in zip(arrays, self.inputs)]), b - a, a),
+            lambda a, b: [o.copy() for o in self._main(self._leaves([x[a:b] if t.batched else x
+                                                                     for x, (_, t) in zip(arrays, self.inputs)]),
+                                                       b - a, a)],
             self._chunks(n))
         return [np.concatenate([p[k] for p in parts]) for k in range(len(self.outputs))]
 
@@ -142,7 +145,7 @@ class LlvmExecutable(Executable):
 
         def grads(a, b):
             sl = [x[a:b] if t.batched else x for x, (_, t) in zip(arrays, self.inputs)]
-            return self._grads(self._leaves(sl), b - a, a)
+            return [o.copy() for o in self._grads(self._leaves(sl), b - a, a)]   # see run()
         parts = self._map_chunks(grads, chunks)
         k_out = len(self.outputs)
         outs = []

@@ -639,10 +639,9 @@ def dropout_mask(shape, rate, seed, step):
     return (mix32(index) >= np.uint32(threshold)).reshape(shape)
 
 
-def dropout(x, out, rate, seed, step):
-    """out = x * keep / (1 - rate) (inverted dropout); rate == 0 copies x. out may be x."""
-    rate, _ = _drop_threshold("dropout", rate)
-    _expect_shape("dropout", "out", out.shape, x.shape)
+def _apply_dropout(kernel, x, out, rate, seed, step):
+    rate, _ = _drop_threshold(kernel, rate)
+    _expect_shape(kernel, "out", out.shape, x.shape)
     if rate == 0.0:
         np.copyto(out, x)
         return out
@@ -651,16 +650,14 @@ def dropout(x, out, rate, seed, step):
     return out
 
 
+def dropout(x, out, rate, seed, step):
+    """out = x * keep / (1 - rate) (inverted dropout); rate == 0 copies x. out may be x."""
+    return _apply_dropout("dropout", x, out, rate, seed, step)
+
+
 def dropout_grad(dy, out, rate, seed, step):
     """out = dy * keep / (1 - rate), the same mask as the forward dropout of that (seed, step)."""
-    rate, _ = _drop_threshold("dropout_grad", rate)
-    _expect_shape("dropout_grad", "out", out.shape, dy.shape)
-    if rate == 0.0:
-        np.copyto(out, dy)
-        return out
-    np.multiply(dy, dropout_mask(dy.shape, rate, seed, step), out=out)
-    np.divide(out, 1.0 - rate, out=out)
-    return out
+    return _apply_dropout("dropout_grad", dy, out, rate, seed, step)
 
 
 # ---------------------------------------------------------------------------------------------------

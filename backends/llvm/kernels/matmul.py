@@ -22,17 +22,9 @@ from typing import Callable, Sequence, Union
 
 from llvmlite import ir
 
-from .builder import IntFolding, new_kernel_function  # noqa: F401  (conv.py imports it from here)
-
-F32 = ir.FloatType()
-I1 = ir.IntType(1)
-I8 = ir.IntType(8)
-I32 = ir.IntType(32)
-I64 = ir.IntType(64)
-PTR = ir.PointerType()
-VOID = ir.VoidType()
-
-ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh")
+# one definition of the IR types, the activation list and the kernel function factory for all kernels
+from .builder import (ACTIVATIONS, F32, I1, I8, I32, I64, PTR, VOID,  # noqa: F401  (conv.py imports from here)
+                      IntFolding, new_kernel_function)
 
 IntLike = Union[int, ir.Value]
 
