@@ -1,6 +1,8 @@
 """The backend-independent face of a compiled graph: input checking, state (params) and outputs."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from ir.graph import Graph
@@ -10,6 +12,60 @@ from ir.types import IRError
 def _contiguous(a, dtype=None):
     """C-contiguous array of `dtype`, keeping 0-d arrays 0-d (np.ascontiguousarray makes them 1-d)."""
     return np.asarray(np.require(a, dtype=dtype, requirements="C"))
+
+
+ARENA_ALIGN = 64                  # bytes; the LLVM kernels' vector loads assume it
+ARENAS_PER_THREAD = 4             # arenas kept per thread, one per recent batch size
+RETAIN_ARENA_BYTES = 64 << 20     # per thread; a bigger arena is freed after its call
+
+
+class Arena:
+    """One planned arena: `buffer` (uint8, ARENA_ALIGN-aligned) and `views`, a dict a backend may use to
+    keep views into it (they stay valid as long as the arena is cached)."""
+
+    def __init__(self, nbytes: int):
+        raw = np.empty(nbytes + ARENA_ALIGN, np.uint8)
+        start = (-raw.ctypes.data) % ARENA_ALIGN
+        self.buffer = raw[start:start + nbytes]
+        self.views = {}
+
+
+class ArenaCache:
+    """Per-thread arenas by batch size, for one compiled graph (concurrent calls never share one).
+
+    Arenas are kept for reuse while a thread's cached arenas stay within RETAIN_ARENA_BYTES; an arena
+    for a larger batch is used for its one call and then dropped (`release`), so one large predict does
+    not leave gigabytes resident. Outputs that are views into a dropped arena keep it alive only until
+    they are copied out (Executable.__call__)."""
+
+    def __init__(self, arena_bytes):
+        self._arena_bytes = arena_bytes       # batch -> bytes
+        self._local = threading.local()
+
+    def _cache(self) -> dict:
+        cache = getattr(self._local, "arenas", None)
+        if cache is None:
+            cache = self._local.arenas = {}
+        return cache
+
+    def get(self, batch: int) -> Arena:
+        cache = self._cache()
+        arena = cache.get(batch)
+        if arena is None:
+            arena = cache[batch] = Arena(max(int(self._arena_bytes(batch)), 1))
+            while len(cache) > ARENAS_PER_THREAD:
+                cache.pop(next(iter(cache)))
+        return arena
+
+    def release(self, batch: int) -> None:
+        """After a call at `batch`: drop this thread's arenas beyond RETAIN_ARENA_BYTES, largest first."""
+        cache = self._cache()
+        while cache and sum(a.buffer.nbytes for a in cache.values()) > RETAIN_ARENA_BYTES:
+            cache.pop(max(cache, key=lambda k: cache[k].buffer.nbytes))
+
+    def resident_bytes(self) -> int:
+        """Bytes of arenas this thread keeps between calls."""
+        return sum(a.buffer.nbytes for a in self._cache().values())
 
 
 class ExecutionError(RuntimeError):

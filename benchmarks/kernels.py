@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
 
 from backends.llvm.jit import JitModule, host_target  # noqa: E402
+from backends.llvm.kernels.builder import scratch_need  # noqa: E402
 from backends.llvm.kernels.conv import (build_conv2d, build_conv2d_grad_filter,  # noqa: E402
                                         build_conv2d_grad_input, conv_geometry)
 from backends.llvm.kernels.matmul import build_dense, build_matmul  # noqa: E402
@@ -145,8 +146,10 @@ def main(argv=None) -> None:
     print(f"\nbatch {args.batch}, single thread, median of {args.runs} runs")
     print(f"{'kernel':34s} {'ms':>8s} {'GFLOP/s':>9s} {'% peak':>7s}")
     for label, name, flops, arrays, nptr in cases:
-        fn = ctypes.CFUNCTYPE(None, *([P] * nptr), ctypes.c_int64)(jit.address(name))
-        ptrs = [a.ctypes.data for a in arrays]
+        # every GEMM-family kernel takes a scratch pointer after its operands (sized by scratch_need)
+        fn = ctypes.CFUNCTYPE(None, *([P] * (nptr + 1)), ctypes.c_int64)(jit.address(name))
+        scratch = np.empty(scratch_need(module.get_global(name)).bytes(args.batch) // 4 + 16, np.float32)
+        ptrs = [a.ctypes.data for a in arrays] + [scratch.ctypes.data + (-scratch.ctypes.data) % 64]
         sec = median_seconds(lambda: fn(*ptrs, args.batch), args.runs)
         gf = flops / sec / 1e9
         pct = f"{100 * gf / peak1:6.1f}%" if peak1 else "    n/a"

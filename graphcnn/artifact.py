@@ -43,21 +43,26 @@ class ArtifactError(GraphcnnError):
 atomic_write_bytes = write_file_atomically
 
 
-def artifact_bytes(graph: ir.Graph, weights: dict, meta: dict) -> bytes:
-    """Serialize a graph + weights + metadata into .gcnn bytes."""
+def artifact_bytes(graph: ir.Graph, weights: dict, meta: dict, state: dict | None = None) -> bytes:
+    """Serialize a graph + weights + metadata (+ training `state`: optimizer slots and step, by name) into
+    .gcnn bytes. State arrays travel in weights.npz as s0, s1, ... named by meta.json's "state" list."""
     names = [p.name for p in graph.params]
     missing = [n for n in names if n not in weights]
     if missing:
         raise ArtifactError(f"save: no values for params {missing}")
+    state = state or {}
     wbuf = io.BytesIO()
     arrays = {f"p{i}": np.ascontiguousarray(weights[n], np.float32) for i, n in enumerate(names)}
     arrays.update({f"c{i}": np.asarray(np.require(graph.consts[v.name], requirements="C")) for i, v in enumerate(graph.const_values)})
+    arrays.update({f"s{i}": np.asarray(np.require(state[n], np.float32, "C")) for i, n in enumerate(state)})
     np.savez(wbuf, **arrays)
     from . import __version__
     meta = dict(meta, format=FORMAT, version=VERSION, graphcnn_version=__version__,
                 params=names, consts=[v.name for v in graph.const_values],
                 inputs=[{"name": v.name, "shape": list(v.shape), "dtype": v.dtype} for v in graph.inputs],
                 outputs=[{"name": v.name, "shape": list(v.shape), "dtype": v.dtype} for v in graph.outputs])
+    if state:
+        meta["state"] = list(state)
     graph_bytes = json.dumps(graph_to_json(graph), indent=1).encode("utf-8")
     weight_bytes = wbuf.getvalue()
     meta.pop(INTEGRITY, None)
@@ -85,32 +90,46 @@ def _canonical_meta(meta: dict) -> bytes:
 
 
 def save_model(model, path):
-    """Save a Sequential model's inference graph and weights as a .gcnn file (atomic)."""
+    """Save a model's inference graph, weights, layer-graph config and (when compiled) compile settings,
+    optimizer state and step as a .gcnn file (atomic)."""
     g = model.inference_graph()
-    meta = {"model": model.config(), "training": model.compiled or {}}
-    atomic_write_bytes(path, artifact_bytes(g, model.weights, meta))
+    training = dict(model.compiled, epochs_done=model.epochs_done) if model.compiled else {}
+    meta = {"model": model.config(), "training": training}
+    atomic_write_bytes(path, artifact_bytes(g, model.weights, meta, model.training_state()))
 
 
-def _read_entry(z, info, path, limit, inside=""):
+def _read_entry(z, info, path, limit, inside="", limit_reason=""):
     """One entry's bytes, refusing declared sizes over `limit` and zip-bomb ratios (`inside`: 'weights.npz ' for
-    entries of the inner archive, so messages say where)."""
-    if info.file_size > limit:
-        raise ArtifactError(f"{path}: {inside}entry {info.filename!r} is {info.file_size} bytes, over the {limit}-byte limit")
-    if info.file_size > 1 << 20 and info.file_size / max(info.compress_size, 1) > MAX_RATIO:
-        raise ArtifactError(f"{path}: {inside}entry {info.filename!r} expands {info.file_size / info.compress_size:.0f}x "
-                            f"(looks like a zip bomb)")
+    entries of the inner archive, so messages say where; `limit_reason` says where the limit comes from)."""
+    _check_entry_size(info, path, limit, inside, limit_reason)
+    pieces, got = [], 0
     with z.open(info) as f:
-        data = f.read(limit + 1)
+        # 1 MiB pieces joined once: peak memory is twice the entry, not the many copies one big read makes
+        while got <= info.file_size:
+            piece = f.read(min(1 << 20, info.file_size + 1 - got))
+            if not piece:
+                break
+            pieces.append(piece)
+            got += len(piece)
+    data = b"".join(pieces)
+    del pieces
     if len(data) != info.file_size:
         raise ArtifactError(f"{path}: {inside}entry {info.filename!r} size does not match its header")
     return data
 
 
-def read_artifact(path):
-    """Validate and read a .gcnn file -> (graph, weights dict, meta). Raises ArtifactError."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ArtifactError(f"{path}: no such file")
+def _check_entry_size(info, path, limit, inside, limit_reason):
+    if info.file_size > limit:
+        raise ArtifactError(f"{path}: {inside}entry {info.filename!r} is {info.file_size} bytes, over the "
+                            f"{limit}-byte limit{limit_reason}")
+    if info.file_size > 1 << 20 and info.file_size / max(info.compress_size, 1) > MAX_RATIO:
+        raise ArtifactError(f"{path}: {inside}entry {info.filename!r} expands {info.file_size / info.compress_size:.0f}x "
+                            f"(looks like a zip bomb)")
+
+
+def _read_entries(path, limits: dict) -> list:
+    """The bytes of the named top-level entries (name -> byte limit, or (limit, reason)), after checking
+    that the archive holds exactly ENTRIES."""
     try:
         with zipfile.ZipFile(path) as z:
             infos = z.infolist()
@@ -118,29 +137,89 @@ def read_artifact(path):
             if sorted(names) != sorted(ENTRIES):
                 raise ArtifactError(f"{path}: expected exactly the entries {list(ENTRIES)}, found {names[:10]}")
             by = {i.filename: i for i in infos}
-            meta_bytes = _read_entry(z, by["meta.json"], path, MAX_JSON_BYTES)
-            graph_bytes = _read_entry(z, by["graph.json"], path, MAX_JSON_BYTES)
-            wdata = _read_entry(z, by["weights.npz"], path, MAX_WEIGHT_BYTES)
+            out = []
+            for name, limit in limits.items():
+                limit, reason = limit if isinstance(limit, tuple) else (limit, "")
+                out.append(_read_entry(z, by[name], path, limit, limit_reason=reason))
+            return out
     except zipfile.BadZipFile as e:
         raise ArtifactError(f"{path}: not a valid .gcnn (zip) file: {e}") from None
     except (OSError, EOFError, RuntimeError, NotImplementedError) as e:
         raise ArtifactError(f"{path}: cannot read: {e}") from None
+    except ArtifactError:
+        raise
     except Exception as e:  # zlib.error and friends on corrupt streams
-        if isinstance(e, ArtifactError):
-            raise
         raise ArtifactError(f"{path}: corrupt archive: {type(e).__name__}: {e}") from None
+
+
+MAX_STATE_PER_PARAM = 4                      # optimizer slots per weight (RMSprop keeps 3) and `step`
+NPY_ENTRY_OVERHEAD = MAX_NPY_HEADER + 1024   # an .npy header plus its zip local header and directory record
+
+
+def _declared_entry_bytes(gdoc, pnames, cnames) -> dict:
+    """weights.npz key (p0, c0, ...) -> (bytes graph.json declares for it, 'param NAME f32[...]').
+
+    Read from the untrusted JSON before it is validated, so anything malformed counts as 0 bytes (the
+    entry is then refused, and a malformed graph would be refused anyway)."""
+    specs = {}
+    for kind in ("params", "consts"):
+        for spec in (gdoc.get(kind) if isinstance(gdoc, dict) and isinstance(gdoc.get(kind), list) else []):
+            if isinstance(spec, dict) and isinstance(spec.get("name"), str):
+                specs[(kind, spec["name"])] = spec
+    out = {}
+    for prefix, kind, names in (("p", "params", pnames), ("c", "consts", cnames)):
+        for i, name in enumerate(names):
+            spec = specs.get((kind, name), {})
+            size, shape = 0, spec.get("shape")
+            try:
+                if isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape):
+                    size = int(np.prod(shape, dtype=object)) * ir.TensorType(tuple(shape), spec.get("dtype")).np_dtype.itemsize
+            except (ir.IRError, TypeError, ValueError, KeyError, AttributeError):
+                size = 0
+            out[f"{prefix}{i}"] = (size, f"{kind[:-1]} {name[:80]!r} {spec.get('dtype')}{shape}"[:200])
+    return out
+
+
+def _npz_cap(declared: dict):
+    """(limit, reason) for weights.npz: what np.savez writes for the declared arrays, at most MAX_WEIGHT_BYTES."""
+    need = sum(b for b, _ in declared.values()) + len(declared) * NPY_ENTRY_OVERHEAD + 1024
+    if need >= MAX_WEIGHT_BYTES:
+        return MAX_WEIGHT_BYTES, ""
+    return need, f" (graph.json declares {need - len(declared) * NPY_ENTRY_OVERHEAD - 1024} bytes of params and constants)"
+
+
+def read_artifact(path, with_state=False):
+    """Validate and read a .gcnn file -> (graph, weights dict, meta), and with_state the training state
+    (name -> float32 array: optimizer slots, step; empty if saved uncompiled). Raises ArtifactError.
+
+    meta.json and graph.json (small, capped) are read first; weights.npz is then read with a cap derived
+    from the sizes graph.json declares for its params and constants, so a weights bomb is refused after
+    reading at most what a valid file of that graph holds."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ArtifactError(f"{path}: no such file")
+    meta_bytes, graph_bytes = _read_entries(path, {"meta.json": MAX_JSON_BYTES, "graph.json": MAX_JSON_BYTES})
     meta = _json(meta_bytes, path, "meta.json")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ArtifactError(f"{path}: meta.json is not a {FORMAT} description")
     if meta.get("version") != VERSION:
         raise ArtifactError(f"{path}: format version {meta.get('version')!r} is not supported (this graphcnn reads {VERSION})")
-    _check_integrity(meta, graph_bytes, wdata, path)
     gdoc = _json(graph_bytes, path, "graph.json")
-    pnames, cnames = meta.get("params"), meta.get("consts", [])
-    if not isinstance(pnames, list) or not all(isinstance(n, str) for n in pnames) or \
-            not isinstance(cnames, list) or not all(isinstance(n, str) for n in cnames):
-        raise ArtifactError(f"{path}: meta.json 'params'/'consts' must be lists of names")
-    arrays = _read_npz(wdata, path, [f"p{i}" for i in range(len(pnames))] + [f"c{i}" for i in range(len(cnames))])
+    pnames, cnames, snames = meta.get("params"), meta.get("consts", []), meta.get("state", [])
+    if not all(isinstance(names, list) and all(isinstance(n, str) for n in names) for names in (pnames, cnames, snames)):
+        raise ArtifactError(f"{path}: meta.json 'params'/'consts'/'state' must be lists of names")
+    if len(set(snames)) != len(snames) or set(snames) & set(pnames):
+        raise ArtifactError(f"{path}: meta.json 'state' names repeat or collide with params")
+    if len(snames) > MAX_STATE_PER_PARAM * len(pnames) + 1:
+        raise ArtifactError(f"{path}: meta.json lists {len(snames)} training state arrays for {len(pnames)} params")
+    declared = _declared_entry_bytes(gdoc, pnames, cnames)
+    # optimizer slots are shaped like a param and `step` is a scalar: none is larger than the largest param
+    largest = max((b for k, (b, _) in declared.items() if k.startswith("p")), default=4)
+    declared.update({f"s{i}": (max(largest, 4), f"training state {n[:80]!r}") for i, n in enumerate(snames)})
+    (wdata,) = _read_entries(path, {"weights.npz": _npz_cap(declared)})
+    _check_integrity(meta, graph_bytes, wdata, path)
+    arrays = _read_npz(wdata, path, declared)
+    del wdata
     consts = {n: arrays[f"c{i}"] for i, n in enumerate(cnames)}
     try:
         graph = graph_from_json(gdoc, consts)
@@ -178,7 +257,15 @@ def read_artifact(path):
         raise ArtifactError(f"{path}: graph.json must have exactly one input, and batched (None, ...) inputs "
                             f"and outputs; found inputs {[str(v.type) for v in graph.inputs]}, "
                             f"outputs {[str(v.type) for v in graph.outputs]}")
-    return graph, weights, meta
+    if not with_state:
+        return graph, weights, meta
+    state = {}
+    for i, n in enumerate(snames):
+        a = arrays[f"s{i}"]
+        if a.dtype != np.float32 or not np.isfinite(a).all():
+            raise ArtifactError(f"{path}: training state {n!r} must be finite float32 values")
+        state[n] = a
+    return graph, weights, meta, state
 
 
 def _check_integrity(meta, graph_bytes, weight_bytes, path):
@@ -223,10 +310,10 @@ def _json(data, path, entry):
 _NPY_DTYPES = (np.dtype("<f4"), np.dtype("<i4"))
 
 
-def _read_npy(raw, path, key):
-    """Parse one .npy entry without trusting its header: the declared shape must match the bytes present
-    exactly before anything is allocated; no pickles, only little-endian float32/int32."""
-    f = io.BytesIO(raw)
+def _read_npy(f, size, path, key):
+    """Parse one .npy entry (stream `f` of `size` bytes) without trusting its header: the declared shape must
+    match the bytes present exactly before anything is allocated; no pickles, only little-endian
+    float32/int32. The data is read in 1 MiB pieces straight into the result (no second copy)."""
     try:
         major, minor = np.lib.format.read_magic(f)
         if (major, minor) == (1, 0):
@@ -235,7 +322,7 @@ def _read_npy(raw, path, key):
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=MAX_NPY_HEADER)
         else:
             raise ValueError(f"unsupported .npy format version {major}.{minor}")
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError, EOFError) as e:
         raise ArtifactError(f"{path}: weights.npz entry {key} has a bad .npy header: {e}") from None
     if dtype.hasobject or dtype not in _NPY_DTYPES or dtype.byteorder == ">":
         raise ArtifactError(f"{path}: weights.npz entry {key} has unsupported dtype {dtype} "
@@ -245,26 +332,41 @@ def _read_npy(raw, path, key):
     count = 1
     for d in shape:
         count *= d
-    data_bytes = len(raw) - f.tell()
+    data_bytes = size - f.tell()
     if count * dtype.itemsize != data_bytes:
         raise ArtifactError(f"{path}: weights.npz entry {key} declares shape {list(shape)} ({count * dtype.itemsize} "
                             f"bytes) but holds {data_bytes} bytes of data")
-    a = np.frombuffer(raw, dtype=dtype, count=count, offset=f.tell()).reshape(shape, order="F" if fortran else "C")
-    return np.array(a, dtype=dtype.newbyteorder("="), order="C")   # own, writable, native-order copy
+    a = np.empty(shape, dtype, order="F" if fortran else "C")
+    flat = memoryview(a.reshape(-1, order="A")).cast("B")
+    pos = 0
+    while pos < data_bytes:
+        piece = f.read(min(1 << 20, data_bytes - pos))
+        if not piece:
+            raise ArtifactError(f"{path}: weights.npz entry {key} ends after {pos} of {data_bytes} data bytes")
+        flat[pos:pos + len(piece)] = piece
+        pos += len(piece)
+    # C order and native byte order (no-ops for what np.save writes on little-endian hosts); np.asarray keeps a
+    # 0-d array 0-d (np.ascontiguousarray would make it (1,): the saved `step` scalar)
+    return np.asarray(a, dtype.newbyteorder("="), order="C")
 
 
-def _read_npz(data, path, expected):
+def _read_npz(data, path, declared: dict):
+    """The arrays of weights.npz by key; each entry is capped by what graph.json declares for it."""
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
             listed = z.infolist()
             infos = {i.filename: i for i in listed}
             if len(infos) != len(listed):    # readers disagree on which duplicate wins: refuse
                 raise ArtifactError(f"{path}: weights.npz has duplicate entries")
-            if sorted(infos) != sorted(f"{k}.npy" for k in expected):
-                raise ArtifactError(f"{path}: weights.npz holds {sorted(infos)[:6]}, expected {len(expected)} arrays")
+            if sorted(infos) != sorted(f"{k}.npy" for k in declared):
+                raise ArtifactError(f"{path}: weights.npz holds {sorted(infos)[:6]}, expected {len(declared)} arrays")
             out = {}
-            for k in expected:
-                out[k] = _read_npy(_read_entry(z, infos[f"{k}.npy"], path, MAX_WEIGHT_BYTES, "weights.npz "), path, k)
+            for k, (nbytes, what) in declared.items():
+                info = infos[f"{k}.npy"]
+                _check_entry_size(info, path, nbytes + MAX_NPY_HEADER + 128, "weights.npz ",
+                                  f" (graph.json declares {nbytes} bytes for {what})")
+                with z.open(info) as f:
+                    out[k] = _read_npy(f, info.file_size, path, k)
             return out
     except zipfile.BadZipFile as e:
         raise ArtifactError(f"{path}: weights.npz is not a valid npz: {e}") from None
@@ -272,6 +374,38 @@ def _read_npz(data, path, expected):
         raise
     except Exception as e:
         raise ArtifactError(f"{path}: weights.npz is corrupt: {type(e).__name__}: {e}") from None
+
+
+def conform_input(x, want, what, model_name):
+    """x as a C-contiguous float32 (N, *want) array, or a GraphcnnError naming the expected and given shapes.
+
+    Accepted forms (DESIGN.md, as Keras): exactly (N, *want); (N, H, W) for a (H, W, 1) model; (N, H*W*C)
+    flattened for an image model; (N, H, W[, C]) images for a flat (H*W*C,) model. Nothing else is
+    reshaped: an NCHW (N, 3, 28, 28) array for a (28, 28, 3) model has the right size but the wrong
+    layout, and reshaping it would give wrong numbers silently. Values must be real and finite."""
+    a = np.asarray(x)
+    want = tuple(want)
+    if a.dtype.kind not in "fiub":
+        raise GraphcnnError(f"{what}: x must hold real numbers, got dtype {a.dtype}")
+    if a.ndim == 0 or a.shape[0] == 0:
+        raise GraphcnnError(f"{what}: x is empty (shape {a.shape})")
+    size = int(np.prod(want))
+    given = a.shape[1:]
+    accepted = (given == want
+                or (len(want) > 1 and want[-1] == 1 and given == want[:-1])
+                or (len(want) > 1 and len(given) == 1 and given[0] == size)
+                or (len(want) == 1 and len(given) in (2, 3) and int(np.prod(given)) == size))
+    if not accepted:
+        forms = [want] + ([want[:-1]] if len(want) > 1 and want[-1] == 1 else []) + \
+            ([(size,)] if len(want) > 1 else [])
+        listed = " or ".join("(N, " + ", ".join(map(str, f)) + ")" for f in forms)
+        raise GraphcnnError(f"{what}: x has shape {a.shape}; model {model_name!r} expects {listed}"
+                            + (" (channels last: NHWC, not NCHW)" if len(want) == 3 and given == want[-1:] + want[:-1] else ""))
+    a = np.ascontiguousarray(a.reshape((a.shape[0],) + want), np.float32)
+    if not np.isfinite(a).all():
+        bad = int(np.count_nonzero(~np.isfinite(a)))
+        raise GraphcnnError(f"{what}: x contains {bad} NaN or infinite value{'s' if bad != 1 else ''}")
+    return a
 
 
 class Runtime:
@@ -286,18 +420,11 @@ class Runtime:
         self.backend = self.executable.backend
 
     def predict(self, x, batch_size=256):
-        """Outputs for x (N, ...) as float32; accepts (N,28,28)/(N,784)-style reshapes like Sequential."""
-        a = np.asarray(x)
-        if a.dtype.kind not in "fiub":
-            raise GraphcnnError(f"predict: x must be numeric, got {a.dtype}")
-        if a.ndim == 0 or a.shape[0] == 0:
-            raise GraphcnnError(f"predict: x is empty (shape {a.shape})")
-        want = self.input_shape
-        if a.shape[1:] != want:
-            if int(np.prod(a.shape[1:])) != int(np.prod(want)):
-                raise GraphcnnError(f"predict: x has shape {a.shape}; {self.name!r} expects (N, {', '.join(map(str, want))})")
-            a = a.reshape((a.shape[0],) + want)
-        a = np.ascontiguousarray(a, np.float32)
+        """Outputs for x (N, ...) as float32. x must have one of the shapes `conform_input` accepts (the
+        model's input shape, or the forms DESIGN.md lists) and finite values."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise GraphcnnError(f"predict: batch_size must be a positive int, got {batch_size!r}")
+        a = conform_input(x, self.input_shape, "predict", self.name)
         return np.concatenate([self.executable(a[s:s + batch_size]) for s in range(0, a.shape[0], batch_size)])
 
     __call__ = predict
@@ -310,34 +437,26 @@ def load(path, backend=None) -> Runtime:
 
 
 def model_from_artifact(path):
-    """Rebuild a trainable Sequential from a .gcnn file's model config and weights."""
-    from . import layers as L
-    from .model import Sequential
-    graph, weights, meta = read_artifact(path)
-    cfg = meta.get("model")
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("layers"), list):
-        raise ArtifactError(f"{path}: no model configuration to train from (only inference is possible)")
-    layers = []
-    for i, lc in enumerate(cfg["layers"]):
-        cls = L.LAYER_TYPES.get(lc.get("class")) if isinstance(lc, dict) else None
-        if cls is None:
-            raise ArtifactError(f"{path}: layer {i} has an unknown class {lc.get('class') if isinstance(lc, dict) else lc!r}")
-        kwargs = dict(lc.get("config") or {})
-        try:
-            if cls is L.Input:
-                layer = L.Input(lc["input_shape"], name=lc.get("name"))
-            else:
-                if "activation" in kwargs and cls in (L.ReLU, L.Softmax):
-                    kwargs.pop("activation")
-                layer = cls(**kwargs, name=lc.get("name"),
-                            **({"input_shape": lc["input_shape"]} if lc.get("input_shape") else {}))
-        except (TypeError, ValueError, KeyError) as e:
-            raise ArtifactError(f"{path}: layer {i} ({lc.get('class')}) has a bad configuration: {e}") from None
-        layers.append(layer)
-    model = Sequential(layers, name=graph.name, seed=int(cfg.get("seed", 0)))
-    model.set_weights(weights)
-    tr = meta.get("training") or {}
-    if tr.get("loss"):
-        model.compile(optimizer=dict(tr.get("optimizer_config", {}), name=tr.get("optimizer", "adam")),
-                      loss=tr["loss"], metrics=tr.get("metrics"), backend=tr.get("backend"))
-    return model
+    """A trainable model from a .gcnn file (gc.load_model)."""
+    from .model import load_model
+    return load_model(path)
+
+
+def check_config_matches_graph(model, graph, path):
+    """Refuse a model (built from meta.json's config) whose inference graph differs from graph.json.
+
+    Only the graph is built (types and shapes, no weight arrays), so a hostile config costs no memory;
+    the error quotes the first line where the two graphs' text forms differ."""
+    from ir.text import print_graph
+    try:
+        derived = model._graph(training=False)
+    except (GraphcnnError, ir.IRError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{path}: meta.json's model config does not build: {e}") from None
+    if derived == graph:
+        return
+    ours = print_graph(derived, inline_consts=False).splitlines()
+    theirs = print_graph(graph, inline_consts=False).splitlines()
+    i = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    line = lambda lines: lines[i].strip()[:160] if i < len(lines) else "(end of graph)"  # noqa: E731
+    raise ArtifactError(f"{path}: meta.json's model config describes a different model than graph.json "
+                        f"(line {i + 1}: config gives {line(ours)!r}, graph.json holds {line(theirs)!r})")

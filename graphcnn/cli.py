@@ -1,4 +1,4 @@
-"""graphcnn command line: compile, train, run, eval, show, bench.
+"""graphcnn command line: compile, train, run, eval, show, bench, export.
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage or bad input (one-line reason on stderr)."""
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -20,12 +21,15 @@ class UsageError(Exception):
 
 
 # -- model loading ----------------------------------------------------------------------------------
-def load_model_source(spec: str):
-    """'path/model.py[:name]' (attribute or zero-argument function) or 'file.gcnn' -> Sequential."""
-    from .artifact import model_from_artifact
-    from .model import Sequential
+def load_model_source(spec: str, input_shape=None):
+    """'path/model.py[:name]' (attribute or zero-argument function) or 'file.gcnn' -> a Model.
+    input_shape (H, W, C): build the model with the module's `build_model(input_shape=...)` instead."""
+    from .model import Model, load_model
     if spec.endswith(".gcnn"):
-        return model_from_artifact(spec)
+        return load_model(spec)
+    if spec.lower().endswith(".onnx"):
+        raise UsageError(f"{spec}: an .onnx MODEL is an inference graph here (show, compile, export); "
+                         f"training an ONNX model is not supported yet")
     path, _, name = spec.partition(":")
     name = name or "model"
     if not os.path.isfile(path):
@@ -39,37 +43,94 @@ def load_model_source(spec: str):
         sp.loader.exec_module(mod)
     except Exception as e:
         raise UsageError(f"{path}: error while importing the model file: {type(e).__name__}: {e}") from None
-    if not hasattr(mod, name):
+    if input_shape is not None:
+        if not callable(getattr(mod, "build_model", None)):
+            raise UsageError(f"{path}: its model is built for one input shape; an input shape of {input_shape} "
+                             f"needs a module function build_model(input_shape) (see examples/resnet8.py)")
+        obj = mod.build_model(input_shape=tuple(input_shape))
+    elif not hasattr(mod, name):
         raise UsageError(f"{path} defines no {name!r} (give MODEL as {path}:NAME)")
-    obj = getattr(mod, name)
-    if callable(obj) and not isinstance(obj, Sequential):
+    else:
+        obj = getattr(mod, name)
+    if callable(obj) and not isinstance(obj, Model):
         obj = obj()
-    if not isinstance(obj, Sequential):
-        raise UsageError(f"{spec}: {name!r} is a {type(obj).__name__}, not a graphcnn Sequential model")
+    if not isinstance(obj, Model):
+        raise UsageError(f"{spec}: {name!r} is a {type(obj).__name__}, not a graphcnn model (gc.Model or gc.Sequential)")
     obj.train_config = dict(getattr(mod, "TRAIN", {}) or {})
     return obj
 
 
 def load_graph_for(spec):
-    """A graph (and weights) for show/compile: from a model file or a .gcnn artifact."""
+    """A graph (and weights) for show/compile/export: from a model file, a .gcnn artifact or an .onnx file."""
     if spec.endswith(".gcnn"):
         from .artifact import read_artifact
         g, w, meta = read_artifact(spec)
         return g, w, meta
+    if spec.lower().endswith(".onnx"):
+        from .onnx import import_graph
+        return import_graph(spec), {}, {}
     model = load_model_source(spec)
     return model.inference_graph(), model.weights, {"model": model.config()}
 
 
 # -- data -------------------------------------------------------------------------------------------
+DATASETS = ("mnist", "fashion-mnist", "cifar10")
+
+
 def load_data(data):
-    from .datasets import mnist
+    """--data -> ((x_train, y_train), (x_test, y_test)), labels flattened to (N,): None/'bundled' (the
+    MNIST subset), 'mnist', 'fashion-mnist', 'cifar10', or a folder of MNIST-format IDX files or of
+    CIFAR-10 binary batches."""
+    from .datasets import cifar10, fashion_mnist, mnist
     if data in (None, "", "bundled"):
-        return mnist.load_data()
-    if data == "mnist":
-        return mnist.load_data("mnist")
-    if not os.path.isdir(data):
-        raise UsageError(f"--data {data!r}: not a folder of MNIST IDX files (or 'mnist')")
-    return mnist.load_data(data)
+        splits = mnist.load_data()
+    elif data == "mnist":
+        splits = mnist.load_data("mnist")
+    elif data in ("fashion-mnist", "fashion_mnist"):
+        splits = fashion_mnist.load_data()
+    elif data in ("cifar10", "cifar-10"):
+        splits = cifar10.load_data()
+    elif not os.path.isdir(data):
+        raise UsageError(f"--data {data!r}: not a folder (MNIST IDX files or CIFAR-10 binary batches) nor one "
+                         f"of {', '.join(DATASETS)}")
+    elif any(f.startswith("train-images") for f in os.listdir(data)):
+        splits = mnist.load_data(data)
+    else:
+        splits = cifar10.load_data(data)
+    (xtr, ytr), (xte, yte) = splits
+    return (xtr, ytr.reshape(-1)), (xte, yte.reshape(-1))
+
+
+def parse_input_shape(text):
+    """'32,32,3' -> (32, 32, 3) (H, W, C), positive ints."""
+    try:
+        shape = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise UsageError(f"--input-shape {text!r}: expected H,W,C as three positive integers, e.g. 32,32,3")
+    return shape
+
+
+def image_shape(x):
+    """The (H, W, C) a model needs for images x (N, H, W) or (N, H, W, C)."""
+    return tuple(x.shape[1:]) + ((1,) if x.ndim == 3 else ())
+
+
+def load_test_data(data):
+    """(x_test, y_test) for `eval`: from the bundled subset, full MNIST, or a folder that needs to hold only
+    the two t10k files (train files are not read)."""
+    from .datasets import mnist, read_idx
+    if data in (None, "", "bundled", "mnist") or not os.path.isdir(data):
+        return load_data(data)[1]
+    names = mnist.FILE_NAMES[2:]
+    paths = [mnist._find_file(data, name) for name in names]
+    missing = [n for n, p in zip(names, paths) if p is None]
+    if missing:
+        raise UsageError(f"--data {data!r}: missing the test split {', '.join(n + '[.gz]' for n in missing)}")
+    x, y = (read_idx(p) for p in paths)
+    mnist._check_pair(x, y, paths[0], paths[1])
+    return x, y
 
 
 def read_inputs(paths):
@@ -90,8 +151,16 @@ def read_inputs(paths):
             a = read_png_gray(p)[None]
         else:
             a = read_idx(p)
+        if a.dtype.kind not in "uifb":
+            raise UsageError(f"input {p}: holds {a.dtype} values; expected real numbers (images as uint8 or float)")
         if a.ndim == 2:
             a = a[None]
+        if a.ndim not in (3, 4) or 0 in a.shape:
+            raise UsageError(f"input {p}: expected images of shape (H, W), (N, H, W) or (N, H, W, C), "
+                             f"got shape {a.shape}")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise UsageError(f"input {p}: contains {int(np.count_nonzero(~np.isfinite(a)))} NaN or "
+                             f"infinite values")
         arrays.append(a)
     shapes = {a.shape[1:] for a in arrays}
     if len(shapes) != 1:
@@ -112,33 +181,60 @@ def preprocess(x, meta_or_model):
 
 
 # -- commands ---------------------------------------------------------------------------------------
+def _count(value, what):
+    """A training count (--epochs / --batch-size, or the model file's TRAIN) as an int >= 1. --epochs 0 is
+    refused rather than given Keras's meaning (no training): `train` would then save the model as if
+    trained."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        why = " (train saves the model it trains; with 0 epochs there is nothing to save)" \
+            if "epochs" in what and value == 0 else ""
+        raise UsageError(f"{what} must be an integer >= 1, got {value!r}{why}")
+    return value
+
+
 def cmd_train(a):
-    from .model import Sequential
+    from .atomic_file import check_replaceable
+    # every setting is checked before the model is built, data is read or anything is printed
+    for value, flag in ((a.epochs, "--epochs"), (a.batch_size, "--batch-size")):
+        if value is not None:
+            _count(value, flag)
+    if a.lr is not None and not (math.isfinite(a.lr) and a.lr > 0):
+        raise UsageError(f"--lr must be a positive finite number, got {a.lr}")
     model = load_model_source(a.model)
     cfg = getattr(model, "train_config", {})
-    epochs = a.epochs if a.epochs is not None else cfg.get("epochs", 3)
-    batch = a.batch_size if a.batch_size is not None else cfg.get("batch_size", 128)
-    (xtr, ytr), (xte, yte) = load_data(a.data)
+    epochs = a.epochs if a.epochs is not None else _count(cfg.get("epochs", 3), f"{a.model}: TRAIN['epochs']")
+    batch = a.batch_size if a.batch_size is not None else \
+        _count(cfg.get("batch_size", 128), f"{a.model}: TRAIN['batch_size']")
+    (xtr, ytr), (xte, yte) = load_data(a.data if a.data is not None else cfg.get("data"))
+    # --input-shape, else the data's image shape when the model was built for another one
+    shape = parse_input_shape(a.input_shape) if a.input_shape else image_shape(xtr)
+    model_shape = tuple(getattr(model, "input_shape", None) or ())
+    if not a.model.endswith(".gcnn") and (a.input_shape or (len(model_shape) == 3 and model_shape != shape)):
+        if shape != image_shape(xtr):
+            raise UsageError(f"--input-shape {','.join(map(str, shape))} does not match the data's "
+                             f"{'x'.join(map(str, image_shape(xtr)))} images")
+        model = load_model_source(a.model, input_shape=shape)
+    out = a.out or f"{model.name}.gcnn"
+    check_replaceable(out)          # a symlink/device/folder at --out is refused now, not after training
     model.preprocess = {"scale": 1 / 255}
     xtr, xte = preprocess(xtr, model), preprocess(xte, model)
-    if model.compiled is None or a.backend:
+    if model.compiled is None or a.backend or a.lr is not None:
         prev = model.compiled or {}
-        model.compile(optimizer=dict(prev.get("optimizer_config", {}), name=prev.get("optimizer", "adam")),
-                      loss=prev.get("loss", "sparse_categorical_crossentropy"),
+        model.compile(optimizer=model.optimizer or "adam", loss=dict(prev.get("loss_config") or {},
+                                                                     name=prev.get("loss", "sparse_categorical_crossentropy")),
                       metrics=prev.get("metrics") or ["accuracy"], backend=a.backend or prev.get("backend"),
                       learning_rate=a.lr)
-    assert isinstance(model, Sequential)
+    start = model.epochs_done           # a .gcnn saved by fit resumes after its completed epochs
     if not a.quiet:
         print(f"graphcnn train: model {model.name!r} ({model.count_params()} params), backend "
               f"{model.compiled['backend']}, {len(xtr)} train / {len(xte)} test images, {epochs} epochs, "
               f"batch {batch}", file=sys.stderr)
     t0 = time.perf_counter()
-    hist = model.fit(xtr, ytr, epochs=epochs, batch_size=batch, validation_data=(xte, yte), seed=a.seed,
-                     verbose=0 if a.quiet else 1)
+    hist = model.fit(xtr, ytr, epochs=start + epochs, initial_epoch=start, batch_size=batch,
+                     validation_data=(xte, yte), seed=a.seed, verbose=0 if a.quiet else 1)
     dt = time.perf_counter() - t0
     res = model.evaluate(xte, yte)
     loss, acc = (res if isinstance(res, list) else (res, float("nan")))
-    out = a.out or f"{model.name}.gcnn"
     model.save(out)
     print(f"test accuracy {acc:.4f}  test loss {loss:.4f}  ({epochs} epochs in {dt:.1f} s); saved {out}")
     if a.history:
@@ -160,7 +256,7 @@ def cmd_run(a):
 def cmd_eval(a):
     from .artifact import load
     rt = load(a.artifact, backend=a.backend)
-    _, (x, y) = load_data(a.data)
+    x, y = load_test_data(a.data)
     p = rt.predict(preprocess(x, rt.meta))
     acc = float((p.argmax(-1) == y).mean())
     q = np.clip(p, 1e-7, 1 - 1e-7)
@@ -169,22 +265,30 @@ def cmd_eval(a):
     return EXIT_OK
 
 
+def dot_quote(*lines: str) -> str:
+    """`lines` as one DOT quoted string, joined by DOT's \\n line break: '"' and '\\' escaped, so a name
+    can neither end the string (and add attributes such as URL=) nor form a label escape like \\N.
+    Names hold no raw line breaks (ir.types.check_name)."""
+    return '"' + "\\n".join(str(t).replace("\\", "\\\\").replace('"', '\\"') for t in lines) + '"'
+
+
 def to_dot(g) -> str:
-    lines = [f'digraph "{g.name}" {{', "  rankdir=TB; node [fontname=Helvetica fontsize=10];"]
+    q = dot_quote
+    lines = [f"digraph {q(g.name)} {{", "  rankdir=TB; node [fontname=Helvetica fontsize=10];"]
     for v in g.leaves:
         shape = "box" if v.kind == "input" else "note"
-        lines.append(f'  "{v.name}" [shape={shape} label="{v.name}\\n{v.type}"];')
+        lines.append(f'  {q(v.name)} [shape={shape} label={q(v.name, v.type)}];')
     for n in g.nodes:
         act = n.attrs.get("activation")
         label = n.op + (f"+{act}" if act and act != "linear" else "")
-        lines.append(f'  "node:{n.name}" [shape=ellipse style=filled fillcolor="#dde8ff" label="{label}"];')
+        lines.append(f'  {q("node:" + n.name)} [shape=ellipse style=filled fillcolor="#dde8ff" label={q(label)}];')
         for v in n.inputs:
             src = f"node:{v.producer.name}" if v.producer is not None else v.name
-            lines.append(f'  "{src}" -> "node:{n.name}" [label="{v.type}" fontsize=8];')
+            lines.append(f'  {q(src)} -> {q("node:" + n.name)} [label="{v.type}" fontsize=8];')
     for v in g.outputs:
-        lines.append(f'  "out:{v.name}" [shape=box label="output\\n{v.type}"];')
+        lines.append(f'  {q("out:" + v.name)} [shape=box label={q("output", v.type)}];')
         src = f"node:{v.producer.name}" if v.producer is not None else v.name
-        lines.append(f'  "{src}" -> "out:{v.name}";')
+        lines.append(f'  {q(src)} -> {q("out:" + v.name)};')
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -202,6 +306,9 @@ def cmd_show(a):
         sys.stdout.write(str(g))
     elif a.format == "dot":
         sys.stdout.write(to_dot(g))
+    elif a.format == "json":
+        from ir.serialize import graph_to_json
+        sys.stdout.write(json.dumps(graph_to_json(g), indent=1) + "\n")
     else:
         import shutil
         import subprocess
@@ -216,7 +323,7 @@ def cmd_show(a):
 def cmd_compile(a):
     from ir.passes import run_pipeline
     from .artifact import atomic_write_bytes
-    from .export import write_numpy_module, write_native_library
+    from .export import output_path, write_numpy_module, write_native_library
     g, weights, meta = load_graph_for(a.model)
     emit = [e.strip() for e in a.emit.split(",") if e.strip()] if a.emit else \
         (["py"] if a.target == "numpy" else ["so", "h"])
@@ -225,30 +332,46 @@ def cmd_compile(a):
     if bad:
         raise UsageError(f"--emit {','.join(bad)} is not available for --target {a.target} "
                          f"(choose from {', '.join(sorted(allowed))})")
+    target = None
+    if a.target != "llvm" and (a.cpu is not None or a.features is not None):
+        raise UsageError("--cpu/--features choose the CPU of native code: they need --target llvm")
+    if a.target == "llvm":
+        from backends.llvm.jit import TargetError, export_target
+        try:
+            target = export_target(a.cpu, a.features)
+        except TargetError as e:
+            raise UsageError(f"--cpu/--features: {e}") from None
+    if os.path.lexists(a.output) and not os.path.isdir(a.output):
+        raise UsageError(f"-o {a.output}: exists and is not a folder (compile writes its files into a folder)")
     os.makedirs(a.output, exist_ok=True)
     res = run_pipeline(g, "inference", print_ir_after_all=a.print_ir_after_all)
     opt = res.graph
     written = []
     if "ir" in emit:
-        p = os.path.join(a.output, f"{g.name}.ir")
+        p = output_path(a.output, g.name, "ir")
         atomic_write_bytes(p, str(opt).encode())
         written.append(p)
     if a.target == "numpy" and "py" in emit:
         written += write_numpy_module(opt, weights, a.output, meta)
     if a.target == "llvm":
-        written += write_native_library(opt, weights, a.output, [e for e in emit if e != "ir"])
+        written += write_native_library(opt, weights, a.output, [e for e in emit if e != "ir"], target=target)
     for p in written:
         print(p)
     return EXIT_OK
 
 
+def cmd_export(a):
+    from .onnx import export
+    g, w, _ = load_graph_for(a.model)
+    export(g, a.output, opset=a.opset, layout=a.layout, weights=w)
+    if not a.quiet:
+        print(f"wrote {a.output} (ONNX opset {a.opset}, {a.layout.upper()} at the boundary)")
+    return EXIT_OK
+
+
 def cmd_bench(a):
-    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "compare.py")
-    if not os.path.isfile(bench):
-        raise UsageError("graphcnn bench needs the benchmarks/ folder of a source checkout")
-    import runpy
-    sys.argv = [bench, a.model, "--batch", a.batch, "--vs", a.vs]
-    runpy.run_path(bench, run_name="__main__")
+    from .bench import run
+    run(a)            # bad options are a GraphcnnError (exit 2) before any model is built
     return EXIT_OK
 
 
@@ -261,13 +384,22 @@ def build_parser():
     c.add_argument("-o", "--output", required=True, help="output folder")
     c.add_argument("--target", choices=["llvm", "numpy"], default="llvm")
     c.add_argument("--emit", default=None, help="comma list of ir,llvm,asm,obj,so,h (llvm) or ir,py (numpy)")
+    c.add_argument("--cpu", default=None, metavar="NAME|host",
+                   help="CPU to generate native code for: an LLVM CPU name such as x86-64-v3 (a portable "
+                        "AVX2 baseline), haswell or znver4; default host")
+    c.add_argument("--features", default=None, metavar="STR",
+                   help="extra CPU features for native code, e.g. '-avx512f' or '+avx2,+fma'")
     c.add_argument("--print-ir-after-all", action="store_true")
     c.set_defaults(fn=cmd_compile)
     t = sub.add_parser("train", help="train a model on MNIST-format data")
     t.add_argument("model")
-    t.add_argument("--data", default=None, help="folder of MNIST IDX files, or 'mnist' (default: bundled subset)")
-    t.add_argument("--epochs", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--data", default=None, help="mnist, fashion-mnist, cifar10, or a folder of MNIST IDX files or "
+                   "CIFAR-10 binary batches (default: the module's TRAIN['data'], else the bundled MNIST subset)")
+    t.add_argument("--input-shape", default=None, help="H,W,C: build the model for this input (a module with "
+                   "build_model(input_shape)); default: the data's image shape when the model's differs")
+    t.add_argument("--epochs", type=int, default=None,
+                   help="epochs to train, >= 1 (0 is refused: train saves the model it trained)")
+    t.add_argument("--batch-size", type=int, default=None, help=">= 1")
     t.add_argument("--backend", choices=["llvm", "numpy"], default=None)
     t.add_argument("--lr", type=float, default=None, help="learning rate")
     t.add_argument("--seed", type=int, default=0)
@@ -295,11 +427,17 @@ def build_parser():
     s.add_argument("--training", action="store_true", help="(with --memory) plan the training graph")
     s.set_defaults(fn=cmd_show)
     b = sub.add_parser("bench", help="time graphcnn against peers")
-    b.add_argument("model")
-    b.add_argument("--batch", default="1,256")
-    b.add_argument("--vs", default="torch")
-    b.set_defaults(fn=cmd_bench)
-    for sp in (c, r, e, s, b):
+    from .bench import add_arguments as add_bench_arguments
+    add_bench_arguments(b)
+    b.set_defaults(fn=cmd_bench, vs="torch")
+    x = sub.add_parser("export", help="write a model as ONNX")
+    x.add_argument("model")
+    x.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset (13..25, default 17)")
+    x.add_argument("--layout", choices=["nchw", "nhwc"], default="nchw",
+                   help="layout of 4-D inputs and outputs (default nchw, what ONNX users expect)")
+    x.set_defaults(fn=cmd_export)
+    for sp in (c, r, e, s, b, x):
         sp.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS) if sp is not t else None
     return p
 
@@ -318,8 +456,16 @@ def main(argv=None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     try:
-        return args.fn(args)
-    except (UsageError, GraphcnnError, IRError, FileNotFoundError, IsADirectoryError) as e:
+        code = args.fn(args)
+        sys.stdout.flush()      # inside the try: a closed pipe is reported here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # the reader went away (`graphcnn run ... | head -1`): not an error of ours; stop quietly, and point
+        # stdout at /dev/null so Python's final flush does not complain again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except (UsageError, GraphcnnError, IRError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+            FileExistsError, PermissionError) as e:
         print(f"graphcnn {args.cmd}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingError as e:

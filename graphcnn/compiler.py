@@ -11,6 +11,12 @@ from ir.types import IRError
 BACKENDS = ("llvm", "numpy")
 
 
+class BackendFallbackWarning(RuntimeWarning):
+    """The LLVM backend could not compile a graph (unavailable on this host, or an op without a
+    lowering) and the NumPy backend runs it instead. A warning for users; the test suite turns it into
+    an error (tests/conftest.py) so that a missing lowering can never hide behind the fallback."""
+
+
 def default_backend() -> str:
     return os.environ.get("GRAPHCNN_BACKEND", "llvm")
 
@@ -38,13 +44,13 @@ def compile(graph: Graph, backend: str | None = None, params: dict | None = None
             host_target()
         except (ImportError, RuntimeError) as e:
             warnings.warn(f"graphcnn: LLVM backend unavailable on this host ({e}); using the NumPy backend",
-                          RuntimeWarning, stacklevel=2)
+                          BackendFallbackWarning, stacklevel=2)
         else:
             try:
                 exe = compile_llvm(g, params, **options)
             except LoweringError as e:
-                warnings.warn(f"graphcnn: {e}; using the NumPy backend for graph {g.name!r}", RuntimeWarning,
-                              stacklevel=2)
+                warnings.warn(f"graphcnn: {e}; using the NumPy backend for graph {g.name!r}",
+                              BackendFallbackWarning, stacklevel=2)
             else:
                 exe.pipeline = result
                 return exe

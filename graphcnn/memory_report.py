@@ -13,17 +13,13 @@ EXIT_OK = 0
 
 
 def training_graph(model):
-    """The optimized training-step graph of a Sequential model, built as Sequential._executable('train')
-    builds it (Keras defaults - Adam, sparse categorical cross-entropy - if the model is not compiled)."""
+    """The optimized training-step graph of a model, as Model._executable('train') builds it (Keras
+    defaults - Adam, sparse categorical cross-entropy - if the model is not compiled)."""
     from ir.passes import run_pipeline
-    from ir.training import make_training_graph
     if model.compiled is None:
         model.compile()
-    model.build()
     model._dropout_seed = model.seed
-    fwd = run_pipeline(model._graph(True, model.compiled["loss"]), "training_forward").graph
-    tg = make_training_graph(fwd, fwd.outputs[1].name, model.compiled["optimizer"], model.compiled["optimizer_config"])
-    return run_pipeline(tg, "training").graph
+    return run_pipeline(model.training_graph(), "training").graph
 
 
 def planned_graph(graph, args):

@@ -1,14 +1,15 @@
 """The graph IR: plain classes. A Graph holds inputs, params, constants, nodes (in a valid
 topological order), outputs and `updates` (param -> new value, how a training step writes state).
 
-Values are named ('%name' in the text form) and unique within a graph. A node's name is the name of
-its first output.
+Values are named ('%name' in the text form) and unique within a graph, also after NFKC normalisation
+(ir.types.check_name is the naming rule, checked here for every graph and value name, whichever entry
+point built the graph). A node's name is the name of its first output.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .types import IRError, TensorType, dtype_name
+from .types import IRError, TensorType, check_name, dtype_name, name_key
 
 LEAF_KINDS = ("input", "param", "const")
 
@@ -58,7 +59,7 @@ class Graph:
     """A dataflow graph of tensor ops. Build with input/param/const and graphcnn.ops / ir.ops.emit."""
 
     def __init__(self, name: str = "graph"):
-        self.name = name
+        self.name = name          # checked by the setter below
         self.inputs: list[Value] = []
         self.params: list[Value] = []
         self.consts: dict[str, np.ndarray] = {}
@@ -67,24 +68,37 @@ class Graph:
         self.outputs: list[Value] = []
         self.updates: dict[str, Value] = {}
         self._values: dict[str, Value] = {}
+        self._keys: dict[str, str] = {}       # name_key(name) -> name, to refuse look-alike names
         self._counter = 0
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @name.setter
+    def name(self, name: str) -> None:
+        self._name = check_name(name, "graph name")
 
     # -- construction -------------------------------------------------------------------------
     def _new_value(self, name, type_, kind, producer=None, index=0) -> Value:
-        if not isinstance(name, str) or not name or any(c.isspace() or c in "%,(){}=:[]\"" for c in name):
-            raise IRError(f"bad value name {name!r}: use letters, digits, '_', '.', '-', '/'")
+        check_name(name, f"graph {self.name!r}: value name")
         if name in self._values:
             raise IRError(f"graph {self.name!r} already has a value named {name!r}")
+        key = name_key(name)
+        if key in self._keys:
+            raise IRError(f"graph {self.name!r}: value name {name!r} is the same name as {self._keys[key]!r} "
+                          f"after Unicode NFKC normalisation (as Python compares identifiers); rename one")
         v = Value(self, name, type_, kind, producer, index)
         self._values[name] = v
+        self._keys[key] = name
         return v
 
     def fresh_name(self, hint: str = "v") -> str:
-        """A value name not yet used in this graph."""
+        """A value name not yet used in this graph (nor a look-alike of one)."""
         while True:
             self._counter += 1
             name = f"{hint}{self._counter}" if not hint[-1:].isdigit() else f"{hint}_{self._counter}"
-            if name not in self._values:
+            if name_key(name) not in self._keys:
                 return name
 
     def input(self, name: str, shape, dtype="f32") -> Value:
@@ -123,8 +137,16 @@ class Graph:
                 raise IRError(f"{op}: inputs must be graph values, got {type(v).__name__}")
             if v.graph is not self:
                 raise IRError(f"{op}: input %{v.name} belongs to graph {v.graph.name!r}, not {self.name!r}")
-        attrs = opdef.check(inputs, dict(attrs or {}))
-        types = opdef.infer([v.type for v in inputs], attrs)
+        try:
+            attrs = opdef.check(inputs, dict(attrs or {}))
+            types = opdef.infer([v.type for v in inputs], attrs)
+        except IRError:
+            raise
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError,
+                RecursionError) as e:
+            # an op's check that assumed a well-typed attribute (e.g. axis=None, padding={}): the input is
+            # bad, not the compiler, and whoever supplied it (user, JSON, text) needs to hear which node
+            raise IRError(f"{op}: malformed attribute or input ({type(e).__name__}: {e})") from None
         node = Node(op, inputs, attrs, [])
         if out_names is None:
             first = self.fresh_name(op)
@@ -152,6 +174,9 @@ class Graph:
 
     # -- queries ------------------------------------------------------------------------------
     def value(self, name: str) -> Value:
+        """The value called `name`; IRError if there is none (or `name` is not a str)."""
+        if not isinstance(name, str):
+            raise IRError(f"graph {self.name!r}: a value reference must be a name (str), got {type(name).__name__}")
         try:
             return self._values[name]
         except KeyError:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 
@@ -10,6 +11,40 @@ from .types import IRError, TensorType
 
 FORMAT = "graphcnn-ir"
 VERSION = 1
+# deepest JSON nesting read (attributes nest 3 deep, constant data as deep as its rank): deeper documents
+# are refused before json.loads, whose recursive scanner would otherwise hit Python's recursion limit
+MAX_JSON_DEPTH = 64
+
+
+# a JSON string or one bracket. The string's two alternatives are disjoint, and an unterminated string
+# runs to the end of the text: every character is scanned once, never re-scanned from a quote inside a
+# string (an escaped one), which would be quadratic
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\[\s\S])*(?:"|\\?\Z)|[\[\]{}]')
+
+
+def json_too_deep_at(text: str, start: int = 0, limit: int = MAX_JSON_DEPTH) -> int:
+    """Index of the first bracket nested deeper than `limit` in the JSON value starting at text[start]
+    (or in the whole document), -1 if there is none. One linear pass over brackets; strings are skipped."""
+    depth = 0
+    for m in _JSON_TOKEN.finditer(text, start):
+        c = m.group()[0]
+        if c in "[{":
+            depth += 1
+            if depth > limit:
+                return m.start()
+        elif c in "]}":
+            depth -= 1
+            if depth <= 0:
+                return -1
+        elif depth == 0:
+            return -1           # the value is a string
+    return -1
+
+
+def _position(text: str, index: int) -> str:
+    """'line L, column C' (1-based) of text[index]."""
+    line_start = text.rfind("\n", 0, index) + 1
+    return f"line {text.count(chr(10), 0, index) + 1}, column {index - line_start + 1}"
 
 
 def graph_to_json(g: Graph) -> dict:
@@ -51,6 +86,14 @@ def _type(spec, where):
 def graph_from_json(doc, consts: dict | None = None) -> Graph:
     """Rebuild (and fully re-validate) a graph from its JSON form. `doc` may be a dict or a str."""
     if isinstance(doc, (str, bytes)):
+        if isinstance(doc, bytes):
+            try:
+                doc = doc.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise IRError(f"IR JSON: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        deep = json_too_deep_at(doc)
+        if deep >= 0:
+            raise IRError(f"IR JSON: {_position(doc, deep)}: nested more than {MAX_JSON_DEPTH} levels deep")
         try:
             doc = json.loads(doc)
         except ValueError as e:
@@ -60,9 +103,9 @@ def graph_from_json(doc, consts: dict | None = None) -> Graph:
         raise IRError(f"IR JSON: not a {FORMAT} document")
     if doc.get("version") != VERSION:
         raise IRError(f"IR JSON: format version {doc.get('version')!r} is not supported (this graphcnn reads {VERSION})")
-    g = Graph(_get(doc, "name", str, "graph"))
     consts = consts or {}
     try:
+        g = Graph(_get(doc, "name", str, "graph"))
         for i, s in enumerate(_get(doc, "inputs", list, "graph")):
             t = _type(s, f"inputs[{i}]")
             g.input(_get(s, "name", str, f"inputs[{i}]"), t.shape, t.dtype)

@@ -10,7 +10,15 @@ graph.
       return %probs
     }
 
+A name made only of letters, digits and `_ . - /` prints bare (`%conv1.kernel`); any other name the
+API accepts (ir.types.check_name) prints as a JSON string (`%"ｘ"`, `graph "my model" {`), so every
+name survives the round trip. Non-finite attribute values print as JSON's NaN/Infinity.
+
 Constants with more than INLINE_LIMIT elements print as `= @external`; parse them with `consts=`.
+
+The parser is a hand-written scanner: one left-to-right pass per line (linear time, no backtracking
+regular expressions), JSON nested at most MAX_JSON_DEPTH deep (no recursion limit to hit), and every
+error is an IRError naming the line and column.
 """
 from __future__ import annotations
 
@@ -20,9 +28,20 @@ import re
 import numpy as np
 
 from .graph import Graph
+from .serialize import MAX_JSON_DEPTH, json_too_deep_at
 from .types import IRError, TensorType
 
 INLINE_LIMIT = 16
+
+_BARE_NAME = re.compile(r"[A-Za-z0-9_.\-/]+")
+_TYPE = re.compile(r"[a-z][a-z0-9_]*\[[^\]\n]*\]")
+_WORD = re.compile(r"[a-z_][a-z0-9_]*")
+_JSON = json.JSONDecoder()
+
+
+def quote_name(name: str) -> str:
+    """A name as the text form writes it: bare when it is made of [A-Za-z0-9_.-/], else a JSON string."""
+    return name if _BARE_NAME.fullmatch(name) else json.dumps(name, ensure_ascii=False)
 
 
 def _attrs_json(attrs) -> str:
@@ -31,113 +50,239 @@ def _attrs_json(attrs) -> str:
 
 def print_graph(g: Graph, inline_consts: bool = True) -> str:
     """The text form of a graph."""
-    lines = [f"graph {g.name} {{"]
+    ref = lambda v: "%" + quote_name(v.name)  # noqa: E731
+    lines = [f"graph {quote_name(g.name)} {{"]
     for v in g.inputs:
-        lines.append(f"  input %{v.name}: {v.type}")
+        lines.append(f"  input {ref(v)}: {v.type}")
     for v in g.params:
-        lines.append(f"  param %{v.name}: {v.type}")
+        lines.append(f"  param {ref(v)}: {v.type}")
     for v in g.const_values:
         arr = g.consts[v.name]
         data = json.dumps(arr.tolist()) if inline_consts and arr.size <= INLINE_LIMIT else "@external"
-        lines.append(f"  const %{v.name}: {v.type} = {data}")
+        lines.append(f"  const {ref(v)}: {v.type} = {data}")
     for n in g.nodes:
-        outs = ", ".join(f"%{o.name}: {o.type}" for o in n.outputs)
-        ins = ", ".join(f"%{i.name}" for i in n.inputs)
+        outs = ", ".join(f"{ref(o)}: {o.type}" for o in n.outputs)
+        ins = ", ".join(ref(i) for i in n.inputs)
         attrs = f" {_attrs_json(n.attrs)}" if n.attrs else ""
         lines.append(f"  {outs} = {n.op}({ins}){attrs}")
     for k, v in g.updates.items():
-        lines.append(f"  update %{k} <- %{v.name}")
-    lines.append(f"  return {', '.join('%' + v.name for v in g.outputs)}".rstrip())
+        lines.append(f"  update %{quote_name(k)} <- {ref(v)}")
+    lines.append(f"  return {', '.join(ref(v) for v in g.outputs)}".rstrip())
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
-_NAME = r"[A-Za-z0-9_.\-/]+"
-_TYPE = r"[a-z]\w*\[[^\]]*\]"
-_HEADER = re.compile(rf"^graph\s+({_NAME})\s*\{{\s*$")
-_LEAF = re.compile(rf"^(input|param|const)\s+%({_NAME})\s*:\s*({_TYPE})\s*(?:=\s*(.+))?$")
-_OUT = re.compile(rf"%({_NAME})\s*:\s*({_TYPE})")
-_NODE = re.compile(r"^(.+?)=\s*([a-z_0-9]+)\((.*?)\)\s*(\{.*\})?\s*$")
-_UPDATE = re.compile(rf"^update\s+%({_NAME})\s*<-\s*%({_NAME})\s*$")
-_RETURN = re.compile(r"^return\b(.*)$")
+class _Scanner:
+    """A cursor over one line. Every method either consumes what it names or raises an IRError carrying
+    the line and the column where the unexpected text starts."""
+
+    def __init__(self, text: str, lineno: int):
+        self.s, self.i, self.lineno = text, 0, lineno
+
+    def error(self, msg: str, at: int | None = None) -> IRError:
+        return IRError(f"line {self.lineno}, column {(self.i if at is None else at) + 1}: {msg}")
+
+    def _found(self) -> str:
+        rest = self.s[self.i:self.i + 40]
+        return repr(rest) + ("..." if len(self.s) - self.i > 40 else "") if rest else "the end of the line"
+
+    def skip_space(self) -> None:
+        while self.i < len(self.s) and self.s[self.i] in " \t":
+            self.i += 1
+
+    def at_end(self) -> bool:
+        self.skip_space()
+        return self.i >= len(self.s)
+
+    def peek(self, literal: str) -> bool:
+        self.skip_space()
+        return self.s.startswith(literal, self.i)
+
+    def expect(self, literal: str) -> None:
+        if not self.peek(literal):
+            raise self.error(f"expected {literal!r}, found {self._found()}")
+        self.i += len(literal)
+
+    def end(self) -> None:
+        if not self.at_end():
+            raise self.error(f"unexpected {self._found()}")
+
+    def word(self, what: str) -> str:
+        self.skip_space()
+        m = _WORD.match(self.s, self.i)
+        if not m:
+            raise self.error(f"expected {what}, found {self._found()}")
+        self.i = m.end()
+        return m.group()
+
+    def name(self) -> str:
+        """A bare or JSON-quoted name (its validity is Graph's to judge)."""
+        self.skip_space()
+        if self.s.startswith('"', self.i):
+            try:
+                text, end = json.decoder.scanstring(self.s, self.i + 1, True)
+            except ValueError as e:
+                raise self.error(f"bad quoted name: {getattr(e, 'msg', e)}") from None
+            self.i = end
+            return text
+        m = _BARE_NAME.match(self.s, self.i)
+        if not m:
+            raise self.error(f"expected a name, found {self._found()}")
+        self.i = m.end()
+        return m.group()
+
+    def ref(self) -> str:
+        """`%name`."""
+        self.expect("%")
+        return self.name()
+
+    def refs(self, close: str | None) -> list:
+        """A comma-separated, possibly empty list of `%name`, up to `close` (None: the end of the line)."""
+        names = []
+        done = (lambda: self.at_end()) if close is None else (lambda: self.peek(close))
+        if done():
+            return names
+        while True:
+            names.append(self.ref())
+            if done():
+                return names
+            self.expect(",")
+
+    def type(self) -> TensorType:
+        self.skip_space()
+        start = self.i
+        m = _TYPE.match(self.s, self.i)
+        if not m:
+            raise self.error(f"expected a type like f32[?,28,28,1], found {self._found()}")
+        self.i = m.end()
+        try:
+            return TensorType.parse(m.group())
+        except IRError as e:
+            raise self.error(str(e), at=start) from None
+
+    def json_value(self, what: str):
+        """One JSON value (NaN and Infinity allowed: attributes may be non-finite)."""
+        self.skip_space()
+        start = self.i
+        deep = json_too_deep_at(self.s, start)
+        if deep >= 0:
+            raise self.error(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep", at=deep)
+        try:
+            value, self.i = _JSON.raw_decode(self.s, start)
+        except ValueError as e:       # JSONDecodeError, and int() refusing thousands of digits
+            pos = getattr(e, "pos", start)
+            raise self.error(f"bad {what}: {getattr(e, 'msg', e)}", at=pos) from None
+        return value
 
 
-def _refs(text, lineno, col):
-    text = text.strip()
-    if not text:
-        return []
-    names = []
-    for part in text.split(","):
-        part = part.strip()
-        if not re.fullmatch(rf"%{_NAME}", part):
-            raise IRError(f"line {lineno}, column {col}: expected a value reference like %x, got {part!r}")
-        names.append(part[1:])
-    return names
+def _parse_leaf(sc: _Scanner, kind: str, g: Graph, consts) -> None:
+    name = sc.ref()
+    sc.expect(":")
+    t = sc.type()
+    if kind != "const":
+        sc.end()
+        (g.input if kind == "input" else g.param)(name, t.shape, t.dtype)
+        return
+    if not sc.peek("="):
+        raise sc.error("a const needs '= value' or '= @external'")
+    sc.expect("=")
+    if sc.peek("@external"):
+        sc.expect("@external")
+        sc.end()
+        if not consts or name not in consts:
+            raise IRError(f"const %{name} is external but no data was supplied")
+        arr = np.asarray(consts[name])
+    else:
+        data = sc.json_value(f"constant data for %{name}")
+        sc.end()
+        try:
+            arr = np.asarray(data, dtype=t.np_dtype)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise IRError(f"bad constant data for %{name}: {e}") from None
+    if arr.shape != t.shape:
+        raise IRError(f"const %{name}: data shape {arr.shape} != declared {t}")
+    g.const(name, arr.astype(t.np_dtype))
+
+
+def _parse_node(sc: _Scanner, g: Graph) -> None:
+    outs = []
+    while True:
+        name = sc.ref()
+        sc.expect(":")
+        outs.append((name, sc.type()))
+        if not sc.peek(","):
+            break
+        sc.expect(",")
+    sc.expect("=")
+    op = sc.word("an op name")
+    sc.expect("(")
+    ins = [g.value(n) for n in sc.refs(")")]
+    sc.expect(")")
+    attrs = {}
+    if not sc.at_end():
+        at = sc.i
+        attrs = sc.json_value("attributes")
+        if not isinstance(attrs, dict):
+            raise sc.error("attributes must be a JSON object {...}", at=at)
+    sc.end()
+    made = g.add_node(op, ins, attrs, [n for n, _ in outs])
+    for v, (n, t) in zip(made, outs):
+        if v.type != t:
+            raise IRError(f"%{n} is declared {t} but {op} gives {v.type}")
 
 
 def parse_graph(text: str, consts: dict | None = None) -> Graph:
     """Parse the text form. Errors name the line and column. `consts` supplies external constants."""
-    lines = text.splitlines()
-    body = [(i + 1, l) for i, l in enumerate(lines) if l.strip() and not l.strip().startswith("#")]
+    if not isinstance(text, str):
+        raise IRError(f"line 1, column 1: IR text must be a str, got {type(text).__name__}")
+    # only '\n' ends a line (str.splitlines would also split at U+2028 and friends inside a quoted name)
+    body = []
+    for i, raw in enumerate(text.split("\n")):
+        raw = raw[:-1] if raw.endswith("\r") else raw
+        if raw.strip(" \t") and not raw.lstrip(" \t").startswith("#"):
+            body.append((i + 1, raw))
     if not body:
         raise IRError("line 1, column 1: empty IR text")
     lineno, first = body[0]
-    m = _HEADER.match(first.strip())
-    if not m:
-        raise IRError(f"line {lineno}, column 1: expected 'graph NAME {{', got {first.strip()!r}")
-    g = Graph(m.group(1))
-    if body[-1][1].strip() != "}":
-        raise IRError(f"line {body[-1][0]}, column 1: expected closing '}}'")
+    sc = _Scanner(first, lineno)
+    try:
+        if sc.word("'graph NAME {'") != "graph":
+            raise sc.error("expected 'graph NAME {'", at=0)
+        name = sc.name()
+        sc.expect("{")
+        sc.end()
+        g = Graph(name)
+    except IRError as e:
+        msg = str(e)
+        raise (e if msg.startswith("line ") else IRError(f"line {lineno}, column 1: {msg}")) from None
+    last_no, last = body[-1]
+    if len(body) < 2 or last.strip(" \t") != "}":
+        raise IRError(f"line {last_no}, column 1: expected closing '}}'")
     returned = False
     for lineno, raw in body[1:-1]:
-        line = raw.strip()
-        col = len(raw) - len(raw.lstrip()) + 1
+        sc = _Scanner(raw, lineno)
+        sc.skip_space()
+        col = sc.i + 1
         try:
             if returned:
-                raise IRError("nothing may follow 'return'")
-            if m := _LEAF.match(line):
-                kind, name, typ, data = m.groups()
-                t = TensorType.parse(typ)
-                if kind == "input":
-                    g.input(name, t.shape, t.dtype)
-                elif kind == "param":
-                    g.param(name, t.shape, t.dtype)
-                else:
-                    if data is None:
-                        raise IRError("a const needs '= value' or '= @external'")
-                    if data.strip() == "@external":
-                        if not consts or name not in consts:
-                            raise IRError(f"const %{name} is external but no data was supplied")
-                        arr = np.asarray(consts[name])
-                    else:
-                        try:
-                            arr = np.asarray(json.loads(data), dtype=t.np_dtype)
-                        except (ValueError, TypeError) as e:
-                            raise IRError(f"bad constant data for %{name}: {e}") from None
-                    if arr.shape != t.shape:
-                        raise IRError(f"const %{name}: data shape {arr.shape} != declared {t}")
-                    g.const(name, arr.astype(t.np_dtype))
-            elif m := _UPDATE.match(line):
-                g.set_update(g.value(m.group(1)), g.value(m.group(2)))
-            elif m := _RETURN.match(line):
-                g.output(*[g.value(n) for n in _refs(m.group(1), lineno, col + 6)])
+                raise sc.error("nothing may follow 'return'")
+            if sc.peek("%"):
+                _parse_node(sc, g)
+                continue
+            keyword = sc.word("a statement (input, param, const, update, return or %name = op(...))")
+            if keyword in ("input", "param", "const"):
+                _parse_leaf(sc, keyword, g, consts)
+            elif keyword == "update":
+                target = sc.ref()
+                sc.expect("<-")
+                source = sc.ref()
+                sc.end()
+                g.set_update(g.value(target), g.value(source))
+            elif keyword == "return":
+                g.output(*[g.value(n) for n in sc.refs(None)])
                 returned = True
-            elif m := _NODE.match(line):
-                outs_text, op, ins_text, attrs_text = m.groups()
-                outs = _OUT.findall(outs_text)
-                if not outs or len(outs) != outs_text.count("%"):
-                    raise IRError(f"bad result list {outs_text.strip()!r}")
-                ins = [g.value(n) for n in _refs(ins_text, lineno, col + line.index("(") + 1)]
-                try:
-                    attrs = json.loads(attrs_text) if attrs_text else {}
-                except ValueError as e:
-                    raise IRError(f"bad attributes {attrs_text!r}: {e}") from None
-                made = g.add_node(op, ins, attrs, [n for n, _ in outs])
-                for v, (n, typ) in zip(made, outs):
-                    if v.type != TensorType.parse(typ):
-                        raise IRError(f"%{n} is declared {typ} but {op} gives {v.type}")
             else:
-                raise IRError(f"cannot parse {line!r}")
+                raise sc.error(f"unknown statement {keyword!r}", at=col - 1)
         except IRError as e:
             msg = str(e)
             if not msg.startswith("line "):

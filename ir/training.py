@@ -5,47 +5,75 @@ from __future__ import annotations
 import numpy as np
 
 from .autodiff import append_backward
+from .passes.batch_coupling import training_split_blockers
 from .passes.dce import eliminate_dead_code
 from .graph import Graph
-from .ops import emit, in_place_update_ops
+from .ops import emit, get_op, in_place_update_ops
+from .ops.optim import check_setting
 from .types import IRError
 
 STEP = "step"   # f32 scalar param: number of completed steps (dropout counter, Adam's t - 1)
-OPTIMIZERS = {"sgd": {"lr": 0.01, "momentum": 0.0, "nesterov": False},
-              "adam": {"lr": 1e-3, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7}}
+LR = "lr"       # f32 scalar: the learning rate of this step (an input fed every call, or a constant)
+
+# optimizer name -> (update op, default learning rate). Every other setting and its default is an
+# attribute of the update op (ir/ops/optim.py); AdamW is "adam" with weight_decay.
+OPTIMIZERS = {"sgd": ("sgd_update", 0.01), "adam": ("adam_update", 1e-3), "rmsprop": ("rmsprop_update", 1e-3)}
+
+
+def optimizer_config(optimizer: str, config: dict | None = None, owner: str | None = None) -> dict:
+    """The validated, complete settings of `optimizer` (defaults filled in): the one validation of
+    optimizer settings, shared by both backends and by graphcnn.optimizers.
+
+    `lr` is a number (a fixed rate, the default when absent) or None: the rate is then the training
+    graph's input LR, fed every call (what learning-rate schedules use). Errors are IRErrors naming
+    `owner` (default: the optimizer) and the setting."""
+    if optimizer not in OPTIMIZERS:
+        raise IRError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    owner = owner or optimizer
+    op_name, default_lr = OPTIMIZERS[optimizer]
+    defaults = dict(get_op(op_name).attrs, lr=default_lr)
+    config = dict(config or {})
+    unknown = set(config) - set(defaults)
+    if unknown:
+        raise IRError(f"{owner}: unknown setting(s) {sorted(unknown)}; known: {sorted(defaults)}")
+    cfg = dict(defaults, **config)
+    return {k: (None if k == "lr" and v is None else check_setting(owner, k, v)) for k, v in cfg.items()}
 
 
 def optimizer_slots(name: str, config: dict) -> tuple:
-    """Names of the per-weight state slots an optimizer keeps."""
-    if name == "adam":
-        return ("m", "v")
-    return ("velocity",) if config.get("momentum", 0.0) else ()
+    """Names of the per-weight state slots an optimizer keeps (params `<weight>/<slot>`)."""
+    cfg = optimizer_config(name, config)
+    cfg.pop("lr")
+    return get_op(OPTIMIZERS[name][0]).slot_names(cfg)
 
 
 def make_training_graph(forward: Graph, loss: str, optimizer: str = "adam", config: dict | None = None,
                         trainable: list[str] | None = None) -> Graph:
     """Extend a copy of `forward` (which computes scalar value `loss`) with gradients of every
     trainable param and the optimizer's in-place updates. New params: `step` (if absent) and the
-    optimizer slots `<weight>/<slot>`, zero-initialised by the caller."""
-    if optimizer not in OPTIMIZERS:
-        raise IRError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    cfg = dict(OPTIMIZERS[optimizer])
-    unknown = set(config or {}) - set(cfg)
-    if unknown:
-        raise IRError(f"optimizer {optimizer}: unknown setting(s) {sorted(unknown)}; known: {sorted(cfg)}")
-    cfg.update(config or {})
+    optimizer slots `<weight>/<slot>`, zero-initialised by the caller.
+
+    The learning rate: config `lr` = None makes it the scalar f32 graph input LR ("lr"), fed every call
+    (so a schedule never recompiles); a number (or no `lr`: the optimizer's default) makes it a
+    constant named LR — the fixed-rate form of the string API, `("adam", {"lr": 0.01})`."""
+    cfg = optimizer_config(optimizer, config)
+    op_name = OPTIMIZERS[optimizer][0]
     g = forward.copy()
+    if g.has_value(LR):
+        raise IRError(f"make_training_graph: graph {g.name!r} already has a value named {LR!r} "
+                      "(reserved for the learning rate)")
+    rate = cfg.pop("lr")
+    lr = g.input(LR, ()) if rate is None else g.const(LR, np.float32(rate))
     step = g.value(STEP) if g.has_value(STEP) else g.param(STEP, ())
     weights = [p for p in g.params if p.name != STEP and (trainable is None or p.name in trainable)]
     grads = append_backward(g, g.value(loss), weights)
     t1 = emit("add", step, g.const(g.fresh_name("one"), np.float32(1.0)))
+    opdef = get_op(op_name)
     for w in weights:
-        slots = [g.param(f"{w.name}/{s}", w.shape) for s in optimizer_slots(optimizer, cfg)]
-        if optimizer == "adam":
-            outs = emit("adam_update", w, grads[w.name], *slots, t1, **cfg)
-        else:
-            outs = emit("sgd_update", w, grads[w.name], *slots, **cfg)
-        outs = outs if isinstance(outs, tuple) else (outs,)
+        slots = [g.param(f"{w.name}/{s}", w.shape) for s in opdef.slot_names(cfg)]
+        scalars = {"t": t1}                       # Adam's step number after this step
+        operands = [w, grads[w.name], lr] + [scalars[n] for n in opdef.scalars] + slots
+        outs = g.add_node(op_name, operands, cfg)
         for target, new in zip([w] + slots, outs):
             g.set_update(target, new)
     g.set_update(step, t1)
@@ -60,9 +88,15 @@ def split_training_step(g: Graph) -> tuple:
 
     gradients: the forward + backward part; outputs = g's outputs followed by every weight gradient the
     optimizer reads (named as in g); no state updates, so it can run on several batch chunks at once.
-    update: inputs = those gradients, params = g's params; the optimizer nodes (and what they need that is
+    update: inputs = those gradients (then any input of g the updates read, e.g. LR), params = g's params; the optimizer nodes (and what they need that is
     not a gradient, e.g. the step increment); carries all of g's updates.
-    Gradients of chunk means combine as sum_i (n_i / n) * grad_i, the losses likewise."""
+    Gradients of chunk means combine as sum_i (n_i / n) * grad_i, the losses likewise. That is exact only
+    when the forward part is per-sample up to the losses' batch means (ir.passes.batch_coupling); a graph
+    that couples samples otherwise is refused (IRError) and must run as one unsplit step."""
+    blockers = training_split_blockers(g)
+    if blockers:
+        raise IRError(f"split_training_step: graph {g.name!r} cannot be split across batch chunks: "
+                      + "; ".join(blockers))
     opt_nodes = [n for n in g.nodes if n.op in UPDATE_OPS]
     if not opt_nodes:
         raise IRError(f"split_training_step: graph {g.name!r} has no optimizer updates")
@@ -87,6 +121,9 @@ def split_training_step(g: Graph) -> tuple:
     up = Graph(g.name + "_update")
     for v in grad_vals:
         up.input(v.name, v.shape, v.dtype)
+    for v in g.inputs:          # per-call scalars the update reads (the learning rate LR)
+        if v.name in needed:
+            up.input(v.name, v.shape, v.dtype)
     for p in g.params:
         up.param(p.name, p.shape, p.dtype)
     for c in g.const_values:

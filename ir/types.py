@@ -1,7 +1,9 @@
 """Value types: a dtype and a shape whose first dimension may be the dynamic batch (None)."""
 from __future__ import annotations
 
+import hashlib
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,6 +11,56 @@ import numpy as np
 
 class IRError(ValueError):
     """A malformed graph, op, attribute, IR text or JSON. The message says where and what."""
+
+
+# -- names ------------------------------------------------------------------------------------------
+# The one rule for graph and value names, checked by Graph (so the DSL, gc.ops, JSON and the text parser
+# all agree): a str of 1..MAX_NAME_LEN characters, every one printable in the sense of str.isprintable()
+# (no control, format, surrogate, private-use, unassigned or separator characters except the ASCII
+# space), and no leading or trailing space. Names never reach generated code: backends derive
+# identifiers from ascii_identifier() or index tables, and quote with a language's own literal syntax.
+MAX_NAME_LEN = 256
+
+
+def check_name(name, what: str = "value name") -> str:
+    """`name` if it follows the naming rule above, else IRError saying what is wrong with it."""
+    if not isinstance(name, str):
+        raise IRError(f"{what} must be a str, got {type(name).__name__}")
+    if not name:
+        raise IRError(f"{what} must not be empty")
+    if len(name) > MAX_NAME_LEN:
+        raise IRError(f"{what} {name[:40]!r}... is {len(name)} characters long (at most {MAX_NAME_LEN})")
+    if not name.isprintable():
+        bad = next(c for c in name if not c.isprintable())
+        raise IRError(f"{what} {name!r} contains the non-printable character U+{ord(bad):04X} "
+                      f"({unicodedata.category(bad)}); names must be printable text")
+    if name != name.strip(" "):
+        raise IRError(f"{what} {name!r} must not start or end with a space")
+    return name
+
+
+def name_key(name: str) -> str:
+    """The form under which two names count as the same: NFKC, as Python compares identifiers
+    ('ｘ' and 'x', 'relu７' and 'relu7' are one name). A graph refuses two names with one key."""
+    return unicodedata.normalize("NFKC", name)
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NOT_IDENTIFIER_CHAR = re.compile(r"[^A-Za-z0-9_]")
+
+
+def ascii_identifier(name: str, max_len: int = 64) -> str:
+    """An ASCII identifier ([A-Za-z_][A-Za-z0-9_]*) for `name`, valid in Python, C, LLVM and as a file
+    stem. A name that already is one (and fits max_len) is kept; any other is sanitized (other characters
+    become '_', truncated) and gets '_' + 8 hex digits of the name's SHA-256, so two names that sanitize
+    alike ('my-net' and 'my_net') still get distinct identifiers."""
+    if _IDENTIFIER.fullmatch(name) and len(name) <= max_len:
+        return name
+    stem = _NOT_IDENTIFIER_CHAR.sub("_", name)[:max_len] or "_"
+    if stem[0].isdigit():
+        stem = "g" + stem          # not '_': C reserves file-scope names that start with one
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{stem}_{digest}"
 
 
 DTYPES = {"f32": np.dtype(np.float32), "i32": np.dtype(np.int32), "f64": np.dtype(np.float64)}

@@ -9,6 +9,12 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+def pytest_configure(config):
+    # the silent NumPy fallback is a warning for users and an error here: a test that compiles with the
+    # LLVM backend must run LLVM code (tests of the fallback itself use pytest.warns)
+    config.addinivalue_line("filterwarnings", "error::graphcnn.compiler.BackendFallbackWarning")
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -1,6 +1,7 @@
 """Native embedding: `graphcnn compile --target llvm --emit so,h` -> NAME.so + NAME.h, used from C
 (examples/embed_c) and through ctypes. The reference is the Python runtime, gc.load(path).predict."""
 import ctypes
+import hashlib
 import os
 import re
 import shutil
@@ -136,11 +137,15 @@ def test_unaligned_workspace_gives_the_same_result(exported):
 def test_workspace_size_is_exact_and_monotone(exported):
     lib, m = exported["lib"], exported["macros"]
     sizes = [lib.mnist_cnn_workspace_size(b) for b in range(1, 300)]
-    assert sizes == [b * 108160 + 0 + 64 for b in range(1, 300)]
+    # kernel scratch (packed dense/conv weights) is part of the workspace: the largest need, the dense
+    # 1600 x 10 weights packed to whole vectors (at least 1600 * 10 floats), nothing per image
+    scratch = m["SCRATCH_FIXED_BYTES"]
+    assert m["SCRATCH_PER_IMAGE_BYTES"] == 0 and 1600 * 10 * 4 <= scratch <= 1600 * 16 * 4
+    assert sizes == [b * 108160 + scratch + 64 for b in range(1, 300)]
     assert all(a < b for a, b in zip(sizes, sizes[1:]))
     for bad in (0, -1, -(2 ** 63), m["MAX_BATCH"] + 1, 2 ** 62):
         assert lib.mnist_cnn_workspace_size(bad) == 0, bad
-    assert lib.mnist_cnn_workspace_size(m["MAX_BATCH"]) == m["MAX_BATCH"] * 108160 + 64 < 2 ** 63
+    assert lib.mnist_cnn_workspace_size(m["MAX_BATCH"]) == m["MAX_BATCH"] * 108160 + scratch + 64 < 2 ** 63
 
 
 def test_predict_writes_only_the_output_rows_and_the_workspace(exported):
@@ -264,8 +269,10 @@ def test_missing_c_compiler_is_a_clear_error(monkeypatch):
 def test_c_identifier():
     from backends.llvm.export import c_identifier
     assert c_identifier("mnist_cnn") == "mnist_cnn"
-    assert c_identifier("my-net.v2") == "my_net_v2"
-    assert c_identifier("3layers") == "_3layers"
+    # a name that had to change carries 8 hex digits of its SHA-256: 'my-net' and 'my_net' stay distinct
+    assert c_identifier("my-net.v2") == "my_net_v2_" + hashlib.sha256(b"my-net.v2").hexdigest()[:8]
+    assert c_identifier("my_net_v2") == "my_net_v2"
+    assert c_identifier("3layers") == "g3layers_" + hashlib.sha256(b"3layers").hexdigest()[:8]
     assert c_identifier("") == "model"
 
 

@@ -71,7 +71,7 @@ def test_graph_inequality_detects_changes():
 @pytest.mark.parametrize("text,where", [
     ("graph g {\n  input %x: f32[?,4]\n  %y: f32[?,4] = relu(%z)\n  return %y\n}\n", "line 3"),
     ("graph g {\n  input %x: f32[?,4]\n  %y: f32[?,4] = frobnicate(%x)\n  return %y\n}\n", "unknown op"),
-    ("graph g {\n  input %x: f32[?,4\n  return %x\n}\n", "line 2, column 3"),
+    ("graph g {\n  input %x: f32[?,4\n  return %x\n}\n", "line 2, column 13"),   # where the type starts
     ("graph g {\n  input %x: f32[?,4]\n  %y: f32[?,5] = relu(%x)\n  return %y\n}\n", "declared"),
     ("graph g {\n  input %x: f32[?,4]\n  %y: f32[?,4] = relu(%x) {\"bogus\": 1}\n  return %y\n}\n", "unknown attribute"),
     ("grph g {\n}\n", "line 1"),

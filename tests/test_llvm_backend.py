@@ -1,11 +1,19 @@
 """The LLVM backend against the NumPy backend: every op forward and backward (through gradient graphs),
 the example networks' inference and training steps, dropout masks, input checking."""
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 import graphcnn as gc
 import ir
 from backends.llvm import compile_llvm
+from backends.llvm.jit import host_target
 from backends.numpy import compile_numpy
 from ir.ops import emit
 from conftest import load_example
@@ -150,7 +158,7 @@ def test_compiled_code_is_cached_on_disk(tmp_path, monkeypatch):
     warm = gc.compile(g, "llvm", m.weights)
     assert [p.jit.cache_hit for p in cold._parts] == [False]
     assert [p.jit.cache_hit for p in warm._parts] == [True]
-    assert list(tmp_path.glob("*.o"))
+    assert list(tmp_path.glob("*.gcjit"))        # verified entries (backends/llvm/jit.py)
     np.testing.assert_array_equal(cold(x=x), warm(x=x))
 
 
@@ -164,3 +172,143 @@ def test_fused_code_has_no_separate_bias_or_relu_pass():
     kernels = [line for line in native.llvm_ir.splitlines() if line.startswith("define")]
     assert not any("_relu" in k or "_bias_add" in k for k in kernels), kernels
     assert sum("_conv2d" in k for k in kernels) == 2
+
+
+# ------------------------------------------------------------------------------------------------------
+# portable native builds: graphcnn compile --cpu / --features
+
+def _c_compiler():
+    return next((shutil.which(c) for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)),
+                None)
+
+
+@pytest.mark.skipif(not host_target().triple.startswith("x86_64"), reason="x86-64 CPU names")
+def test_avx2_baseline_library_runs_here_and_matches(tmp_path):
+    """A .so built for the x86-64-v3 (AVX2) baseline uses no 512-bit registers, records its target in
+    the header, and runs on this host (any AVX-512 host runs AVX2 code) with the runtime's outputs."""
+    if _c_compiler() is None:
+        pytest.skip("no C compiler to link the shared library")
+    m = load_example("lenet5")
+    m.compile(backend="numpy")
+    gcnn = str(tmp_path / "lenet5.gcnn")
+    m.save(gcnn)
+    out = tmp_path / "lib"
+    res = subprocess.run([sys.executable, "-m", "graphcnn.cli", "compile", gcnn, "-o", str(out), "--cpu",
+                          "x86-64-v3", "--emit", "so,h,asm"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 0, res.stderr
+    header = (out / "lenet5.h").read_text()
+    assert '#define lenet5_TARGET_CPU "x86-64-v3"' in header
+    assert "Target CPU: x86-64-v3 (256-bit vectors)" in header
+    asm = (out / "lenet5.s").read_text()
+    assert "%ymm" in asm and "%zmm" not in asm
+    lib = ctypes.CDLL(str(out / "lenet5.so"))
+    lib.lenet5_workspace_size.restype = ctypes.c_size_t
+    lib.lenet5_workspace_size.argtypes = [ctypes.c_int64]
+    lib.lenet5_predict.restype = ctypes.c_int
+    lib.lenet5_predict.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    x = np.random.default_rng(5).random((3, 28, 28, 1)).astype(np.float32)
+    got = np.full((3, 10), np.nan, np.float32)
+    ws = np.empty(lib.lenet5_workspace_size(3), np.uint8)
+    assert lib.lenet5_predict(x.ctypes.data, 3, got.ctypes.data, ws.ctypes.data) == 0
+    np.testing.assert_allclose(got, gc.load(gcnn).predict(x), rtol=1e-4, atol=1e-6)
+    assert re.search(r"#define lenet5_TARGET_FEATURES \"\"", header)
+
+
+def test_bad_cpu_or_features_are_usage_errors(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    model = os.path.join(root, "examples", "lenet5.py")
+    for extra, msg in [(["--cpu", "no-such-cpu"], "not a recognized processor"),
+                       (["--features", "avx2"], "comma-separated"),
+                       (["--features", "+avx2 */ int x; /*"], "comma-separated"),
+                       (["--target", "numpy", "--cpu", "x86-64-v3"], "need --target llvm")]:
+        res = subprocess.run([sys.executable, "-m", "graphcnn.cli", "compile", model, "-o", str(tmp_path / "o"),
+                              *extra], capture_output=True, text=True, cwd=root)
+        assert res.returncode == 2 and msg in res.stderr, (extra, res.returncode, res.stderr)
+
+
+def test_header_text_is_quoted_for_c():
+    from backends.llvm.export import c_comment_text, c_string_literal
+    hostile = 'a*/ int evil; /*b\n"\\?\x00é'
+    comment = c_comment_text(hostile)
+    assert "*/" not in comment and "/*" not in comment and "\n" not in comment and "\x00" not in comment
+    assert all(" " <= ch <= "~" for ch in comment)
+    lit = c_string_literal(hostile)
+    body = lit[1:-1]
+    assert lit[0] == lit[-1] == '"' and '"' not in body.replace('\\042', '') and "\n" not in body
+    assert all(" " <= ch <= "~" for ch in lit)
+
+
+# ------------------------------------------------------------------------------------------------------
+# native calls never crash: no malloc, small stack (issue 10, item 3)
+
+_NATIVE_CALL = r"""
+import ctypes, resource, sys, threading
+import numpy as np
+lib_path, x_path, want_path, mode = sys.argv[1:5]
+lib = ctypes.CDLL(lib_path)
+lib.mnist_cnn_workspace_size.restype = ctypes.c_size_t
+lib.mnist_cnn_workspace_size.argtypes = [ctypes.c_int64]
+lib.mnist_cnn_predict.restype = ctypes.c_int
+lib.mnist_cnn_predict.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+x = np.load(x_path)
+n = x.shape[0]
+out = np.full((n, 10), np.nan, np.float32)
+ws = np.zeros(lib.mnist_cnn_workspace_size(n), np.uint8)
+result = {}
+def call():
+    result["rc"] = lib.mnist_cnn_predict(x.ctypes.data, n, out.ctypes.data, ws.ctypes.data)
+if mode == "rlimit":
+    # from here on the process cannot grow by more than 8 MiB: any malloc of real size fails
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[0])
+    limit = pages * resource.getpagesize() + (8 << 20)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    call()
+else:
+    threading.stack_size(128 * 1024)       # musl's default thread stack
+    t = threading.Thread(target=call)
+    t.start()
+    t.join()
+assert result["rc"] == 0, result
+np.testing.assert_allclose(out, np.load(want_path), rtol=1e-5, atol=1e-6)
+print("ok")
+"""
+
+
+@pytest.fixture(scope="module")
+def mnist_library(tmp_path_factory):
+    from backends.llvm.export import write_native
+    from ir.passes import run_pipeline
+    if _c_compiler() is None:
+        pytest.skip("no C compiler to link the shared library")
+    tmp = tmp_path_factory.mktemp("native")
+    m = load_example("mnist_cnn")
+    g = run_pipeline(m.inference_graph(), "inference").graph
+    write_native(g, m.weights, str(tmp), ["so", "h", "asm"])
+    x = np.random.default_rng(2).random((5, 28, 28, 1)).astype(np.float32)
+    np.save(tmp / "x.npy", x)
+    np.save(tmp / "want.npy", gc.compile(m.inference_graph(), "numpy", m.weights)(x=x))
+    return tmp
+
+
+@pytest.mark.parametrize("mode", ["rlimit", "small_stack"])
+def test_native_predict_needs_no_heap_and_little_stack(mnist_library, mode):
+    """Under RLIMIT_AS (no room to allocate) and on a 128 KiB thread stack the C API works: kernel
+    scratch comes from the caller's workspace, frames are small. A signal would fail this test."""
+    t = mnist_library
+    res = subprocess.run([sys.executable, "-c", _NATIVE_CALL, str(t / "mnist_cnn.so"), str(t / "x.npy"),
+                          str(t / "want.npy"), mode], capture_output=True, text=True)
+    assert res.returncode == 0 and "ok" in res.stdout, (res.returncode, res.stderr[-2000:])
+
+
+def test_native_stack_frames_stay_below_the_stated_bound(mnist_library):
+    from backends.llvm.export import STACK_BOUND_BYTES
+    asm = (mnist_library / "mnist_cnn.s").read_text()
+    header = (mnist_library / "mnist_cnn.h").read_text()
+    assert f"less than {STACK_BOUND_BYTES} bytes of stack" in header
+    assert "malloc" not in asm and "alloca" not in asm
+    frames = [int(v) for v in re.findall(r"subq\s+\$(\d+),\s*%rsp", asm)]
+    assert frames, "no stack frames found in the assembly"
+    # predict -> run -> graph -> one kernel: four frames at most, each well below a quarter of the bound
+    assert max(frames, default=0) + 64 * 8 < STACK_BOUND_BYTES // 4, sorted(frames)[-5:]

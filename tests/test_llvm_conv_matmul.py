@@ -15,6 +15,7 @@ from llvmlite import ir
 from backends.llvm import jit
 from backends.llvm.kernels.conv import (build_conv2d, build_conv2d_grad_filter, build_conv2d_grad_input,
                                         conv_geometry)
+from backends.llvm.kernels.builder import scratch_need
 from backends.llvm.kernels.matmul import TilePlan, build_dense, build_matmul, plan_tile
 
 TARGET = jit.host_target()
@@ -104,21 +105,31 @@ _SESSION = {}
 def kernels():
     """name -> ctypes-callable(*arrays, n); one JIT module for the whole file, kept alive."""
     if "jit" not in _SESSION:
-        ir_text = str(_build_all())
-        _SESSION["jit"] = jit.JitModule(ir_text)
-    engine = _SESSION["jit"]
+        module = _build_all()
+        _SESSION["module"] = module
+        _SESSION["jit"] = jit.JitModule(str(module))
+    engine, module = _SESSION["jit"], _SESSION["module"]
 
     def get(name):
         addr = engine.address(name)
+        need = scratch_need(module.get_global(name))
         cache = {}
 
         def call(*arrays, n):
-            key = len(arrays)
+            key = len(arrays) + 1          # + the scratch pointer every GEMM-family kernel takes
             if key not in cache:
                 cache[key] = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * key), ctypes.c_int64)(addr)
-            cache[key](*[None if a is None else a.ctypes.data for a in arrays], n)
+            scratch = aligned_scratch(need.bytes(n))
+            cache[key](*[None if a is None else a.ctypes.data for a in arrays], scratch.ctypes.data, n)
         return call
     return get
+
+
+def aligned_scratch(nbytes):
+    """A 64-byte aligned buffer of nbytes filled with NaN bit patterns (stale scratch must not matter)."""
+    raw = np.full(nbytes // 4 + 32, np.nan, np.float32)
+    off = (-raw.ctypes.data) % 64 // 4
+    return raw[off:]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -421,8 +432,13 @@ def test_other_vector_widths_compute_the_same(bits):
                              dilation=d, target=target)
     build_matmul(module, "mm", a_shape=(None, 19), b_shape=(37, 19), transpose_b=True, target=target)
     engine = jit.JitModule(str(module))
-    call = lambda name, nptr: ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * nptr), ctypes.c_int64)(
-        engine.address(name))
+    def call(name, nptr):
+        fn = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * (nptr + 1)), ctypes.c_int64)(engine.address(name))
+        need = scratch_need(module.get_global(name))
+        def run(*args):
+            scratch = aligned_scratch(need.bytes(args[-1]))      # alive until the call returns
+            fn(*args[:-1], scratch.ctypes.data, args[-1])
+        return run
     rng = np.random.default_rng(bits)
     n = 3
     g = conv_geometry(hwc, k, f, s, p, d)

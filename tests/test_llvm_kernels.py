@@ -339,12 +339,12 @@ def test_pool_rejects_bad_arguments():
 # elementwise maps
 
 UNARY_SHAPE = (None, 3, 37)          # 111 per sample: vector strips plus a tail
-for _op in ("relu", "sigmoid", "tanh", "neg"):
-    kernel(_op, getattr(E, f"build_{_op}"), shape=UNARY_SHAPE)
-    if _op != "neg":
-        kernel(f"{_op}_grad", getattr(E, f"build_{_op}_grad"), shape=UNARY_SHAPE)
+for _op in ("relu", "sigmoid", "tanh"):
+    kernel(_op, E.build_activation, kind=_op, shape=UNARY_SHAPE)
+    kernel(f"{_op}_grad", E.build_activation_grad, kind=_op, shape=UNARY_SHAPE)
+kernel("neg", E.build_neg, shape=UNARY_SHAPE)
 kernel("scale", E.build_scale, shape=UNARY_SHAPE, factor=-0.37)
-kernel("relu_static", E.build_relu, shape=(4, 5))
+kernel("relu_static", E.build_activation, kind="relu", shape=(4, 5))
 
 UNARY_REF = {
     "relu": lambda x: np.maximum(x, 0),
@@ -447,7 +447,7 @@ def test_binary_rejects_bad_shapes():
     with pytest.raises(ValueError, match="axis 1"):
         E.build_mul(m, "c", a_shape=(3, None), b_shape=(3, 1), target=TARGET)
     with pytest.raises(ValueError, match="op must be"):
-        E.build_binary(m, "d", op="div", a_shape=(3,), b_shape=(3,), target=TARGET)
+        E.build_binary(m, "d", op="pow", a_shape=(3,), b_shape=(3,), target=TARGET)
 
 
 BIAS_SHAPES = [(None, 6, 6, 13), (None, 10), (None, 3, 32)]
@@ -821,11 +821,11 @@ def test_loss_gradients_match_finite_differences(jm):
 # optimizers
 
 SIZE = 1003                                          # vector strips plus a tail
-kernel("sgd_plain", O.build_sgd_update, size=SIZE, lr=0.1, has_velocity=False)
-kernel("sgd_momentum", O.build_sgd_update, size=SIZE, lr=0.05, momentum=0.9)
-kernel("sgd_nesterov", O.build_sgd_update, size=SIZE, lr=0.05, momentum=0.9, nesterov=True)
-kernel("adam", O.build_adam_update, size=SIZE, lr=1e-3)
-kernel("adam_custom", O.build_adam_update, size=SIZE, lr=0.01, beta_1=0.8, beta_2=0.99, epsilon=1e-4)
+kernel("sgd_plain", O.build_sgd_update, size=SIZE)
+kernel("sgd_momentum", O.build_sgd_update, size=SIZE, momentum=0.9)
+kernel("sgd_nesterov", O.build_sgd_update, size=SIZE, momentum=0.9, nesterov=True)
+kernel("adam", O.build_adam_update, size=SIZE)
+kernel("adam_custom", O.build_adam_update, size=SIZE, beta_1=0.8, beta_2=0.99, epsilon=1e-4)
 
 
 def _state(seed):
@@ -838,10 +838,10 @@ def test_sgd_update(jm, variant):
     w, g, vel = _state(1)
     w64, g64, v64 = (a.astype(np.float64) for a in (w, g, vel))
     if variant == "plain":
-        call(jm, "sgd_plain", w, g, n=0)
+        call(jm, "sgd_plain", w, g, np.array(0.1, np.float32), n=0)
         assert_close(w, w64 - 0.1 * g64, rtol=1e-5, atol=1e-7)
         return
-    call(jm, f"sgd_{variant}", w, g, vel, n=0)
+    call(jm, f"sgd_{variant}", w, g, np.array(0.05, np.float32), vel, n=0)
     v_new = 0.9 * v64 - 0.05 * g64
     w_new = w64 + (0.9 * v_new - 0.05 * g64 if variant == "nesterov" else v_new)
     assert_close(vel, v_new, rtol=1e-5, atol=1e-6)
@@ -857,11 +857,11 @@ def test_adam_update(jm, name, lr, b1, b2, eps, t):
     w64, g64, m64, v64 = (a.astype(np.float64) for a in (w, g, m, v))
     if NK is not None:
         nw, nm, nv = w.copy(), m.copy(), v.copy()
-        NK.adam_update(nw, g, nm, nv, np.float32(t), lr, b1, b2, eps)
-    call(jm, name, w, g, m, v, np.array(t, np.float32), n=0)
+        NK.adam_update(nw, g, np.float32(lr), np.float32(t), nm, nv, b1, b2, eps)
+    call(jm, name, w, g, np.array(lr, np.float32), np.array(t, np.float32), m, v, n=0)
     m_new = m64 + (g64 - m64) * (1 - b1)
     v_new = v64 + (g64 * g64 - v64) * (1 - b2)
-    alpha = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+    alpha = float(np.float32(lr)) * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
     w_new = w64 - alpha * m_new / (np.sqrt(v_new) + eps)
     assert_close(m, m_new, rtol=1e-5, atol=1e-7)
     assert_close(v, v_new, rtol=1e-5, atol=1e-7)
@@ -871,12 +871,12 @@ def test_adam_update(jm, name, lr, b1, b2, eps, t):
 
 
 def test_optimizer_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="velocity"):
-        O.build_sgd_update(ir.Module(), "s", size=3, lr=0.1, momentum=0.9, has_velocity=False, target=TARGET)
-    with pytest.raises(ValueError, match="beta_1"):
-        O.build_adam_update(ir.Module(), "a", size=3, lr=0.1, beta_1=1.0, target=TARGET)
+    with pytest.raises(ValueError, match=r"sgd_update: unknown setting\(s\) \['lr'\]"):
+        O.build_sgd_update(ir.Module(), "s", size=3, lr=0.1, target=TARGET)   # lr is an operand now
+    with pytest.raises(ValueError, match=r"beta_1 must be in \[0.0, 1.0\)"):
+        O.build_adam_update(ir.Module(), "a", size=3, beta_1=1.0, target=TARGET)
     with pytest.raises(ValueError, match="size"):
-        O.build_adam_update(ir.Module(), "a", size=-1, lr=0.1, target=TARGET)
+        O.build_adam_update(ir.Module(), "a", size=-1, target=TARGET)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -890,3 +890,74 @@ def test_hot_loops_use_vector_registers(jm):
         start = text.index(f'@{name}(') if f'@{name}(' in text else text.index(f'@"{name}"(')
         body = text[start:text.index("\n}", start)]
         assert vec in body, f"{name} has no {vec} operations"
+
+
+# ------------------------------------------------------------------------------------------------------
+# targets: the vector width follows the target, on any host (code for other CPUs is emitted, never run)
+
+X86 = TARGET.triple.startswith("x86_64")
+
+
+def _emit_for(target) -> tuple[str, str]:
+    """(optimized IR, assembly) of a few kernels of odd sizes built for `target`."""
+    module = ir.Module(name="width_probe")
+    E.build_softmax(module, "softmax10", shape=(None, 10), axis=-1, target=target)
+    E.build_activation(module, "relu3", kind="relu", shape=(None, 3), target=target)
+    P.build_max_pool2d(module, "maxpool", in_hwc=(5, 5, 3), pool=2, stride=2, padding=VALID, target=target)
+    from backends.llvm.kernels.matmul import build_dense
+    build_dense(module, "dense", in_features=7, units=10, has_bias=True, activation="sigmoid", target=target)
+    tm = jit.target_machine(3, reloc="pic", jit=False, target=target)
+    opt = jit.optimize(str(module), 3, tm)
+    return str(opt), tm.emit_assembly(opt)
+
+
+def _function_body(text: str, name: str) -> str:
+    start = text.index(f"@{name}(")
+    return text[start:text.index("\n}", start)]
+
+
+@pytest.mark.skipif(not X86, reason="x86-64 CPU names")
+@pytest.mark.parametrize("cpu,bits", [("x86-64-v3", 256), ("x86-64-v4", 512), ("x86-64", 128)])
+def test_kernels_for_another_cpu_use_its_vector_width(cpu, bits):
+    target = jit.make_target(cpu)
+    assert target.vector_bits == bits
+    text, asm = _emit_for(target)
+    lanes = bits // 32
+    for name in ("softmax10", "relu3", "maxpool", "dense"):
+        body = _function_body(text, name)
+        # rows narrower than a register (10 or 3 floats) are one masked vector, not scalar code
+        assert f"<{lanes} x float>" in body, f"{name} has no <{lanes} x float> operations for {cpu}"
+        for wider in (8, 16):
+            if wider > lanes:
+                assert f"<{wider} x float>" not in body, f"{name} uses {wider}-float vectors on {cpu}"
+    regs = {128: "xmm", 256: "ymm", 512: "zmm"}
+    assert regs[bits] in asm
+    for b, reg in regs.items():
+        if b > bits:
+            assert f"%{reg}" not in asm, f"{cpu} code uses {reg} registers"
+
+
+@pytest.mark.skipif(not X86, reason="x86-64 CPU names")
+def test_target_overrides_from_the_environment(monkeypatch):
+    fresh = jit.host_target.__wrapped__        # host_target() itself is cached for the process
+    monkeypatch.delenv(jit.CPU_ENV, raising=False)
+    monkeypatch.delenv(jit.FEATURES_ENV, raising=False)
+    host = fresh()
+    monkeypatch.setenv(jit.CPU_ENV, "x86-64-v2")
+    assert fresh().cpu == "x86-64-v2" and fresh().vector_bits == 128
+    monkeypatch.delenv(jit.CPU_ENV)
+    monkeypatch.setenv(jit.FEATURES_ENV, "-avx2,-avx")
+    assert fresh().vector_bits == 128 and fresh().cpu == host.cpu
+    for bad, match in [("avx2", "comma-separated"), ("+nosuchfeature", "not a recognized"),
+                       ("+x;rm -rf /", "comma-separated")]:
+        monkeypatch.setenv(jit.FEATURES_ENV, bad)
+        with pytest.raises(jit.TargetError, match=match):
+            fresh()
+    monkeypatch.delenv(jit.FEATURES_ENV)
+    monkeypatch.setenv(jit.CPU_ENV, "no-such-cpu")
+    with pytest.raises(jit.TargetError, match="not a recognized processor"):
+        fresh()
+    if host.vector_bits < 512:      # asking for more than the host has is refused, not a SIGILL later
+        monkeypatch.setenv(jit.CPU_ENV, "x86-64-v4")
+        with pytest.raises(jit.TargetError, match="wider than this host"):
+            fresh()

@@ -232,11 +232,12 @@ def test_one_plan_serves_every_batch_and_threads_do_not_share_arenas():
     for t in threads:
         t.join()
     assert errors == []
-    buf = inf.plan.numpy_allocator(7)
-    assert buf is not inf.plan.numpy_allocator(7)                 # a fresh closure, the same arena
+    arena = inf.arenas.get(7)
+    buf = inf.plan.numpy_allocator(7, arena.buffer, arena.views)
+    assert arena is inf.arenas.get(7)                              # this thread's arena for batch 7, reused
     relu = inf.graph.nodes[0].name
     v = buf(relu, (7, 26, 26, 32))
-    assert np.shares_memory(v, inf.plan.numpy_allocator(7)(relu, (7, 26, 26, 32)))
+    assert np.shares_memory(v, inf.plan.numpy_allocator(7, arena.buffer)(relu, (7, 26, 26, 32)))
     with pytest.raises(ValueError, match="plan has"):
         inf.plan.numpy_allocator(8)(relu, (7, 26, 26, 32))
 

@@ -139,8 +139,9 @@ def test_cse_never_merges_updates_or_renames_results():
     g = ir.Graph("upd")
     w = g.param("w", (3,))
     gr = g.input("g", (3,))
-    u1 = emit("sgd_update", w, gr, lr=0.1)
-    u2 = emit("sgd_update", w, gr, lr=0.1)
+    lr = g.input("lr", ())
+    u1 = emit("sgd_update", w, gr, lr)
+    u2 = emit("sgd_update", w, gr, lr)
     r1, r2 = emit("relu", gr), emit("relu", gr)
     g.set_update(w, u1)
     g.output(u2, r1, r2)
@@ -348,10 +349,10 @@ def test_pipelines_and_registry():
     for name in ("drop_dropout", "fold_constants", "cse", "fuse_bias_activation", "fold_softmax_cross_entropy"):
         fn = PASSES[name]
         assert callable(fn) and fn.__doc__
-    assert PIPELINES["inference"][:6] == ["verify", "drop_dropout", "fold_constants", "cse",
-                                          "fuse_bias_activation", "dce"]
+    assert PIPELINES["inference"][:8] == ["verify", "drop_dropout", "fold_batch_norm", "decompose_grouped_conv",
+                                          "fold_constants", "cse", "fuse_bias_activation", "dce"]
     assert PIPELINES["training_forward"][:3] == ["verify", "fold_softmax_cross_entropy", "dce"]
-    assert PIPELINES["training"][:4] == ["verify", "cse", "fuse_bias_activation", "dce"]
+    assert PIPELINES["training"][:5] == ["verify", "decompose_grouped_conv", "cse", "fuse_bias_activation", "dce"]
 
 
 def test_unknown_pass_or_pipeline_is_a_clear_error():

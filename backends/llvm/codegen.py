@@ -4,13 +4,20 @@
 `first` is the index of this call's first sample within the whole batch (non-zero when a batch is split
 across threads; it keeps dropout masks a function of the global element index). `args` is an array of
 pointers to the leaves (inputs, params, constants, in graph order); node outputs
-live in `arena` at their layout offsets (n * per_sample + fixed). Each node becomes one call to a kernel
+live in `arena` at their layout offsets (n * per_sample + fixed), followed by one scratch region that
+every kernel needing scratch memory shares (sized for the largest need). Each node becomes one call to a kernel
 generated for its exact shapes by backends/llvm/kernels (identical kernels are generated once). One
-native call runs the whole graph — a whole training step for a training graph."""
+native call runs the whole graph — a whole training step for a training graph.
+
+No user text reaches the LLVM IR: the module and entry symbols come from ir.types.ascii_identifier,
+kernel symbols from op names and a counter, and value names are only keys of the layout."""
 from __future__ import annotations
 
 from llvmlite import ir as ll
 
+from ir.types import ascii_identifier
+
+from .kernels.builder import scratch_need
 from .layout import VIEW_OPS, compute_layout
 
 PTR = ll.PointerType()
@@ -41,9 +48,10 @@ class KernelCache:
 def lower_graph(g, target, entry_name=None):
     """-> (llvmlite module, entry function name, Layout)."""
     from .lowering import LOWERINGS
-    module = ll.Module(name=g.name)
+    symbol = ascii_identifier(g.name)
+    module = ll.Module(name=symbol)
     layout = compute_layout(g)
-    entry_name = entry_name or f"gc_{g.name}"
+    entry_name = entry_name or f"gc_{symbol}"
     fn = ll.Function(module, ll.FunctionType(VOID, [PTR, I64, PTR, I64]), name=entry_name)
     fn.attributes.add("nounwind")
     args, n, arena, first = fn.args
@@ -67,6 +75,24 @@ def lower_graph(g, target, entry_name=None):
         addr[name] = a
         return a
 
+    scratch_per_sample = scratch_fixed = 0
+    scratch_ps, scratch_fx = layout.scratch_offset()
+    scratch_ptr = []
+
+    def token(v, kernel):
+        nonlocal scratch_per_sample, scratch_fixed
+        if v[0] == "sample_base":          # flat index of this call's first element
+            return b.mul(first, ll.Constant(I64, v[1]))
+        if v[0] == "scratch":              # the shared scratch region, grown to the kernel's need
+            need = scratch_need(kernel)
+            scratch_per_sample = max(scratch_per_sample, need.per_sample)
+            scratch_fixed = max(scratch_fixed, need.fixed)
+            if not scratch_ptr:
+                off = b.add(b.mul(n, ll.Constant(I64, scratch_ps)), ll.Constant(I64, scratch_fx))
+                scratch_ptr.append(b.gep(arena, [off], inbounds=True, source_etype=I8))
+            return scratch_ptr[0]
+        raise ValueError(f"unknown operand token {v!r}")
+
     for node in g.nodes:
         if node.op in VIEW_OPS:
             continue
@@ -74,10 +100,10 @@ def lower_graph(g, target, entry_name=None):
         if lower is None:
             raise LoweringError(f"LLVM backend: no lowering for op {node.op!r} (node %{node.name})")
         kernel, operands = lower(cache, node, target)
-        call_args = [address(v) if isinstance(v, str) else
-                     b.mul(first, ll.Constant(I64, v[1])) if isinstance(v, tuple) else v
+        call_args = [address(v) if isinstance(v, str) else token(v, kernel) if isinstance(v, tuple) else v
                      for v in operands]
         b.call(kernel, call_args + [n])
+    layout.scratch_per_sample, layout.scratch_fixed = scratch_per_sample, scratch_fixed
     # state writes that no kernel did in place (e.g. the step counter): copy the new value back
     for param, new in g.updates.items():
         if layout.resolve(param) != layout.resolve(new.name):

@@ -1,11 +1,14 @@
 """LLVM executable: JIT the lowered graph once, then one native call per batch (ctypes releases the
 GIL, so threads run native code in parallel).
 
-- Inference: the batch is split across threads, each with its own arena.
-- Training (a graph with state updates): with one thread, one native call runs the whole step. With
-  several, the step is split (ir.training.split_training_step) into a gradient function, run on one
-  batch chunk per thread, and an update function; chunk gradients and losses are combined in a fixed
-  order with weights n_i / n, so results are bit-identical run to run for a given thread count."""
+- Inference: the batch is split across threads, each with its own arena, when the graph is per-sample
+  (ir.passes.batch_coupling.is_per_sample: no op mixes samples); otherwise one call runs the whole batch.
+- Training (a graph with state updates): with one thread, or when the forward part couples samples
+  beyond the losses' batch means (training_split_blockers), one native call runs the whole step. With
+  several threads and a per-sample forward part, the step is split (ir.training.split_training_step)
+  into a gradient function, run on one batch chunk per thread, and an update function; chunk gradients
+  and losses are combined in a fixed order with weights n_i / n, so results are bit-identical run to run
+  for a given thread count."""
 from __future__ import annotations
 
 import ctypes
@@ -16,7 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..executable import Executable
+from ir.passes.batch_coupling import coupling_nodes, training_split_blockers
+
+from ..executable import ARENA_ALIGN, ArenaCache, Executable
 from .codegen import lower_graph
 from .jit import JitModule, host_target
 from .layout import ALIGN
@@ -43,34 +48,24 @@ class NativeGraph:
         self.jit = JitModule(self.llvm_ir)
         self.compile_seconds = time.perf_counter() - t0
         self.fn = ENTRY(self.jit.address(self.entry_name))
-        self._local = threading.local()
-
-    def arena(self, n):
-        cache = getattr(self._local, "arenas", None)
-        if cache is None:
-            cache = self._local.arenas = {}
-        a = cache.get(n)
-        if a is None:
-            if len(cache) > 4:
-                cache.clear()
-            size = self.layout.arena_bytes(n) // 4 + 1
-            raw = np.empty(size + ALIGN // 4, np.float32)
-            off = (-raw.ctypes.data) % ALIGN // 4
-            a = cache[n] = raw[off:off + size]
-        return a
+        assert ARENA_ALIGN % ALIGN == 0
+        self.arenas = ArenaCache(lambda n: -(-self.layout.arena_bytes(n) // 4) * 4 + 4)
 
     def __call__(self, leaves: dict, n: int, first: int = 0) -> list:
         """Run on `leaves` (name -> C-contiguous array). Outputs are views into this thread's arena, valid
         until this thread's next call; Executable.__call__ copies them once."""
         ptrs = (ctypes.c_void_p * max(1, len(self.layout.arg_order)))(
             *[leaves[name].ctypes.data for name in self.layout.arg_order])
-        arena = self.arena(n)
-        self.fn(ptrs, n, arena.ctypes.data, first)
+        arena = self.arenas.get(n).buffer.view(np.float32)
+        try:
+            self.fn(ptrs, n, arena.ctypes.data, first)
+        finally:
+            self.arenas.release(n)
         outs = []
         for v in self.graph.outputs:
             s = self.layout.resolve(v.name)
-            if s.kind == "arg":
-                outs.append(np.array(leaves[self.layout.arg_order[s.index]]))
+            if s.kind == "arg":     # an output that is a leaf or a view of one (flatten(x)): its own shape
+                outs.append(np.array(leaves[self.layout.arg_order[s.index]]).reshape(v.type.concrete(n)))
             else:
                 off = (n * s.per_sample + s.fixed) // 4
                 shape = v.type.concrete(n)
@@ -89,7 +84,16 @@ class LlvmExecutable(Executable):
         self._pool_lock = threading.Lock()
         self.training = bool(graph.updates)
         t0 = time.perf_counter()
-        if self.training and self.threads > 1:
+        # the thread count must never change the result: split only what the coupling analysis proves
+        # per-sample; `split_blockers` says why a graph runs unsplit
+        if self.training:
+            self.split_blockers = training_split_blockers(graph)
+        else:
+            self.split_blockers = [reason for _, reason in coupling_nodes(graph)]
+            if not all(t.batched for _, t in self.outputs) or not any(t.batched for _, t in self.inputs):
+                self.split_blockers.append("an output or every input lacks the batch axis")
+        self.split_training = self.training and self.threads > 1 and not self.split_blockers
+        if self.split_training:
             from ir.training import split_training_step
             gg, ug = split_training_step(graph)
             self._grads, self._update = NativeGraph(gg, self.target), NativeGraph(ug, self.target)
@@ -99,9 +103,7 @@ class LlvmExecutable(Executable):
             self._parts = [self._main]
         self.compile_seconds = time.perf_counter() - t0
         self.llvm_ir = "\n".join(p.llvm_ir for p in self._parts)
-        # inference batches split freely when nothing couples samples
-        self.splittable = not self.training and all(t.batched for _, t in self.outputs) and \
-            all(t.batched for _, t in self.inputs)
+        self.splittable = not self.training and not self.split_blockers
 
     @property
     def asm(self) -> str:
@@ -128,7 +130,7 @@ class LlvmExecutable(Executable):
 
     def run(self, arrays):
         n = next((a.shape[0] for a, (_, t) in zip(arrays, self.inputs) if t.batched), 1)
-        if self.training and self.threads > 1:
+        if self.split_training:
             return self._train_step(arrays, n)
         if not self.splittable or self.threads == 1 or n < 2:
             return self._main(self._leaves(arrays), n)
@@ -164,6 +166,8 @@ class LlvmExecutable(Executable):
         leaves = dict(self.state)
         leaves.update(self.consts)
         leaves.update(combined)
+        # unbatched inputs (the learning rate) feed the update as they are
+        leaves.update((name, a) for (name, t), a in zip(self.inputs, arrays) if not t.batched)
         self._update(leaves, 1)
         return outs
 

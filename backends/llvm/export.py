@@ -12,6 +12,11 @@ small C API wraps the graph's entry function (backends/llvm/codegen.py):
 globals, runs the graph once for the whole batch with the arena in the workspace, and copies the output
 out of the arena. Nothing is allocated and there is no global mutable state, so calls with separate
 workspaces may run concurrently. See docs/embedding.md.
+
+No user text reaches the C or LLVM output unquoted: NAME is ir.types.ascii_identifier(graph name) (an
+ASCII identifier; a name it had to change carries a digest, so distinct names stay distinct), symbol
+clashes inside the module are refused, and the graph's own name appears only in a header comment made
+safe by c_comment_text.
 """
 from __future__ import annotations
 
@@ -20,15 +25,23 @@ import re
 import shutil
 import subprocess
 import tempfile
+import textwrap
 
 import numpy as np
 from llvmlite import ir as ll
+from llvmlite.ir._utils import DuplicatedNameError
+
+from ir.types import ascii_identifier
 
 from .codegen import lower_graph
 from .jit import host_target, optimize, target_machine
 from .layout import ALIGN
 
 EMITS = ("so", "h", "obj", "llvm", "asm")
+# Stack bound stated in NAME.h: kernels allocate nothing on the stack beyond register spills (scratch is
+# carved from the workspace), so a call's frames (predict -> run -> graph -> one kernel) stay far below
+# this; tests/test_llvm_backend.py measures the frames of generated code against it.
+STACK_BOUND_BYTES = 16384
 
 # error codes shared by the header and the generated code
 OK, ERR_NULL_ARG, ERR_BAD_BATCH, ERR_WORKSPACE_TOO_SMALL = 0, 1, 2, 3
@@ -47,9 +60,15 @@ class NativeExportError(RuntimeError):
 
 
 def c_identifier(name: str) -> str:
-    """`name` made a valid C identifier: other characters become '_', a leading digit gets a '_'."""
-    ident = re.sub(r"[^A-Za-z0-9_]", "_", str(name)) or "model"
-    return "_" + ident if ident[0].isdigit() else ident
+    """The C name (symbol prefix, file stem, macro prefix) of a model: ir.types.ascii_identifier."""
+    return ascii_identifier(name) if name else "model"
+
+
+def c_comment_text(text: str) -> str:
+    """`text` for the inside of a /* */ comment: printable ASCII (backslash escapes for the rest, so no
+    line break), with '*/' and '/*' broken apart so the comment can neither end nor nest."""
+    safe = ascii(str(text))[1:-1]
+    return re.sub(r"/(?=\*)|\*(?=/)", lambda m: m.group() + " ", safe)
 
 
 def _atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
@@ -79,8 +98,13 @@ class ApiShape:
         self.output_bytes = y.type.nbytes(1)
         self.arena_per_sample = int(layout.arena_per_sample)
         self.arena_fixed = int(layout.arena_fixed)
-        per_sample = max(self.arena_per_sample, self.input_bytes, self.output_bytes, 1)
-        self.max_batch = int(min(MAX_BATCH_CAP, (MAX_TOTAL_BYTES - self.arena_fixed - ALIGN) // per_sample))
+        # the kernels' scratch region after the planned values (its alignment padding included)
+        self.scratch_per_sample = int(layout.arena_bytes(1) - layout.arena_bytes(0)) - self.arena_per_sample
+        self.scratch_fixed = int(layout.arena_bytes(0)) - self.arena_fixed
+        self.total_per_sample = self.arena_per_sample + self.scratch_per_sample
+        self.total_fixed = self.arena_fixed + self.scratch_fixed
+        per_sample = max(self.total_per_sample, self.input_bytes, self.output_bytes, 1)
+        self.max_batch = int(min(MAX_BATCH_CAP, (MAX_TOTAL_BYTES - self.total_fixed - ALIGN) // per_sample))
         if self.max_batch < 1:
             raise ValueError(f"native export: the arena of {g.name!r} is too large to address")
 
@@ -88,7 +112,7 @@ class ApiShape:
         """The exact value NAME_workspace_size(batch) returns."""
         if batch <= 0 or batch > self.max_batch:
             return 0
-        return batch * self.arena_per_sample + self.arena_fixed + ALIGN
+        return batch * self.total_per_sample + self.total_fixed + ALIGN
 
 
 # -- LLVM IR for globals and the C API --------------------------------------------------------------
@@ -134,7 +158,7 @@ def _define_workspace_size(module, name, shape):
     (batch,) = fn.args
     b = ll.IRBuilder(fn.append_basic_block("entry"))
     ok = b.and_(b.icmp_signed(">", batch, _i64(0)), b.icmp_signed("<=", batch, _i64(shape.max_batch)))
-    size = b.add(b.mul(batch, _i64(shape.arena_per_sample)), _i64(shape.arena_fixed + ALIGN))
+    size = b.add(b.mul(batch, _i64(shape.total_per_sample)), _i64(shape.total_fixed + ALIGN))
     b.ret(b.select(ok, size, _i64(0)))
     return fn
 
@@ -160,7 +184,7 @@ def _define_run(module, name, shape, entry, layout, globals_by_leaf):
     fail_if(any_null, ERR_NULL_ARG, "null")
     bad_batch = b.or_(b.icmp_signed("<=", batch, _i64(0)), b.icmp_signed(">", batch, _i64(shape.max_batch)))
     fail_if(bad_batch, ERR_BAD_BATCH, "batch")
-    need = b.add(b.mul(batch, _i64(shape.arena_per_sample)), _i64(shape.arena_fixed + ALIGN))
+    need = b.add(b.mul(batch, _i64(shape.total_per_sample)), _i64(shape.total_fixed + ALIGN))
     fail_if(b.and_(check, b.icmp_unsigned("<", ws_bytes, need)), ERR_WORKSPACE_TOO_SMALL, "workspace")
 
     # align the arena up to 64 bytes inside the caller's workspace (the +64 slack in the size pays for it)
@@ -206,34 +230,35 @@ def _define_predict(module, name, run, checked: bool):
     return fn
 
 
-def build_module(g, weights, name=None):
-    """-> (llvmlite module with the graph, its weights and the C API, C name, ApiShape)."""
+def build_module(g, weights, name=None, target=None):
+    """-> (llvmlite module with the graph, its weights and the C API, C name, ApiShape); kernels are
+    generated for `target` (a jit.HostTarget, default: the host)."""
     name = c_identifier(name or g.name)
-    module, entry_name, layout = lower_graph(g, host_target(), entry_name=f"{name}_graph")
-    entry = module.get_global(entry_name)
-    entry.linkage = "internal"          # only the C API is exported; lets LLVM inline the graph
-    shape = ApiShape(g, layout)
-    globals_by_leaf = {leaf: _add_global(module, f"{name}_leaf{i}", arr)
-                       for i, (leaf, arr) in enumerate(_leaf_arrays(g, weights).items())}
-    _define_workspace_size(module, name, shape)
-    run = _define_run(module, name, shape, entry, layout, globals_by_leaf)
-    _define_predict(module, name, run, checked=False)
-    _define_predict(module, name, run, checked=True)
+    try:
+        module, entry_name, layout = lower_graph(g, target or host_target(), entry_name=f"{name}_graph")
+        entry = module.get_global(entry_name)
+        entry.linkage = "internal"          # only the C API is exported; lets LLVM inline the graph
+        shape = ApiShape(g, layout)
+        globals_by_leaf = {leaf: _add_global(module, f"{name}_leaf{i}", arr)
+                           for i, (leaf, arr) in enumerate(_leaf_arrays(g, weights).items())}
+        _define_workspace_size(module, name, shape)
+        run = _define_run(module, name, shape, entry, layout, globals_by_leaf)
+        _define_predict(module, name, run, checked=False)
+        _define_predict(module, name, run, checked=True)
+    except DuplicatedNameError as e:    # e.g. a model named like a kernel symbol: never merge two symbols
+        raise NativeExportError(f"native export of {g.name!r}: symbol {e} is defined twice; rename the "
+                                f"model") from None
     return module, name, shape
-
-
-def uses_malloc(module) -> bool:
-    """Whether a kernel in `module` allocates heap scratch (large matmul buffers do)."""
-    return "malloc" in module.globals
 
 
 # -- the header -----------------------------------------------------------------------------------
 HEADER = """\
-/* {name}.h - C API of the graphcnn model '{graph_name}' (generated by graphcnn; do not edit).
+/* {name}.h - C API of the graphcnn model "{graph_name}" (generated by graphcnn; do not edit).
  *
  * Link with {name}.so (weights compiled in, no Python needed). Input: float32 images, NHWC,
  * {batch_doc}; output: {output_size} float32 values per image.
- * The library is compiled for the CPU it was built on ({cpu}).
+ * Target CPU: {cpu_comment} ({vector_bits}-bit vectors); the library runs on CPUs with all of that
+ * target's features ({name}_TARGET_CPU / {name}_TARGET_FEATURES below).{features_comment}
  * A 64-bit (LP64) platform is assumed: size_t is 64 bits.
  */
 #ifndef {guard}
@@ -247,10 +272,14 @@ extern "C" {{
 #endif
 
 {dims}
+#define {name}_TARGET_CPU {cpu_literal}
+#define {name}_TARGET_FEATURES {features_literal}
 #define {name}_INPUT_SIZE {input_size}  /* floats per input image */
 #define {name}_OUTPUT_SIZE {output_size}  /* floats per output row (per image) */
 #define {name}_ARENA_PER_IMAGE_BYTES {per_image}ULL
 #define {name}_ARENA_FIXED_BYTES {fixed}ULL
+#define {name}_SCRATCH_PER_IMAGE_BYTES {scratch_per_image}ULL  /* kernel scratch (packed weights, padding) */
+#define {name}_SCRATCH_FIXED_BYTES {scratch_fixed}ULL
 #define {name}_WORKSPACE_ALIGN_SLACK {align}ULL  /* the workspace is aligned up to 64 bytes internally */
 #define {name}_MAX_BATCH {max_batch}LL  /* larger batches are refused (sizes stay far from overflow) */
 
@@ -260,7 +289,8 @@ extern "C" {{
 #define {name}_ERR_WORKSPACE_TOO_SMALL {e_ws}  /* predict_checked: workspace_bytes < workspace_size(batch) */
 
 /* Bytes of workspace predict() needs for `batch` images: exactly
- *   batch * {name}_ARENA_PER_IMAGE_BYTES + {name}_ARENA_FIXED_BYTES + 64.
+ *   batch * ({name}_ARENA_PER_IMAGE_BYTES + {name}_SCRATCH_PER_IMAGE_BYTES)
+ *   + {name}_ARENA_FIXED_BYTES + {name}_SCRATCH_FIXED_BYTES + 64.
  * Returns 0 when batch <= 0 or batch > {name}_MAX_BATCH. Any alignment of the workspace is fine. */
 size_t {name}_workspace_size(int64_t batch);
 
@@ -268,7 +298,8 @@ size_t {name}_workspace_size(int64_t batch);
  *   input:     batch * {name}_INPUT_SIZE floats (NHWC), read only
  *   output:    batch * {name}_OUTPUT_SIZE floats, written
  *   workspace: at least {name}_workspace_size(batch) bytes, used as scratch (not initialized)
- * Returns {name}_OK (0) or an error code ({name}_ERR_*). {alloc_doc} No global mutable state: calls
+ * Returns {name}_OK (0) or an error code ({name}_ERR_*). Nothing is allocated (kernel scratch is part
+ * of the workspace) and a call uses less than {stack} bytes of stack. No global mutable state: calls
  * with separate workspaces may run concurrently from several threads. */
 int {name}_predict(const float *input, int64_t batch, float *output, void *workspace);
 
@@ -285,8 +316,30 @@ int {name}_predict_checked(const float *input, int64_t batch, float *output, voi
 """
 
 
-def render_header(name, graph_name, shape, kernel_mallocs=False) -> str:
-    """The text of NAME.h for a model with C name `name`; `kernel_mallocs`: some kernel allocates scratch."""
+def c_string_literal(text: str) -> str:
+    """`text` as a C string literal (printable ASCII kept, everything else as octal escapes)."""
+    out = []
+    for byte in str(text).encode("utf-8"):
+        ch = chr(byte)
+        if ch in '"\\?' or not (" " <= ch <= "~"):
+            out.append(f"\\{byte:03o}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _features_comment(features: str) -> str:
+    """The LLVM feature string as wrapped header comment lines ('' when the CPU name says it all)."""
+    if not features:
+        return ""
+    lines = textwrap.wrap(c_comment_text(features.replace(",", " ")), 96)
+    return ("\n * LLVM features (later entries win; turning a feature off turns off those built on it):\n"
+            + "\n".join(f" *   {line}" for line in lines))
+
+
+def render_header(name, graph_name, shape, target=None) -> str:
+    """The text of NAME.h for a model with C name `name`; `target`: the jit.HostTarget the library was compiled for (default: the host)."""
+    target = target or host_target()
     dims = shape.input_dims
     if len(dims) == 3:
         dim_lines = "\n".join(f"#define {name}_INPUT_{k} {d}" for k, d in zip("HWC", dims))
@@ -295,13 +348,15 @@ def render_header(name, graph_name, shape, kernel_mallocs=False) -> str:
         dim_lines = f"/* input per image: {dims} */"
         batch_doc = f"shape (batch, {', '.join(map(str, dims))})"
     return HEADER.format(
-        name=name, graph_name=graph_name, guard=f"GRAPHCNN_{name.upper()}_H", dims=dim_lines,
+        name=name, graph_name=c_comment_text(graph_name), guard=f"GRAPHCNN_{name.upper()}_H", dims=dim_lines,
         input_size=int(np.prod(dims, dtype=np.int64)), output_size=int(np.prod(shape.output_dims, dtype=np.int64)),
-        per_image=shape.arena_per_sample, fixed=shape.arena_fixed, align=ALIGN, max_batch=shape.max_batch,
+        per_image=shape.arena_per_sample, fixed=shape.arena_fixed, align=ALIGN,
+        scratch_per_image=shape.scratch_per_sample, scratch_fixed=shape.scratch_fixed, stack=STACK_BOUND_BYTES,
+        max_batch=shape.max_batch,
         e_null=ERR_NULL_ARG, e_batch=ERR_BAD_BATCH, e_ws=ERR_WORKSPACE_TOO_SMALL, batch_doc=batch_doc,
-        cpu=host_target().cpu,
-        alloc_doc="Some kernels malloc/free scratch buffers too large for the stack." if kernel_mallocs
-        else "Nothing is allocated.")
+        cpu_comment=c_comment_text(target.cpu), vector_bits=target.vector_bits,
+        features_comment=_features_comment(target.features),
+        cpu_literal=c_string_literal(target.cpu), features_literal=c_string_literal(target.features))
 
 
 # -- linking --------------------------------------------------------------------------------------
@@ -333,11 +388,13 @@ def link_shared(obj_bytes: bytes, so_path: str, soname: str) -> None:
         os.replace(out, so_path)
 
 
-def write_native(g, weights, folder, emit):
+def write_native(g, weights, folder, emit, target=None):
     """Write the artifacts named in `emit` (so, h, obj, llvm, asm) for inference graph `g` into `folder`.
 
     g must be an optimized inference graph with one batched f32 input and one batched f32 output;
-    weights maps every param name to its array. Returns the list of written paths."""
+    weights maps every param name to its array; `target` (a jit.HostTarget, see jit.export_target) is the
+    CPU the code is generated for, default the host. Returns the list of written paths."""
+    target = target or host_target()
     emit = list(emit)
     bad = [e for e in emit if e not in EMITS]
     if bad:
@@ -345,14 +402,14 @@ def write_native(g, weights, folder, emit):
     if not emit:
         raise ValueError("write_native: emit is empty; nothing to write")
     os.makedirs(folder, exist_ok=True)
-    module, name, shape = build_module(g, weights)
+    module, name, shape = build_module(g, weights, target=target)
     written = []
 
     def path(ext):
         return os.path.join(folder, f"{name}.{ext}")
 
     if any(e in emit for e in ("so", "obj", "llvm", "asm")):
-        tm = target_machine(3, reloc="pic", jit=False)
+        tm = target_machine(3, reloc="pic", jit=False, target=target)
         opt_mod = optimize(str(module), 3, tm)
         if "llvm" in emit:
             _atomic_write(path("ll"), str(opt_mod).encode())
@@ -369,6 +426,6 @@ def write_native(g, weights, folder, emit):
                 link_shared(obj, path("so"), f"{name}.so")
                 written.append(path("so"))
     if "h" in emit:
-        _atomic_write(path("h"), render_header(name, g.name, shape, uses_malloc(module)).encode())
+        _atomic_write(path("h"), render_header(name, g.name, shape, target).encode())
         written.append(path("h"))
     return written

@@ -26,13 +26,24 @@ class Slot:
 
 @dataclass
 class Layout:
+    """Value slots plus the arena: the planned values (`arena_per_sample * n + arena_fixed` bytes), then
+    the kernels' shared scratch region (`scratch_per_sample * n + scratch_fixed` bytes, 64-byte aligned:
+    kernels run one after another, so one region serves them all)."""
     slots: dict
     arena_per_sample: int
     arena_fixed: int
     arg_order: list
+    scratch_per_sample: int = 0
+    scratch_fixed: int = 0
+
+    def scratch_offset(self) -> tuple[int, int]:
+        """(per-sample, fixed) byte offset of the scratch region: after the planned values, aligned."""
+        return _align(self.arena_per_sample), _align(self.arena_fixed)
 
     def arena_bytes(self, n: int) -> int:
-        return n * self.arena_per_sample + self.arena_fixed
+        """Bytes of arena (planned values + scratch) one call with batch n needs."""
+        ps, fx = self.scratch_offset()
+        return n * (ps + self.scratch_per_sample) + fx + self.scratch_fixed
 
     def resolve(self, name):
         s = self.slots[name]

@@ -1,15 +1,25 @@
 """Per-op lowering rules of the LLVM backend: node -> (kernel function, operand list).
 
-Operands are value names (resolved to arena/argument addresses by codegen) or llvmlite constants
-(a null pointer for an absent bias). Kernels come from backends/llvm/kernels; identical kernels are
+Operands are value names (resolved to arena/argument addresses by codegen), llvmlite constants (a null
+pointer for an absent bias) or codegen tokens: SCRATCH (the kernel's scratch memory) and
+("sample_base", k). Kernels come from backends/llvm/kernels; identical kernels are
 generated once per module (KernelCache)."""
 from __future__ import annotations
 
 from llvmlite import ir as ll
 
-from .kernels import conv, elementwise, loss, matmul, optimizer, pool
+from ir.ops import activations as activation_table
+from ir.ops import get_op, in_place_update_ops
+
+from .codegen import LoweringError
+from .kernels import augment, conv, depthwise, elementwise, loss, matmul, norm, optimizer, pool
+from .kernels import reduce as reduce_kernels
+from .kernels import shape as shape_kernels
 
 NULL = ll.Constant(ll.PointerType(), None)
+# operand: this call's scratch memory (codegen points it at the arena's scratch region, sized for the
+# largest scratch_need of the graph's kernels)
+SCRATCH = ("scratch",)
 
 
 def _conv_common(node):
@@ -21,9 +31,24 @@ def lower_conv2d(cache, node, target):
     x, w = node.inputs[:2]
     has_bias = len(node.inputs) > 2
     spec = dict(in_hwc=tuple(x.shape[1:]), kernel_hw=tuple(w.shape[:2]), filters=w.shape[3], has_bias=has_bias,
-                activation=node.attrs["activation"], **_conv_common(node))
+                activation=node.attrs["activation"], activation_params=node.attrs["activation_params"],
+                **_conv_common(node))
+    if node.attrs.get("groups", 1) != 1:
+        raise LoweringError(f"LLVM backend: grouped conv2d %{node.name} must be split by the "
+                            f"decompose_grouped_conv pass first (it is in the inference and training pipelines)")
     fn = cache.get(("conv2d", repr(spec)),
                    lambda m, name: conv.build_conv2d(m, name, target=target, **spec))
+    return fn, [x.name, w.name, node.inputs[2].name if has_bias else NULL, node.outputs[0].name, SCRATCH]
+
+
+def lower_depthwise_conv2d(cache, node, target):
+    x, w = node.inputs[:2]
+    has_bias = len(node.inputs) > 2
+    spec = dict(in_hwc=tuple(x.shape[1:]), kernel_shape=tuple(w.shape), has_bias=has_bias,
+                activation=node.attrs["activation"], activation_params=node.attrs["activation_params"],
+                **_conv_common(node))
+    fn = cache.get(("depthwise_conv2d", repr(spec)),
+                   lambda m, name: depthwise.build_depthwise_conv2d(m, name, target=target, **spec))
     return fn, [x.name, w.name, node.inputs[2].name if has_bias else NULL, node.outputs[0].name]
 
 
@@ -33,7 +58,7 @@ def lower_conv2d_grad_input(cache, node, target):
                 **_conv_common(node))
     fn = cache.get(("conv2d_grad_input", repr(spec)),
                    lambda m, name: conv.build_conv2d_grad_input(m, name, target=target, **spec))
-    return fn, [dy.name, w.name, node.outputs[0].name]
+    return fn, [dy.name, w.name, node.outputs[0].name, SCRATCH]
 
 
 def lower_conv2d_grad_filter(cache, node, target):
@@ -42,15 +67,16 @@ def lower_conv2d_grad_filter(cache, node, target):
                 **_conv_common(node))
     fn = cache.get(("conv2d_grad_filter", repr(spec)),
                    lambda m, name: conv.build_conv2d_grad_filter(m, name, target=target, **spec))
-    return fn, [x.name, dy.name, node.outputs[0].name]
+    return fn, [x.name, dy.name, node.outputs[0].name, SCRATCH]
 
 
 def lower_dense(cache, node, target):
     x, w = node.inputs[:2]
     has_bias = len(node.inputs) > 2
-    spec = dict(in_features=w.shape[0], units=w.shape[1], has_bias=has_bias, activation=node.attrs["activation"])
+    spec = dict(in_features=w.shape[0], units=w.shape[1], has_bias=has_bias, activation=node.attrs["activation"],
+                activation_params=node.attrs["activation_params"])
     fn = cache.get(("dense", repr(spec)), lambda m, name: matmul.build_dense(m, name, target=target, **spec))
-    return fn, [x.name, w.name, node.inputs[2].name if has_bias else NULL, node.outputs[0].name]
+    return fn, [x.name, w.name, node.inputs[2].name if has_bias else NULL, node.outputs[0].name, SCRATCH]
 
 
 def lower_matmul(cache, node, target):
@@ -58,11 +84,12 @@ def lower_matmul(cache, node, target):
     spec = dict(a_shape=tuple(a.shape), b_shape=tuple(b.shape), transpose_a=node.attrs["transpose_a"],
                 transpose_b=node.attrs["transpose_b"])
     fn = cache.get(("matmul", repr(spec)), lambda m, name: matmul.build_matmul(m, name, target=target, **spec))
-    return fn, [a.name, b.name, node.outputs[0].name]
+    return fn, [a.name, b.name, node.outputs[0].name, SCRATCH]
 
 
 LOWERINGS = {
     "conv2d": lower_conv2d,
+    "depthwise_conv2d": lower_depthwise_conv2d,
     "conv2d_grad_input": lower_conv2d_grad_input,
     "conv2d_grad_filter": lower_conv2d_grad_filter,
     "dense": lower_dense,
@@ -86,13 +113,17 @@ def _pool_spec(node):
     return spec
 
 
+def _has_weight(node):
+    """A loss node with its optional per-sample weight operand."""
+    return len(node.inputs) > get_op(node.op).n_fixed
+
+
 # op -> (kernel module, node -> builder kwargs); operands are the node's inputs then its output
 SPECS = {
-    **{op: (elementwise, lambda nd: dict(shape=_shape(nd.outputs[0])))
-       for op in ("relu", "sigmoid", "tanh", "neg", "relu_grad", "sigmoid_grad", "tanh_grad", "bias_add")},
+    **{op: (elementwise, lambda nd: dict(shape=_shape(nd.outputs[0]))) for op in ("neg", "bias_add")},
     "scale": (elementwise, lambda nd: dict(shape=_shape(nd.outputs[0]), factor=nd.attrs["factor"])),
     **{op: (elementwise, lambda nd: dict(a_shape=_shape(nd.inputs[0]), b_shape=_shape(nd.inputs[1])))
-       for op in ("add", "sub", "mul")},
+       for op in ("add", "sub", "mul", "div")},
     "sum_to": (elementwise, lambda nd: dict(x_shape=_shape(nd.inputs[0]), out_shape=_shape(nd.outputs[0]))),
     "bias_add_grad": (elementwise, lambda nd: dict(shape=_shape(nd.inputs[0]))),
     "transpose": (elementwise, lambda nd: dict(in_shape=_shape(nd.inputs[0]), perm=tuple(nd.attrs["perm"]))),
@@ -102,10 +133,37 @@ SPECS = {
     **{op: (pool, lambda nd: dict(in_hwc=_shape(nd.inputs[0])[1:] if nd.op == "global_avg_pool2d"
                                   else tuple(nd.attrs["input_shape"])))
        for op in ("global_avg_pool2d", "global_avg_pool2d_grad")},
-    **{op: (loss, lambda nd: dict(num_classes=nd.inputs[0].shape[1], from_logits=nd.attrs["from_logits"]))
+    **{op: (loss, lambda nd: dict(num_classes=nd.inputs[0].shape[1], from_logits=nd.attrs["from_logits"],
+                                  has_weight=_has_weight(nd)))
        for op in ("sparse_categorical_crossentropy", "sparse_categorical_crossentropy_grad",
-                  "categorical_crossentropy", "categorical_crossentropy_grad")},
-    **{op: (loss, lambda nd: dict(shape=_shape(nd.inputs[0]))) for op in ("mse", "mse_grad")},
+                  "categorical_crossentropy", "categorical_crossentropy_grad",
+                  "binary_crossentropy", "binary_crossentropy_grad")},
+    **{op: (loss, lambda nd: dict(shape=_shape(nd.inputs[0]), has_weight=_has_weight(nd)))
+       for op in ("mse", "mse_grad")},
+    # CNN ops: kernels/norm.py, reduce.py, shape.py, depthwise.py
+    **{op: (norm, lambda nd: dict(shape=_shape(nd.inputs[0]), epsilon=nd.attrs["epsilon"]))
+       for op in ("batch_norm", "batch_norm_train", "batch_norm_train_grad")},
+    "batch_norm_scale": (norm, lambda nd: dict(channels=nd.inputs[0].shape[0], epsilon=nd.attrs["epsilon"])),
+    "rsqrt": (norm, lambda nd: dict(shape=_shape(nd.outputs[0]))),
+    **{op: (reduce_kernels, lambda nd: dict(x_shape=_shape(nd.inputs[0]), axis=tuple(nd.attrs["axis"])))
+       for op in ("reduce_sum", "reduce_mean")},
+    "reduce_grad": (reduce_kernels, lambda nd: dict(out_shape=_shape(nd.outputs[0]), axis=tuple(nd.attrs["axis"]),
+                                            mean=nd.attrs["mean"])),
+    **{op: (reduce_kernels, lambda nd: dict(in_hwc=_shape(nd.inputs[0])[1:]))
+       for op in ("global_max_pool2d", "global_max_pool2d_grad")},
+    "concat": (shape_kernels, lambda nd: dict(shapes=[_shape(v) for v in nd.inputs], axis=nd.attrs["axis"])),
+    "slice": (shape_kernels, lambda nd: dict(in_shape=_shape(nd.inputs[0]), axis=nd.attrs["axis"], start=nd.attrs["start"],
+                                     stop=nd.attrs["stop"])),
+    "slice_grad": (shape_kernels, lambda nd: dict(dy_shape=_shape(nd.inputs[0]), axis=nd.attrs["axis"],
+                                                  start=nd.attrs["start"], size=nd.attrs["size"])),
+    "pad": (shape_kernels, lambda nd: dict(in_hwc=_shape(nd.inputs[0])[1:], padding=tuple(map(tuple, nd.attrs["padding"])),
+                                   value=nd.attrs["value"])),
+    "pad_grad": (shape_kernels, lambda nd: dict(in_hwc=_shape(nd.outputs[0])[1:],
+                                        padding=tuple(map(tuple, nd.attrs["padding"])))),
+    "depthwise_conv2d_grad_input": (depthwise, lambda nd: dict(
+        in_hwc=_shape(nd.outputs[0])[1:], kernel_shape=_shape(nd.inputs[1]), **_conv_common(nd))),
+    "depthwise_conv2d_grad_filter": (depthwise, lambda nd: dict(
+        in_hwc=_shape(nd.inputs[0])[1:], kernel_shape=tuple(nd.attrs["kernel_shape"]), **_conv_common(nd))),
 }
 
 
@@ -114,6 +172,15 @@ def lower_generic(cache, node, target):
     spec = spec_of(node)
     build = getattr(module, f"build_{node.op}")
     fn = cache.get((node.op, repr(spec)), lambda m, name: build(m, name, target=target, **spec))
+    return fn, [v.name for v in node.inputs] + [v.name for v in node.outputs]      # every output buffer
+
+
+def lower_activation(cache, node, target):
+    """A table activation (or its `_grad` op): its parameters are the node's attributes."""
+    spec = activation_table.GRAD_OPS.get(node.op) or activation_table.TABLE[node.op]
+    args = dict(kind=spec.name, params=spec.normalize(node.attrs, node.op), shape=_shape(node.outputs[0]))
+    build = elementwise.build_activation_grad if node.op == spec.grad_op else elementwise.build_activation
+    fn = cache.get((node.op, repr(args)), lambda m, name: build(m, name, target=target, **args))
     return fn, [v.name for v in node.inputs] + [node.outputs[0].name]
 
 
@@ -127,22 +194,29 @@ def lower_dropout(cache, node, target):
     return fn, [v.name for v in node.inputs] + [node.outputs[0].name, ("sample_base", node.inputs[0].type.numel(1))]
 
 
-def lower_adam(cache, node, target):
-    a = node.attrs
-    spec = dict(size=node.inputs[0].type.numel(1), lr=a["lr"], beta_1=a["beta_1"], beta_2=a["beta_2"],
-                epsilon=a["epsilon"])
-    fn = cache.get(("adam", repr(spec)), lambda m, name: optimizer.build_adam_update(m, name, target=target, **spec))
-    return fn, [v.name for v in node.inputs]
-
-
-def lower_sgd(cache, node, target):
-    a = node.attrs
-    spec = dict(size=node.inputs[0].type.numel(1), lr=a["lr"], momentum=a["momentum"], nesterov=a["nesterov"],
-                has_velocity=len(node.inputs) > 2)
-    fn = cache.get(("sgd", repr(spec)), lambda m, name: optimizer.build_sgd_update(m, name, target=target, **spec))
+def lower_update(cache, node, target):
+    """Optimizer updates: one builder per op (optimizer.build_<op>), the node's settings as its keywords."""
+    spec = dict(size=node.inputs[0].type.numel(1), **node.attrs)
+    build = getattr(optimizer, f"build_{node.op}")
+    fn = cache.get((node.op, repr(sorted(spec.items()))), lambda m, name: build(m, name, target=target, **spec))
     return fn, [v.name for v in node.inputs]
 
 
 LOWERINGS.update({op: lower_generic for op in SPECS})
-LOWERINGS.update({"dropout": lower_dropout, "dropout_grad": lower_dropout,
-                  "adam_update": lower_adam, "sgd_update": lower_sgd})
+LOWERINGS.update({op: lower_activation for op in activation_table.NAMES if op != "linear"})
+LOWERINGS.update({op: lower_activation for op in activation_table.GRAD_OPS})
+LOWERINGS.update({"dropout": lower_dropout, "dropout_grad": lower_dropout})
+LOWERINGS.update({op: lower_update for op in in_place_update_ops()})
+
+
+def lower_augment(cache, node, target):
+    """random_flip / random_translation(_grad): per-image draws keyed by the image's index in the whole
+    batch, so the kernel takes the call's first sample as its `base` (("sample_base", 1))."""
+    spec = dict(shape=_shape(node.inputs[0]), has_step=len(node.inputs) > 1,
+                **{k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in node.attrs.items()})
+    build = getattr(augment, f"build_{node.op}")
+    fn = cache.get((node.op, repr(sorted(spec.items()))), lambda m, name: build(m, name, target=target, **spec))
+    return fn, [v.name for v in node.inputs] + [node.outputs[0].name, ("sample_base", 1)]
+
+
+LOWERINGS.update({op: lower_augment for op in ("random_flip", "random_translation", "random_translation_grad")})

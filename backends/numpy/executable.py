@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..executable import Executable
+from ..executable import ArenaCache, Executable
 from . import kernels as K
 from .codegen import generate_source
 
@@ -15,19 +15,22 @@ class NumpyExecutable(Executable):
         super().__init__(graph, params, compute_dtype)
         self.source, self.fn_name, self.var = generate_source(graph)
         ns = {"np": np, "K": K}
-        exec(compile(self.source, f"<graphcnn:{graph.name}>", "exec"), ns)
+        exec(compile(self.source, f"<graphcnn:{self.fn_name}>", "exec"), ns)
         self._fn = ns[self.fn_name]
         self.plan = plan
-
-    def _buffers(self, batch):
-        if self.plan is None or self.compute_dtype != np.float32:
-            dt = self.compute_dtype
-            return lambda key, shape: np.empty(shape, dt)
-        return self.plan.numpy_allocator(batch)
+        self.arenas = ArenaCache(plan.arena_bytes) if plan is not None else None
 
     def run(self, arrays):
         batch = next((a.shape[0] for a, (_, t) in zip(arrays, self.inputs) if t.batched), 1)
-        return self._fn(*arrays, self.state, self.consts, self._buffers(batch))
+        if self.arenas is None or self.compute_dtype != np.float32:
+            dt = self.compute_dtype
+            return self._fn(*arrays, self.state, self.consts, lambda key, shape: np.empty(shape, dt))
+        arena = self.arenas.get(batch)
+        try:
+            return self._fn(*arrays, self.state, self.consts,
+                            self.plan.numpy_allocator(batch, arena.buffer, arena.views))
+        finally:
+            self.arenas.release(batch)
 
 
 def compile_numpy(graph, params=None, plan=None, compute_dtype=np.float32) -> NumpyExecutable:

@@ -5,13 +5,17 @@ returns it; results follow `out`'s dtype (float32 in production, float64 in the 
 Convolutions are im2col + one matmul per batch chunk; pools and col2im loop only over window taps.
 
 This file is pasted verbatim into standalone modules (`graphcnn compile --target numpy --emit py`), so it
-imports only `math` and `numpy`, has no package-relative imports and no `from __future__` line.
+imports only `math`, `numpy` and the activation table's NumPy math (ACTIVATION_MATH_IMPORT: the standalone
+writer pastes ir/ops/activation_math.py in place of that line), has no package-relative imports and no
+`from __future__` line.
 """
 import math
 
 import numpy as np
 
-ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh")
+from ir.ops.activation_math import *  # noqa: F401,F403  (relu, relu_grad, ..., clip_grad: K.<activation>)
+
+ACTIVATION_MATH_IMPORT = "from ir.ops.activation_math import *"
 # Keras' backend epsilon, used by the probability (from_logits=False) cross-entropies.
 PROB_EPSILON = 1e-7
 # im2col buffers are built per batch chunk of about this many bytes: bounds peak memory (a whole-batch
@@ -88,22 +92,21 @@ def _pool_geometry(kernel, in_shape, pool, stride, padding):
     return pool, stride, pads, out_hw
 
 
-def _check_activation(kernel, activation):
-    if activation not in ACTIVATIONS:
-        _fail(kernel, f"unknown activation {activation!r}; use one of {ACTIVATIONS}")
+def _activation(kernel, activation):
+    """The activation table's NumPy function for a fused activation name."""
+    if activation not in ACTIVATION_NAMES:
+        _fail(kernel, f"unknown activation {activation!r}; use one of {ACTIVATION_NAMES}")
+    return globals()[activation]
 
 
 # ---------------------------------------------------------------------------------------------------
 # shared building blocks
 
-def _apply_activation(y, activation):
-    """In place on y (the fused epilogue of conv2d and dense)."""
-    if activation == "relu":
-        np.maximum(y, 0, out=y)
-    elif activation == "sigmoid":
-        sigmoid(y, y)
-    elif activation == "tanh":
-        np.tanh(y, out=y)
+def _apply_activation(y, fn, params):
+    """In place on y (the fused epilogue of conv2d and dense): the standalone activation kernel itself,
+    so fused and unfused results are identical."""
+    if fn is not linear:
+        fn(y, y, **dict(params))
     return y
 
 
@@ -180,14 +183,26 @@ def _write_matmul(a, b, out, rows, cols):
 # ---------------------------------------------------------------------------------------------------
 # convolution
 
-def conv2d(x, w, b, out, stride, padding, dilation, activation="linear"):
-    """out = activation(cross_correlate(x, w) + b); x (N,H,W,C), w (KH,KW,C,F), b (F,) or None,
-    out (N,OH,OW,F). Zero padding ((top, bottom), (left, right)); stride/dilation (sh, sw), (dh, dw)."""
+def conv2d(x, w, b, out, stride, padding, dilation, activation="linear", activation_params=(), groups=1):
+    """out = activation(cross_correlate(x, w) + b); x (N,H,W,C), w (KH,KW,C/groups,F), b (F,) or None,
+    out (N,OH,OW,F). Zero padding ((top, bottom), (left, right)); stride/dilation (sh, sw), (dh, dw).
+    groups > 1: each group of C/groups input channels feeds its own F/groups output channels."""
     _expect_rank("conv2d", "x", x, 4)
     _expect_rank("conv2d", "w", w, 4)
-    _check_activation("conv2d", activation)
+    act = _activation("conv2d", activation)
     n, _, _, c = x.shape
     kh, kw, wc, f = w.shape
+    if groups != 1:
+        if not isinstance(groups, (int, np.integer)) or groups < 1 or c % groups or f % groups \
+                or wc * groups != c:
+            _fail("conv2d", f"groups={groups!r} does not fit x {x.shape} and w {w.shape}")
+        _expect_shape("conv2d", "out", out.shape[:1] + out.shape[3:], (n, f))
+        cg, fg = c // groups, f // groups
+        for k in range(groups):
+            fs = slice(k * fg, (k + 1) * fg)
+            conv2d(x[..., k * cg:(k + 1) * cg], w[..., fs], None if b is None else b[fs], out[..., fs],
+                   stride, padding, dilation, activation, activation_params)
+        return out
     if wc != c:
         _fail("conv2d", f"x {x.shape} has {c} channels but w {w.shape} expects {wc}")
     if b is not None:
@@ -209,7 +224,7 @@ def conv2d(x, w, b, out, stride, padding, dilation, activation="linear"):
         # epilogue on the chunk while it is still in cache
         if b is not None:
             y += b
-        _apply_activation(y, activation)
+        _apply_activation(y, act, activation_params)
         if not direct:
             out[s:e] = y.reshape(e - s, oh, ow, f)
     return out
@@ -395,11 +410,11 @@ def global_avg_pool2d_grad(dy, out):
 # ---------------------------------------------------------------------------------------------------
 # dense algebra and elementwise arithmetic
 
-def dense(x, w, b, out, activation="linear"):
+def dense(x, w, b, out, activation="linear", activation_params=()):
     """out (N,M) = activation(x (N,K) @ w (K,M) + b (M,) or None)."""
     _expect_rank("dense", "x", x, 2)
     _expect_rank("dense", "w", w, 2)
-    _check_activation("dense", activation)
+    act = _activation("dense", activation)
     if x.shape[1] != w.shape[0]:
         _fail("dense", f"x {x.shape} and w {w.shape} do not chain (x has {x.shape[1]} features)")
     if b is not None:
@@ -408,7 +423,7 @@ def dense(x, w, b, out, activation="linear"):
     _write_matmul(x, w, out, *out.shape)
     if b is not None:
         out += b
-    return _apply_activation(out, activation)
+    return _apply_activation(out, act, activation_params)
 
 
 def matmul(a, b, out, transpose_a=False, transpose_b=False):
@@ -460,6 +475,13 @@ def sub(a, b, out):
     return np.subtract(a, b, out=out)
 
 
+def div(a, b, out):
+    """out = a / b (NumPy broadcasting, IEEE: x/0 = ±inf, 0/0 = NaN)."""
+    _broadcast_into("div", a, b, out)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.divide(a, b, out=out)
+
+
 def mul(a, b, out):
     """out = a * b (NumPy broadcasting)."""
     _broadcast_into("mul", a, b, out)
@@ -484,53 +506,8 @@ def sum_to(x, out):
 # ---------------------------------------------------------------------------------------------------
 # activations
 
-def relu(x, out):
-    """out = max(x, 0)."""
-    _expect_shape("relu", "out", out.shape, x.shape)
-    return np.maximum(x, 0, out=out)
-
-
-def sigmoid(x, out):
-    """out = 1 / (1 + exp(-x)); out may be x. exp(-x) is capped below overflow: the result is then a
-    denormal (or 0), which is what sigmoid is there, so it stays accurate in relative terms elsewhere."""
-    _expect_shape("sigmoid", "out", out.shape, x.shape)
-    np.negative(x, out=out)
-    np.minimum(out, math.floor(math.log(np.finfo(out.dtype).max)), out=out)   # 88 in float32
-    np.exp(out, out=out)
-    out += 1
-    np.reciprocal(out, out=out)
-    return out
-
-
-def tanh(x, out):
-    """out = tanh(x)."""
-    _expect_shape("tanh", "out", out.shape, x.shape)
-    return np.tanh(x, out=out)
-
-
-def relu_grad(y, dy, out):
-    """out = dy * (y > 0), y the relu OUTPUT; out may be dy."""
-    _expect_shape("relu_grad", "dy", np.shape(dy), y.shape)
-    _expect_shape("relu_grad", "out", out.shape, y.shape)
-    return np.multiply(dy, y > 0, out=out)
-
-
-def sigmoid_grad(y, dy, out):
-    """out = dy * y * (1 - y), y the sigmoid output; out may be dy."""
-    _expect_shape("sigmoid_grad", "dy", np.shape(dy), y.shape)
-    _expect_shape("sigmoid_grad", "out", out.shape, y.shape)
-    slope = np.subtract(1, y)
-    slope *= y
-    return np.multiply(dy, slope, out=out)
-
-
-def tanh_grad(y, dy, out):
-    """out = dy * (1 - y*y), y the tanh output; out may be dy."""
-    _expect_shape("tanh_grad", "dy", np.shape(dy), y.shape)
-    _expect_shape("tanh_grad", "out", out.shape, y.shape)
-    slope = np.multiply(y, y)
-    np.subtract(1, slope, out=slope)
-    return np.multiply(dy, slope, out=out)
+# relu, sigmoid, tanh, leaky_relu, clip and their *_grad kernels come from the activation table's NumPy
+# math (ir/ops/activation_math.py, imported above)
 
 
 def softmax(x, out, axis=-1):
@@ -661,7 +638,9 @@ def dropout_grad(dy, out, rate, seed, step):
 
 
 # ---------------------------------------------------------------------------------------------------
-# losses: a scalar in out (shape ()), the mean over the batch (Keras semantics)
+# losses: a scalar in out (shape ()), sum_i weight_i * loss_i / N over the N samples (Keras'
+# "sum_over_batch_size"; weight None = all ones = the mean). Gradients scale row i by
+# float32(dloss / N) * weight_i.
 
 def _class_ids(kernel, labels, p):
     """labels (N,) of any integer dtype (or floats holding integers) -> checked intp class ids."""
@@ -693,29 +672,53 @@ def _grad_scale(kernel, dloss, n, dtype):
     return dtype.type(float(np.asarray(dloss).reshape(())) / max(1, n))
 
 
-def sparse_categorical_crossentropy(p, labels, out, from_logits=False):
-    """out () = mean_i(-log softmax(p_i)[y_i]) (from_logits) or, for probabilities,
-    mean_i(-log(q_i[y_i] / sum_k q_ik)), q = clip(p, 1e-7, 1 - 1e-7)."""
-    _check_loss("sparse_categorical_crossentropy", p, out)
-    ids = _class_ids("sparse_categorical_crossentropy", labels, p)
+def _reduce_rows(kernel, rows, weight, out):
+    """out[...] = sum_i weight_i * rows_i / N (rows: the per-sample losses, summed in float64)."""
+    n = rows.shape[0]
+    rows = np.asarray(rows, np.float64)
+    if weight is not None:
+        _expect_shape(kernel, "weight", np.shape(weight), (n,))
+        rows = rows * np.asarray(weight, np.float64)
+    out[...] = rows.sum() / n if n else np.nan
+    return out
+
+
+def _scale_rows(kernel, out, dloss, count, weight, factor=1):
+    """out *= float32(dloss / count) * factor, times weight_i on row i (count: N, or the number of
+    elements for the per-element losses)."""
+    scale = _grad_scale(kernel, dloss, count, out.dtype) * factor
+    if weight is None:
+        out *= scale
+        return out
+    _expect_shape(kernel, "weight", np.shape(weight), (out.shape[0],))
+    row_scale = np.multiply(np.asarray(weight, out.dtype), scale)
+    out *= row_scale.reshape((-1,) + (1,) * (out.ndim - 1))
+    return out
+
+
+def sparse_categorical_crossentropy(p, labels, out, from_logits=False, weight=None):
+    """out () = weighted mean of -log softmax(p_i)[y_i] (from_logits) or, for probabilities, of
+    -log(q_i[y_i] / sum_k q_ik), q = clip(p, 1e-7, 1 - 1e-7)."""
+    kernel = "sparse_categorical_crossentropy"
+    _check_loss(kernel, p, out)
+    ids = _class_ids(kernel, labels, p)
     rows = np.arange(p.shape[0])
     if from_logits:
         peak = p.max(axis=1)
         lse = np.log(np.exp(p - peak[:, None]).sum(axis=1)) + peak
-        out[...] = np.mean(lse - p[rows, ids])
+        per_row = lse - p[rows, ids]
     else:
         q = np.clip(p, *_clip_bounds(p.dtype))
-        out[...] = np.mean(np.log(q.sum(axis=1)) - np.log(q[rows, ids]))
-    return out
+        per_row = np.log(q.sum(axis=1)) - np.log(q[rows, ids])
+    return _reduce_rows(kernel, per_row, weight, out)
 
 
-def sparse_categorical_crossentropy_grad(p, labels, dloss, out, from_logits=False):
+def sparse_categorical_crossentropy_grad(p, labels, dloss, out, from_logits=False, weight=None):
     """out (N,K) = d sparse_categorical_crossentropy / dp * dloss. For probabilities the clip passes
     gradient only where 1e-7 < p < 1 - 1e-7 (like tf.clip_by_value)."""
     kernel = "sparse_categorical_crossentropy_grad"
     _check_loss(kernel, p, out, p.shape)
     ids = _class_ids(kernel, labels, p)
-    scale = _grad_scale(kernel, dloss, p.shape[0], out.dtype)
     rows = np.arange(p.shape[0])
     if from_logits:
         softmax(p, out, axis=1)                          # d/dp = softmax(p) - onehot(y)
@@ -727,14 +730,14 @@ def sparse_categorical_crossentropy_grad(p, labels, dloss, out, from_logits=Fals
         np.copyto(out, 1 / q.sum(axis=1, keepdims=True))
         out[rows, ids] -= 1 / q[rows, ids]
         out *= (p > lo) & (p < hi)
-    out *= scale
-    return out
+    return _scale_rows(kernel, out, dloss, p.shape[0], weight)
 
 
-def categorical_crossentropy(p, y, out, from_logits=False):
-    """out () = mean_i(-sum_k y_ik log softmax(p_i)_k) (from_logits) or, for probabilities,
-    mean_i(-sum_k y_ik log q_ik), q = clip(p, 1e-7, 1 - 1e-7) normalized to sum 1."""
-    _check_loss("categorical_crossentropy", p, out, target=y)
+def categorical_crossentropy(p, y, out, from_logits=False, weight=None):
+    """out () = weighted mean of -sum_k y_ik log softmax(p_i)_k (from_logits) or, for probabilities, of
+    -sum_k y_ik log q_ik, q = clip(p, 1e-7, 1 - 1e-7) normalized to sum 1."""
+    kernel = "categorical_crossentropy"
+    _check_loss(kernel, p, out, target=y)
     log_q = np.empty(p.shape, np.result_type(p, out))
     if from_logits:
         log_softmax(p, log_q, axis=1)
@@ -743,15 +746,13 @@ def categorical_crossentropy(p, y, out, from_logits=False):
         np.log(q, out=log_q)
         log_q -= np.log(q.sum(axis=1, keepdims=True))
     log_q *= y
-    out[...] = -np.mean(log_q.sum(axis=1))
-    return out
+    return _reduce_rows(kernel, -log_q.sum(axis=1), weight, out)
 
 
-def categorical_crossentropy_grad(p, y, dloss, out, from_logits=False):
+def categorical_crossentropy_grad(p, y, dloss, out, from_logits=False, weight=None):
     """out (N,K) = d categorical_crossentropy / dp * dloss (soft targets allowed)."""
     kernel = "categorical_crossentropy_grad"
     _check_loss(kernel, p, out, p.shape, target=y)
-    scale = _grad_scale(kernel, dloss, p.shape[0], out.dtype)
     y_total = np.sum(y, axis=1, keepdims=True)
     if from_logits:
         softmax(p, out, axis=1)                          # d/dp = softmax(p) * sum_k y_k - y
@@ -764,30 +765,75 @@ def categorical_crossentropy_grad(p, y, dloss, out, from_logits=False):
         np.divide(y, q, out=out)
         np.subtract(y_total / q.sum(axis=1, keepdims=True), out, out=out)
         out *= (p > lo) & (p < hi)
-    out *= scale
-    return out
+    return _scale_rows(kernel, out, dloss, p.shape[0], weight)
 
 
-def mse(p, y, out):
-    """out () = mean over ALL elements of (p - y)^2."""
+def _sigmoid_xent_terms(z):
+    """(max(z, 0), log(1 + exp(-|z|))) of logits z: the stable sigmoid cross-entropy's two pieces."""
+    return np.maximum(z, 0), np.log1p(np.exp(-np.abs(z)))
+
+
+def binary_crossentropy(p, y, out, from_logits=False, weight=None):
+    """out () = weighted mean over samples of the mean over the last axis of -(y log q + (1-y) log(1-q)),
+    q = clip(p, 1e-7, 1 - 1e-7); from_logits: max(p, 0) - p y + log(1 + exp(-|p|)) (TensorFlow's
+    sigmoid_cross_entropy_with_logits)."""
+    kernel = "binary_crossentropy"
+    _check_loss(kernel, p, out, target=y)
+    if from_logits:
+        relu_part, softplus_part = _sigmoid_xent_terms(p)
+        per_elem = relu_part - p * y + softplus_part
+    else:
+        q = np.clip(p, *_clip_bounds(p.dtype))
+        per_elem = -(y * np.log(q) + (1 - y) * np.log(1 - q))
+    k = max(1, p.shape[1])
+    return _reduce_rows(kernel, np.sum(per_elem, axis=1, dtype=np.float64) / k, weight, out)
+
+
+def binary_crossentropy_grad(p, y, dloss, out, from_logits=False, weight=None):
+    """out (N,K) = d binary_crossentropy / dp * dloss: (sigmoid(p) - y) (from_logits) or
+    (1-y)/(1-q) - y/q where 1e-7 < p < 1 - 1e-7, else 0; times float32(dloss / (N*K)) [* weight_i]."""
+    kernel = "binary_crossentropy_grad"
+    _check_loss(kernel, p, out, p.shape, target=y)
+    if from_logits:
+        sigmoid(p, out)
+        out -= y
+    else:
+        lo, hi = _clip_bounds(p.dtype)
+        q = np.clip(p, lo, hi)
+        np.subtract(np.divide(1 - y, 1 - q), np.divide(y, q), out=out)
+        out *= (p > lo) & (p < hi)
+    return _scale_rows(kernel, out, dloss, p.size, weight)
+
+
+def mse(p, y, out, weight=None):
+    """out () = sum_i weight_i * sum_j (p - y)_ij^2 / p.size: the mean over ALL elements when unweighted
+    (Keras: mean over the last axis, then the batch reduction)."""
     _expect_shape("mse", "targets", np.shape(y), np.shape(p))
     _expect_shape("mse", "out", out.shape, ())
-    diff = np.subtract(p, y)
-    out[...] = np.mean(np.square(diff, out=diff))
-    return out
+    diff = np.atleast_1d(np.subtract(p, y))        # an array also for 0-d operands (out= needs one)
+    np.square(diff, out=diff)
+    if weight is None:
+        out[...] = np.mean(diff)
+        return out
+    n = p.shape[0]
+    per_row = np.sum(diff.reshape(n, -1), axis=1, dtype=np.float64) / max(1, int(np.prod(p.shape[1:])))
+    return _reduce_rows("mse", per_row, weight, out)
 
 
-def mse_grad(p, y, dloss, out):
-    """out = 2 * (p - y) / p.size * dloss."""
+def mse_grad(p, y, dloss, out, weight=None):
+    """out = 2 * (p - y) * float32(dloss / p.size) (times weight_i on sample i)."""
     _expect_shape("mse_grad", "targets", np.shape(y), np.shape(p))
     _expect_shape("mse_grad", "out", out.shape, np.shape(p))
     np.subtract(p, y, out=out)
-    out *= _grad_scale("mse_grad", dloss, max(1, p.size), out.dtype) * 2
-    return out
+    return _scale_rows("mse_grad", out, dloss, p.size, weight, factor=2)
 
 
 # ---------------------------------------------------------------------------------------------------
-# optimizer updates: in place on their state arrays (the only kernels that write their inputs)
+# optimizer updates: in place on their state arrays (the only kernels that write their inputs).
+# Settings arrive validated by the IR (ir/ops/optim.py: check_setting); lr is a number or a 0-d array
+# (the training graph's learning-rate input). Operands come in the IR op's order (w, g, lr, scalars,
+# slots; ir/ops/optim.py operand_names) and are passed by name. Each update first applies the two steps Keras 3's base
+# optimizer applies to every optimizer: clipnorm, then decoupled weight decay (_prepare_update).
 
 def _check_state(kernel, w, **state):
     for name, arr in state.items():
@@ -795,11 +841,35 @@ def _check_state(kernel, w, **state):
             _expect_shape(kernel, name, np.shape(arr), w.shape)
 
 
-def sgd_update(w, g, velocity, lr, momentum=0.0, nesterov=False):
+def _scalar(kernel, what, value):
+    if np.size(value) != 1:
+        _fail(kernel, f"{what} must be a scalar, got shape {np.shape(value)}")
+    return float(np.asarray(value).reshape(()))
+
+
+def _prepare_update(kernel, w, g, lr, weight_decay, clipnorm):
+    """Keras 3 BaseOptimizer before update_step, in float32 like the LLVM kernels: returns the clipped
+    gradient g * clipnorm / max(||g||, clipnorm) (||g|| summed in float64; g itself when clipnorm is 0)
+    and applies the decoupled weight decay w -= (w * weight_decay) * lr in place."""
+    cast = w.dtype.type
+    if clipnorm:
+        flat = np.asarray(g, np.float64).ravel()
+        norm = cast(math.sqrt(float(np.dot(flat, flat))))
+        # a NaN norm compares False: divide by clipnorm, so NaN stays where the gradient has it
+        g = np.multiply(g, cast(clipnorm)) / (norm if norm > cast(clipnorm) else cast(clipnorm))
+    if weight_decay:
+        decay = np.multiply(w, cast(weight_decay))
+        decay *= cast(lr)
+        w -= decay
+    return g
+
+
+def sgd_update(w, g, lr, velocity=None, momentum=0.0, nesterov=False, weight_decay=0.0, clipnorm=0.0):
     """Keras SGD in place: velocity = momentum*velocity - lr*g; w += velocity (nesterov:
     w += momentum*velocity - lr*g). velocity may be None when momentum == 0 (then w -= lr*g)."""
     _check_state("sgd_update", w, g=g, velocity=velocity)
-    lr, momentum = float(lr), float(momentum)
+    lr, momentum = _scalar("sgd_update", "lr", lr), float(momentum)
+    g = _prepare_update("sgd_update", w, g, lr, weight_decay, clipnorm)
     step = np.multiply(g, w.dtype.type(lr))             # lr * g
     if momentum == 0.0 and velocity is None:
         w -= step
@@ -816,15 +886,16 @@ def sgd_update(w, g, velocity, lr, momentum=0.0, nesterov=False):
     return w
 
 
-def adam_update(w, g, m, v, t, lr, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+def adam_update(w, g, lr, t, m, v, beta_1=0.9, beta_2=0.999, epsilon=1e-7, weight_decay=0.0, clipnorm=0.0):
     """Keras 3 Adam in place, t the step number after increment (1 on the first step):
     alpha = lr * sqrt(1 - beta_2**t) / (1 - beta_1**t); m += (g - m)(1 - beta_1);
-    v += (g^2 - v)(1 - beta_2); w -= alpha * m / (sqrt(v) + epsilon)."""
+    v += (g^2 - v)(1 - beta_2); w -= alpha * m / (sqrt(v) + epsilon). AdamW = weight_decay > 0."""
     _check_state("adam_update", w, g=g, m=m, v=v)
-    t = float(np.asarray(t).reshape(()))
+    t = _scalar("adam_update", "t", t)
     if t < 1:
         _fail("adam_update", f"step t must be >= 1 (the step number after increment), got {t}")
-    lr, beta_1, beta_2 = float(lr), float(beta_1), float(beta_2)
+    lr, beta_1, beta_2 = _scalar("adam_update", "lr", lr), float(beta_1), float(beta_2)
+    g = _prepare_update("adam_update", w, g, lr, weight_decay, clipnorm)
     alpha = lr * math.sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t)
     cast = w.dtype.type
     tmp = np.subtract(g, m)
@@ -840,3 +911,440 @@ def adam_update(w, g, m, v, t, lr, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
     tmp *= cast(alpha)
     w -= tmp
     return w
+
+
+# ---------------------------------------------------------------------------------------------------
+# CNN building blocks: depthwise convolution, batch normalization, global max pooling, padding,
+# concatenation, slicing, reductions
+
+def depthwise_conv2d(x, w, b, out, stride, padding, dilation, activation="linear", activation_params=()):
+    """out[..., c*M + m] = activation(sum over taps of x[..., c] * w[i, j, c, m] + b); x (N,H,W,C),
+    w (KH,KW,C,M), b (C*M,) or None, out (N,OH,OW,C*M). Taps accumulate from 0 in row-major order,
+    then the bias is added (so a fused bias equals a separate bias_add exactly)."""
+    _expect_rank("depthwise_conv2d", "x", x, 4)
+    _expect_rank("depthwise_conv2d", "w", w, 4)
+    act = _activation("depthwise_conv2d", activation)
+    n, h, wd, c = x.shape
+    kh, kw, wc, m = w.shape
+    if wc != c:
+        _fail("depthwise_conv2d", f"x {x.shape} has {c} channels but w {w.shape} expects {wc}")
+    if b is not None:
+        _expect_shape("depthwise_conv2d", "b", np.shape(b), (c * m,))
+    stride, pads, dilation, (oh, ow) = _window_geometry("depthwise_conv2d", x.shape, kh, kw, stride, padding,
+                                                         dilation)
+    _expect_shape("depthwise_conv2d", "out", out.shape, (n, oh, ow, c * m))
+    acc = out.reshape(n, oh, ow, c, m) if out.flags.c_contiguous else np.empty((n, oh, ow, c, m), out.dtype)
+    acc.fill(0)
+    for tap, (o_h, o_w), (i_h, i_w) in _taps(kh, kw, stride, pads, dilation, (h, wd), (oh, ow)):
+        region = acc[:, o_h, o_w]
+        _accumulate(region, x[:, i_h, i_w, :, None] * w[tap // kw, tap % kw])
+    if not out.flags.c_contiguous:
+        out[...] = acc.reshape(out.shape)
+    if b is not None:
+        out += b
+    return _apply_activation(out, act, activation_params)
+
+
+def depthwise_conv2d_grad_input(dy, w, out, stride, padding, dilation):
+    """out (N,H,W,C) = d(sum(dy * depthwise_conv2d(x, w)))/dx."""
+    _expect_rank("depthwise_conv2d_grad_input", "out", out, 4)
+    _expect_rank("depthwise_conv2d_grad_input", "w", w, 4)
+    n, h, wd, c = out.shape
+    kh, kw, wc, m = w.shape
+    if wc != c:
+        _fail("depthwise_conv2d_grad_input", f"out {out.shape} has {c} channels but w {w.shape} expects {wc}")
+    stride, pads, dilation, (oh, ow) = _window_geometry("depthwise_conv2d_grad_input", out.shape, kh, kw,
+                                                         stride, padding, dilation)
+    _expect_shape("depthwise_conv2d_grad_input", "dy", dy.shape, (n, oh, ow, c * m))
+    dy5 = dy.reshape(n, oh, ow, c, m)
+    out.fill(0)
+    for tap, (o_h, o_w), (i_h, i_w) in _taps(kh, kw, stride, pads, dilation, (h, wd), (oh, ow)):
+        _accumulate(out[:, i_h, i_w], (dy5[:, o_h, o_w] * w[tap // kw, tap % kw]).sum(axis=-1))
+    return out
+
+
+def depthwise_conv2d_grad_filter(x, dy, out, stride, padding, dilation):
+    """out (KH,KW,C,M) = d(sum(dy * depthwise_conv2d(x, w)))/dw, summed over the batch."""
+    _expect_rank("depthwise_conv2d_grad_filter", "x", x, 4)
+    _expect_rank("depthwise_conv2d_grad_filter", "out", out, 4)
+    n, h, wd, c = x.shape
+    kh, kw, wc, m = out.shape
+    if wc != c:
+        _fail("depthwise_conv2d_grad_filter", f"x {x.shape} has {c} channels but out {out.shape} expects {wc}")
+    stride, pads, dilation, (oh, ow) = _window_geometry("depthwise_conv2d_grad_filter", x.shape, kh, kw,
+                                                         stride, padding, dilation)
+    _expect_shape("depthwise_conv2d_grad_filter", "dy", dy.shape, (n, oh, ow, c * m))
+    dy5 = dy.reshape(n, oh, ow, c, m)
+    out.fill(0)
+    for tap, (o_h, o_w), (i_h, i_w) in _taps(kh, kw, stride, pads, dilation, (h, wd), (oh, ow)):
+        out[tap // kw, tap % kw] = np.einsum("nhwc,nhwcm->cm", x[:, i_h, i_w], dy5[:, o_h, o_w])
+    return out
+
+
+def _bn_check(kernel, x, *vectors):
+    if np.ndim(x) < 2:
+        _fail(kernel, f"x must have rank >= 2 (channels last), got shape {np.shape(x)}")
+    for i, v in enumerate(vectors):
+        _expect_shape(kernel, f"per-channel input {i}", np.shape(v), (x.shape[-1],))
+    return x.shape[-1]
+
+
+def _bn_inv_std(var, epsilon, dtype):
+    """1 / sqrt(var + epsilon) in dtype: sqrt then a division (both correctly rounded)."""
+    std = np.sqrt(np.add(var, dtype.type(epsilon), dtype=dtype))
+    return np.divide(dtype.type(1), std)
+
+
+def _bn_scale(gamma, var, epsilon, dtype):
+    """gamma / sqrt(var + epsilon) in dtype: an add, a sqrt and a division, each correctly rounded."""
+    return np.divide(gamma, np.sqrt(np.add(var, dtype.type(epsilon), dtype=dtype)), dtype=dtype)
+
+
+def _bn_normalize(x, mean, scale, beta, out):
+    """out = (x - mean) * scale + beta, three roundings (no fused multiply-add) as in the LLVM kernels."""
+    np.subtract(x, mean, out=out)
+    out *= scale
+    out += beta
+    return out
+
+
+def batch_norm(x, gamma, beta, mean, var, out, epsilon=1e-3):
+    """out = (x - mean) * (gamma / sqrt(var + epsilon)) + beta per channel (the last axis)."""
+    _bn_check("batch_norm", x, gamma, beta, mean, var)
+    _expect_shape("batch_norm", "out", out.shape, x.shape)
+    return _bn_normalize(x, mean, _bn_scale(gamma, var, epsilon, out.dtype), beta, out)
+
+
+def batch_norm_train(x, gamma, beta, out, batch_mean, batch_var, epsilon=1e-3):
+    """Normalize with the batch's statistics over every axis but the last: batch_mean = sum(x) / M,
+    batch_var = sum((x - batch_mean)^2) / M (biased), both accumulated in float64 and stored rounded;
+    out as batch_norm with them. out may be x."""
+    c = _bn_check("batch_norm_train", x, gamma, beta)
+    _expect_shape("batch_norm_train", "out", out.shape, x.shape)
+    _expect_shape("batch_norm_train", "batch_mean", batch_mean.shape, (c,))
+    _expect_shape("batch_norm_train", "batch_var", batch_var.shape, (c,))
+    x2 = x.reshape(-1, c)
+    rows = max(1, x2.shape[0])
+    batch_mean[...] = x2.sum(axis=0, dtype=np.float64) / rows
+    centered = out.reshape(-1, c)
+    np.subtract(x2, batch_mean, out=centered)           # x - mean, rounded like the kernel's
+    batch_var[...] = np.einsum("ij,ij->j", centered, centered, dtype=np.float64) / rows
+    centered *= _bn_scale(gamma, batch_var, epsilon, out.dtype)
+    centered += beta
+    return out, batch_mean, batch_var
+
+
+def batch_norm_train_grad(x, dy, gamma, mean, var, dx, dgamma, dbeta, epsilon=1e-3):
+    """Gradients of batch_norm_train (statistics as functions of x), inv = 1 / sqrt(var + epsilon):
+    dbeta = sum(dy); dgamma = sum(dy * (x - mean)) * inv;
+    dx = gamma * inv * ((dy - dbeta / M) - (x - mean) * (sum(dy * (x - mean)) / M * inv * inv)).
+    Sums in float64. dx may be dy."""
+    c = _bn_check("batch_norm_train_grad", x, gamma, mean, var)
+    _expect_shape("batch_norm_train_grad", "dy", np.shape(dy), x.shape)
+    _expect_shape("batch_norm_train_grad", "dx", dx.shape, x.shape)
+    _expect_shape("batch_norm_train_grad", "dgamma", dgamma.shape, (c,))
+    _expect_shape("batch_norm_train_grad", "dbeta", dbeta.shape, (c,))
+    dt = dx.dtype
+    x2, dy2 = x.reshape(-1, c), dy.reshape(-1, c)
+    rows = max(1, x2.shape[0])
+    inv = _bn_inv_std(var, epsilon, dt)
+    centered = np.subtract(x2, mean, dtype=dt)
+    sum_dy = dy2.sum(axis=0, dtype=np.float64)
+    sum_dyc = np.einsum("ij,ij->j", dy2, centered, dtype=np.float64)
+    mean_dy = (sum_dy / rows).astype(dt)
+    mean_dyc = (sum_dyc / rows).astype(dt) * inv * inv
+    dbeta[...] = sum_dy
+    dgamma[...] = sum_dyc.astype(dt) * inv
+    out = dx.reshape(-1, c)
+    np.subtract(dy2, mean_dy, out=out)
+    centered *= mean_dyc
+    out -= centered
+    out *= np.multiply(gamma, inv, dtype=dt)
+    return dx, dgamma, dbeta
+
+
+def rsqrt(x, out):
+    """out = 1 / sqrt(x)."""
+    _expect_shape("rsqrt", "out", out.shape, np.shape(x))
+    np.sqrt(x, out=out)
+    return np.divide(out.dtype.type(1), out, out=out)
+
+
+def global_max_pool2d(x, out):
+    """out (N,C) = max of x (N,H,W,C) over H and W; NaN propagates."""
+    _expect_rank("global_max_pool2d", "x", x, 4)
+    _expect_shape("global_max_pool2d", "out", out.shape, (x.shape[0], x.shape[3]))
+    np.max(x, axis=(1, 2), out=out)
+    return out
+
+
+def global_max_pool2d_grad(x, y, dy, out):
+    """out (N,H,W,C): dy at the first (row-major) position of each (sample, channel) maximum (the first
+    NaN when the maximum is NaN), 0 elsewhere."""
+    _expect_rank("global_max_pool2d_grad", "x", x, 4)
+    n, h, w, c = x.shape
+    _expect_shape("global_max_pool2d_grad", "dy", np.shape(dy), (n, c))
+    _expect_shape("global_max_pool2d_grad", "out", out.shape, x.shape)
+    first = np.argmax(x.reshape(n, h * w, c), axis=1)          # argmax takes the first NaN as the max
+    flat = np.zeros((n, h * w, c), out.dtype)
+    np.put_along_axis(flat, first[:, None, :], np.asarray(dy)[:, None, :], axis=1)
+    np.copyto(out, flat.reshape(out.shape))
+    return out
+
+
+def pad(x, out, padding, value=0.0):
+    """out = x surrounded by `value`: padding ((top, bottom), (left, right)) on H and W of NHWC x."""
+    _expect_rank("pad", "x", x, 4)
+    (t, b), (l, r) = _padding(padding, "pad")
+    n, h, w, c = x.shape
+    _expect_shape("pad", "out", out.shape, (n, h + t + b, w + l + r, c))
+    out.fill(value)
+    out[:, t:t + h, l:l + w] = x
+    return out
+
+
+def pad_grad(dy, out, padding):
+    """out = dy cropped by padding ((top, bottom), (left, right)): the gradient of pad."""
+    _expect_rank("pad_grad", "dy", dy, 4)
+    (t, b), (l, r) = _padding(padding, "pad_grad")
+    n, h, w, c = dy.shape
+    _expect_shape("pad_grad", "out", out.shape, (n, h - t - b, w - l - r, c))
+    np.copyto(out, dy[:, t:h - b, l:w - r])
+    return out
+
+
+def concat(*values_and_out, axis=-1):
+    """concat(v0, v1, ..., out, axis=k): out = the values joined along axis k."""
+    *values, out = values_and_out
+    if not values:
+        _fail("concat", "needs at least one value")
+    try:
+        np.concatenate(values, axis=axis, out=out)
+    except ValueError as e:
+        _fail("concat", f"values {[np.shape(v) for v in values]} and out {out.shape} along axis {axis}: {e}")
+    return out
+
+
+def slice_axis(x, out, axis, start, stop):
+    """out = x[start:stop] along axis (the `slice` op; named so as not to shadow the builtin here)."""
+    index = (np.s_[:],) * int(axis) + (np.s_[int(start):int(stop)],)
+    _expect_shape("slice", "out", out.shape, x[index].shape)
+    np.copyto(out, x[index])
+    return out
+
+
+def slice_grad(dy, out, axis, start, size):
+    """out = zeros with dy at [start, start + dy.shape[axis]) along axis (size is out's length there)."""
+    axis, start = int(axis), int(start)
+    _expect_shape("slice_grad", "out", out.shape[axis:axis + 1], (int(size),))
+    out.fill(0)
+    index = (np.s_[:],) * axis + (np.s_[start:start + dy.shape[axis]],)
+    np.copyto(out[index], dy)
+    return out
+
+
+def reduce_sum(x, out, axis, keepdims=False):
+    """out = sum of x over the axes in `axis` (a tuple)."""
+    np.sum(x, axis=tuple(axis), keepdims=keepdims, out=out)
+    return out
+
+
+def reduce_mean(x, out, axis, keepdims=False):
+    """out = mean of x over the axes in `axis` (a tuple)."""
+    np.mean(x, axis=tuple(axis), keepdims=keepdims, out=out)
+    return out
+
+
+def reduce_grad(dy, out, axis, mean=False):
+    """out = dy broadcast over the reduced axes of out's shape (divided by their element count if mean)."""
+    keep = tuple(1 if i in axis else d for i, d in enumerate(out.shape))
+    if np.size(dy) != math.prod(keep):
+        _fail("reduce_grad", f"dy {np.shape(dy)} does not match out {out.shape} reduced over {tuple(axis)}")
+    np.copyto(out, np.reshape(dy, keep))
+    if mean:
+        out /= max(1, math.prod(out.shape[i] for i in axis))
+    return out
+
+
+def batch_norm_scale(gamma, var, out, epsilon=1e-3):
+    """out = gamma / sqrt(var + epsilon) (the factor of batch_norm; fold_batch_norm's weight scale)."""
+    _expect_shape("batch_norm_scale", "var", np.shape(var), np.shape(gamma))
+    _expect_shape("batch_norm_scale", "out", out.shape, np.shape(gamma))
+    np.copyto(out, _bn_scale(gamma, var, epsilon, out.dtype))
+    return out
+def rmsprop_update(w, g, lr, velocity, momentum_buffer=None, average_gradient=None, rho=0.9, momentum=0.0,
+                   epsilon=1e-7, centered=False, weight_decay=0.0, clipnorm=0.0):
+    """Keras 3 RMSprop in place: velocity = rho*velocity + (1-rho)*g^2; denominator = velocity + epsilon
+    (centered: average_gradient = rho*avg + (1-rho)*g, denominator = velocity - avg^2 + epsilon);
+    increment = lr*g / sqrt(denominator); w -= increment, or with momentum > 0:
+    momentum_buffer = momentum*buffer + increment; w -= momentum_buffer."""
+    kernel = "rmsprop_update"
+    _check_state(kernel, w, g=g, velocity=velocity, momentum_buffer=momentum_buffer,
+                 average_gradient=average_gradient)
+    if bool(momentum) != (momentum_buffer is not None) or bool(centered) != (average_gradient is not None):
+        _fail(kernel, f"momentum={momentum} / centered={centered} need exactly the matching state arrays")
+    lr = _scalar(kernel, "lr", lr)
+    g = _prepare_update(kernel, w, g, lr, weight_decay, clipnorm)
+    cast = w.dtype.type
+    rho = float(rho)
+    velocity *= cast(rho)
+    tmp = np.multiply(g, g)
+    tmp *= cast(1 - rho)
+    velocity += tmp
+    if centered:
+        average_gradient *= cast(rho)
+        np.multiply(g, cast(1 - rho), out=tmp)
+        average_gradient += tmp
+        np.multiply(average_gradient, average_gradient, out=tmp)
+        np.subtract(velocity, tmp, out=tmp)
+        tmp += cast(epsilon)
+    else:
+        np.add(velocity, cast(epsilon), out=tmp)
+    np.sqrt(tmp, out=tmp)
+    np.divide(np.multiply(g, cast(lr)), tmp, out=tmp)       # increment = (lr * g) / sqrt(denominator)
+    if momentum:
+        momentum_buffer *= cast(momentum)
+        momentum_buffer += tmp
+        w -= momentum_buffer
+    else:
+        w -= tmp
+    return w
+# augmentation (random_flip, random_translation): per-image draws from the dropout key, identical in
+# every backend (the contract is in ir/ops/augment.py); the weights are float32 in this exact order.
+
+AUG_FLIP_MODES = ("horizontal", "vertical", "horizontal_and_vertical")
+AUG_FILL_MODES = ("reflect", "wrap", "constant", "nearest")
+AUG_INTERPOLATIONS = ("bilinear", "nearest")
+
+
+def augment_uniform(count, seed, step, stream, base=0):
+    """float32 r in [0, 1) for images base .. base+count-1 of one stream: (mix32((2i + stream + 1) ^ key)
+    >> 8) * 2**-24, key = mix32(seed * 0x9E3779B9 + step)."""
+    key = mix32((int(seed) * 0x9E3779B9 + int(step)) & 0xFFFFFFFF)
+    counter = (np.arange(int(base), int(base) + int(count), dtype=np.uint64) * 2 + int(stream) + 1).astype(np.uint32)
+    h = mix32(counter ^ np.uint32(key))
+    return (h >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)
+
+
+def _check_image_batch(kernel, x, out):
+    if x.ndim != 4:
+        _fail(kernel, f"expects an image batch (N, H, W, C), got shape {x.shape}")
+    _expect_shape(kernel, "out", out.shape, x.shape)
+
+
+def random_flip(x, out, mode, seed, step, base=0):
+    """out[i] = x[i] flipped (mode: horizontal = along W, vertical = along H, or both) when image i's
+    draw r < 0.5, else a copy. out must not be x (a flip is a permutation)."""
+    kernel = "random_flip"
+    _check_image_batch(kernel, x, out)
+    if mode not in AUG_FLIP_MODES:
+        _fail(kernel, f"mode must be one of {AUG_FLIP_MODES}, got {mode!r}")
+    flip = augment_uniform(x.shape[0], seed, step, 0, base) < np.float32(0.5)
+    src = x
+    if mode in ("vertical", "horizontal_and_vertical"):
+        src = src[:, ::-1]
+    if mode in ("horizontal", "horizontal_and_vertical"):
+        src = src[:, :, ::-1]
+    np.copyto(out, x)
+    out[flip] = src[flip]
+    return out
+
+
+def _fill_index(index, size, fill_mode):
+    """Tap indices -> (in-range indices, valid mask): Keras's fill modes (constant: valid = inside)."""
+    if fill_mode == "reflect":                                   # d c b a | a b c d | d c b a
+        j = np.mod(index, 2 * size)
+        return np.where(j >= size, 2 * size - 1 - j, j), np.ones(index.shape, bool)
+    if fill_mode == "wrap":                                      # a b c d | a b c d
+        return np.mod(index, size), np.ones(index.shape, bool)
+    if fill_mode == "nearest":                                   # a a | a b c d | d d
+        return np.clip(index, 0, size - 1), np.ones(index.shape, bool)
+    valid = (index >= 0) & (index < size)                        # constant: fill_value outside
+    return np.clip(index, 0, size - 1), valid
+
+
+def translation_taps(count, size, factor, stream, fill_mode, interpolation, seed, step, base=0):
+    """Per-image taps of one axis: (index, weight, valid) each (taps, count, size); weight float32.
+    The source coordinate of output position p is p - (lo + (hi - lo) * r) * size (float32 steps)."""
+    lo, hi = np.float32(factor[0]), np.float32(factor[1])
+    r = augment_uniform(count, seed, step, stream, base)
+    shift = (lo + (hi - lo) * r) * np.float32(size)                      # (count,)
+    coord = np.arange(size, dtype=np.float32)[None, :] - shift[:, None]  # (count, size)
+    if interpolation == "nearest":
+        taps = [(np.rint(coord), np.ones_like(coord))]                   # round half to even
+    else:
+        low = np.floor(coord)
+        frac = coord - low
+        taps = [(low, np.float32(1.0) - frac), (low + np.float32(1.0), frac)]
+    index, weight, valid = [], [], []
+    for pos, w in taps:
+        i, v = _fill_index(pos.astype(np.int64), size, fill_mode)
+        index.append(i)
+        weight.append(w.astype(np.float32))
+        valid.append(v)
+    return np.stack(index), np.stack(weight), np.stack(valid)
+
+
+def _translation_args(kernel, x, out, height_factor, width_factor, fill_mode, interpolation):
+    _check_image_batch(kernel, x, out)
+    if fill_mode not in AUG_FILL_MODES:
+        _fail(kernel, f"fill_mode must be one of {AUG_FILL_MODES}, got {fill_mode!r}")
+    if interpolation not in AUG_INTERPOLATIONS:
+        _fail(kernel, f"interpolation must be one of {AUG_INTERPOLATIONS}, got {interpolation!r}")
+    for name, f in (("height_factor", height_factor), ("width_factor", width_factor)):
+        if len(f) != 2 or not -1.0 <= f[0] <= f[1] <= 1.0:
+            _fail(kernel, f"{name} must be a (lower, upper) pair in [-1, 1], got {f!r}")
+
+
+def _translation_plan(x, height_factor, width_factor, fill_mode, interpolation, seed, step, base):
+    n, h, w, _ = x.shape
+    rows = translation_taps(n, h, height_factor, 0, fill_mode, interpolation, seed, step, base)
+    cols = translation_taps(n, w, width_factor, 1, fill_mode, interpolation, seed, step, base)
+    return rows, cols
+
+
+def random_translation(x, out, height_factor, width_factor, fill_mode, interpolation, fill_value, seed, step,
+                       base=0):
+    """out[i, y, x] = sum over taps (a, b) of w_a(y) * w_b(x) * x[i, row_a(y), col_b(x)] (fill_value for an
+    outside tap in constant mode; zero-weight taps skipped), the taps of translation_taps. out must not be x."""
+    kernel = "random_translation"
+    _translation_args(kernel, x, out, height_factor, width_factor, fill_mode, interpolation)
+    (ri, rw, rv), (ci, cw, cv) = _translation_plan(x, height_factor, width_factor, fill_mode, interpolation,
+                                                   seed, step, base)
+    images = np.arange(x.shape[0])[:, None, None]
+    fill = out.dtype.type(fill_value)
+    first = True
+    for a in range(len(ri)):
+        for b in range(len(ci)):
+            weight = (rw[a][:, :, None] * cw[b][:, None, :])[..., None]                      # (n, h, w, 1) f32
+            vals = x[images, ri[a][:, :, None], ci[b][:, None, :]]
+            vals = np.where((rv[a][:, :, None] & cv[b][:, None, :])[..., None], vals, fill)
+            term = np.where(weight == 0, out.dtype.type(0), weight.astype(out.dtype) * vals)
+            if first:
+                np.copyto(out, term)
+                first = False
+            else:
+                np.add(out, term, out=out)
+    return out
+
+
+def random_translation_grad(dy, out, height_factor, width_factor, fill_mode, interpolation, fill_value, seed,
+                            step, base=0):
+    """The adjoint of random_translation: out[i, row_a(y), col_b(x)] += w_a(y) * w_b(x) * dy[i, y, x] for each
+    valid, nonzero-weight tap, visited in the order (y, x, a, b) (the LLVM kernel's order)."""
+    kernel = "random_translation_grad"
+    _translation_args(kernel, dy, out, height_factor, width_factor, fill_mode, interpolation)
+    (ri, rw, rv), (ci, cw, cv) = _translation_plan(dy, height_factor, width_factor, fill_mode, interpolation,
+                                                   seed, step, base)
+    n, h, w, c = dy.shape
+    ta, tb = len(ri), len(ci)
+    out.fill(0)
+    for i in range(n):
+        # (h, w, ta, tb) grids in visiting order
+        src = ri[:, i].T[:, None, :, None] * w + ci[:, i].T[None, :, None, :]
+        weight = rw[:, i].T[:, None, :, None] * cw[:, i].T[None, :, None, :]
+        keep = (rv[:, i].T[:, None, :, None] & cv[:, i].T[None, :, None, :]) & (weight != 0)
+        terms = weight[..., None].astype(out.dtype) * dy[i][:, :, None, None, :]           # (h, w, ta, tb, c)
+        keep = keep.reshape(-1)
+        np.add.at(out[i].reshape(h * w, c), src.reshape(-1)[keep], terms.reshape(-1, c)[keep])
+    return out

@@ -8,17 +8,13 @@
 """
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
-import socket
-import sys
-import urllib.error
-import urllib.request
 
 import numpy as np
 
-from .idx import DatasetError, read_idx, write_file_atomically
+from . import download
+from .download import TIMEOUT_SECONDS
+from .idx import DatasetError, read_idx
 
 # the four files of an MNIST folder, in load order: train images, train labels, test images, test labels
 FILE_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -35,13 +31,8 @@ MIRRORS = [
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
 ]
-TIMEOUT_SECONDS = 15
 # the largest official file is 9,912,422 bytes; a response past this cap is not MNIST
 MAX_DOWNLOAD_BYTES = 32 << 20
-_READ_CHUNK = 1 << 20
-# errno values that mean "no route to the internet" rather than "the server said no"
-_NETWORK_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.ECONNREFUSED,
-                   errno.ECONNRESET, errno.ETIMEDOUT}
 
 
 def bundled_path() -> str:
@@ -88,6 +79,16 @@ def _check_splits(train, test, train_src: str, test_src: str):
                            f"holds {test[0].shape[1]}x{test[0].shape[2]}")
 
 
+def check_label_range(splits, source: str, num_classes: int):
+    """Return ((x_train, y_train), (x_test, y_test)) unchanged; refuse labels outside 0..num_classes-1
+    (the files are not that dataset)."""
+    for (_, y), part in zip(splits, ("train", "test")):
+        if y.size and int(y.max()) >= num_classes:
+            raise DatasetError(f"{source}: {part} labels go up to {int(y.max())}, but this dataset has "
+                               f"{num_classes} classes (0..{num_classes - 1})")
+    return splits
+
+
 def load_folder(folder):
     """((x_train, y_train), (x_test, y_test)) from a folder of the four MNIST IDX files."""
     folder = os.fspath(folder)
@@ -125,82 +126,21 @@ def load_npz(path):
     return train, test
 
 
-# -- downloading -----------------------------------------------------------------------------------
+# -- downloading (the shared mechanism in download.py) ----------------------------------------------
 def _fetch(url, timeout=TIMEOUT_SECONDS) -> bytes:
     """The body at `url`, at most MAX_DOWNLOAD_BYTES (tests replace this function or MIRRORS)."""
-    chunks, size = [], 0
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        while True:
-            chunk = response.read(_READ_CHUNK)
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > MAX_DOWNLOAD_BYTES:
-                raise DatasetError(f"{url}: response larger than {MAX_DOWNLOAD_BYTES} bytes; not an MNIST file")
-            chunks.append(chunk)
-    return b"".join(chunks)
+    return download.fetch_url(url, timeout, MAX_DOWNLOAD_BYTES)
 
 
-def _is_network_failure(exc: BaseException) -> bool:
-    """True when `exc` means the network is unreachable (no DNS, no route, timeout), not a server reply."""
-    if isinstance(exc, urllib.error.HTTPError):
-        return False  # the server answered (404, 403, ...)
-    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-    if isinstance(reason, (TimeoutError, ConnectionError, socket.gaierror)):
-        return True
-    return isinstance(reason, OSError) and reason.errno in _NETWORK_ERRNOS
-
-
-def _md5_of_file(path: str) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            return hashlib.md5(f.read(), usedforsecurity=False).hexdigest()
-    except OSError:
-        return None
-
-
-def _download_one(fname: str, expected_md5: str, dest: str) -> None:
-    """Fetch `fname` from the first mirror that serves it with the right MD5; write it atomically."""
-    failures, all_network = [], True
-    for base in MIRRORS:
-        url = base + fname
-        print(f"graphcnn: downloading {url}", file=sys.stderr)
-        try:
-            data = _fetch(url, timeout=TIMEOUT_SECONDS)
-        except (OSError, ValueError) as e:  # URLError/HTTPError/timeouts are OSErrors
-            all_network = all_network and _is_network_failure(e)
-            failures.append(f"{url}: {e}")
-            continue
-        got = hashlib.md5(data, usedforsecurity=False).hexdigest()
-        if got != expected_md5:
-            all_network = False
-            failures.append(f"{url}: checksum mismatch (md5 {got}, expected {expected_md5}; {len(data)} bytes)")
-            continue
-        write_file_atomically(dest, data)
-        return
-    if not MIRRORS:
-        failures.append("no mirrors configured (graphcnn.datasets.mnist.MIRRORS is empty)")
-    cause = "the network seems unavailable" if all_network and MIRRORS else "every mirror failed"
-    raise DatasetError(
-        f"could not download the full MNIST file {fname}: {cause} ({'; '.join(failures)}). Offline, use "
-        f"load_data() for the bundled 8,000/2,000 subset, or copy the four MNIST .gz files into a folder and "
-        f"call load_data(path=DIR)")
+OFFLINE_HINT = ("Offline, use load_data() for the bundled 8,000/2,000 subset, or copy the four MNIST .gz files "
+                "into a folder and call load_data(path=DIR)")
 
 
 def download_mnist(cache_dir=None) -> str:
     """Make sure the four official MNIST .gz files are in the cache folder (downloading and MD5-checking
     any that are missing or damaged) and return that folder. See default_cache_dir for the location."""
-    folder = default_cache_dir(cache_dir)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise DatasetError(f"{folder}: cannot create the MNIST cache folder ({e.strerror or e}); pass "
-                           f"cache_dir= or set GRAPHCNN_DATA to a writable folder") from None
-    for fname, expected_md5 in MD5.items():
-        dest = os.path.join(folder, fname)
-        if _md5_of_file(dest) != expected_md5:  # missing, partial or damaged: fetch it again
-            _download_one(fname, expected_md5, dest)
-    return folder
+    return download.ensure_cached(default_cache_dir(cache_dir), MD5, mirrors=MIRRORS, fetch=_fetch,
+                                  what="full MNIST", offline_hint=OFFLINE_HINT)
 
 
 # -- the Keras-compatible entry point --------------------------------------------------------------

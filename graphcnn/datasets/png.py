@@ -20,6 +20,11 @@ CHANNELS = {0: 1, 4: 2, 2: 3, 6: 4}
 COLOR_TYPE_NAMES = {0: "grayscale", 2: "RGB", 3: "palette", 4: "gray+alpha", 6: "RGBA"}
 MAX_DIMENSION = (1 << 31) - 1  # the PNG spec's limit for width, height and chunk length
 DEFLATE_MAX_RATIO = 1032  # deflate's largest possible expansion (258-byte matches coded in 2 bits)
+# Documented decoding bounds (refused beyond them, before inflating): at most 2**26 pixels (8192 x 8192,
+# 256 MiB of RGBA), and for images using the Average/Paeth filters width + height <= 2**16, the number of
+# vectorized decoding steps those filters need (see _unfilter).
+MAX_PIXELS = 1 << 26
+MAX_WAVEFRONT_STEPS = (1 << 16) - 1
 
 
 def _read_chunks(path: str, data: bytes):
@@ -71,6 +76,9 @@ def _check_header(path: str, header) -> tuple[int, int, int]:
     width, height, depth, color_type, compression, filter_method, interlace = header
     if not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION):
         raise DatasetError(f"{path}: corrupt PNG: size {width}x{height}")
+    if width * height > MAX_PIXELS:
+        raise DatasetError(f"{path}: PNG of {width}x{height} pixels is over this reader's limit of {MAX_PIXELS} "
+                           f"pixels; downscale it first")
     if color_type not in CHANNELS:
         kind = COLOR_TYPE_NAMES.get(color_type, f"invalid color type {color_type}")
         raise DatasetError(f"{path}: unsupported PNG color type {color_type} ({kind}); supported: grayscale, "
@@ -109,43 +117,76 @@ def _inflate_exact(path: str, idat: bytes, expected: int) -> bytes:
     return raw
 
 
-def _paeth(a: int, b: int, c: int) -> int:
-    """The PNG Paeth predictor: whichever of left, up, up-left is closest to left + up - up-left."""
-    p = a + b - c
-    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-    if pa <= pb and pa <= pc:
-        return a
-    return b if pb <= pc else c
+def _unfilter(path: str, raw: bytes, height: int, width: int, bpp: int) -> np.ndarray:
+    """Undo the per-row PNG filters -> uint8 (height, width * bpp). `bpp` = bytes per pixel.
+
+    Cost is a fixed number of NumPy calls per image (None/Sub/Up only) or per anti-diagonal (with
+    Average/Paeth rows), never a Python step per byte: a byte depends on its left, upper and upper-left
+    neighbours, so all pixels on one anti-diagonal (row + column = d) are independent and decode together;
+    that is height + width - 1 vectorized steps (see MAX_WAVEFRONT_STEPS)."""
+    rows = np.frombuffer(raw, np.uint8).reshape(height, width * bpp + 1)
+    kinds, data = rows[:, 0], rows[:, 1:].reshape(height, width, bpp)
+    bad = np.flatnonzero(kinds > 4)
+    if bad.size:
+        raise DatasetError(f"{path}: corrupt PNG: unknown filter type {kinds[bad[0]]} on row {bad[0]}")
+    if (kinds >= 3).any():
+        if height + width - 1 > MAX_WAVEFRONT_STEPS:
+            raise DatasetError(f"{path}: PNG of {width}x{height} pixels uses Average/Paeth filters; this reader "
+                               f"decodes those only when width + height <= {MAX_WAVEFRONT_STEPS + 1}")
+        return _unfilter_wavefront(kinds, data).reshape(height, width * bpp)
+    return _unfilter_none_sub_up(kinds, data).reshape(height, width * bpp)
 
 
-def _unfilter(path: str, raw: bytes, height: int, stride: int, bpp: int) -> np.ndarray:
-    """Undo the per-row PNG filters -> uint8 (height, stride). `bpp` = bytes per pixel."""
-    rows = np.frombuffer(raw, np.uint8).reshape(height, stride + 1)
-    out = np.empty((height, stride), np.uint8)
-    prev = np.zeros(stride, np.uint8)
-    for y in range(height):
-        kind, line = int(rows[y, 0]), rows[y, 1:]
-        if kind == 0:  # None
-            cur = line
-        elif kind == 1:  # Sub: running sum per channel, mod 256
-            cur = line.reshape(-1, bpp).cumsum(axis=0, dtype=np.uint8).reshape(stride)
-        elif kind == 2:  # Up
-            cur = line + prev  # uint8 arithmetic wraps mod 256, as the spec wants
-        elif kind in (3, 4):  # Average, Paeth: each byte depends on the one just decoded
-            up, cur_b, line_b = prev.tolist(), bytearray(stride), line.tolist()
-            for i in range(stride):
-                left = cur_b[i - bpp] if i >= bpp else 0
-                if kind == 3:
-                    pred = (left + up[i]) >> 1
-                else:
-                    pred = _paeth(left, up[i], up[i - bpp] if i >= bpp else 0)
-                cur_b[i] = (line_b[i] + pred) & 0xFF
-            cur = np.frombuffer(cur_b, np.uint8)
-        else:
-            raise DatasetError(f"{path}: corrupt PNG: unknown filter type {kind} on row {y}")
-        out[y] = cur
-        prev = out[y]
+def _unfilter_none_sub_up(kinds, data) -> np.ndarray:
+    """Rows filtered with None (0), Sub (1) or Up (2) only, fully vectorized: a None or Sub row does not
+    depend on the row above (Sub is a running sum along the row), an Up row adds the row above, so
+    each column is a running sum restarted at every None/Sub row. uint8 arithmetic wraps mod 256, which
+    makes differences of running sums exact."""
+    height = len(kinds)
+    own = data.copy()
+    sub = kinds == 1
+    own[sub] = np.cumsum(data[sub], axis=1, dtype=np.uint8)
+    if not (kinds == 2).any():
+        return own
+    total = np.zeros((height + 1,) + data.shape[1:], np.uint8)       # total[y + 1] = own[0] + ... + own[y]
+    np.cumsum(own, axis=0, dtype=np.uint8, out=total[1:])
+    del own
+    restart = np.maximum.accumulate(np.where(kinds != 2, np.arange(height), 0))   # last None/Sub row
+    out = total[1:]
+    out -= total[restart]
     return out
+
+
+def _unfilter_wavefront(kinds, data) -> np.ndarray:
+    """Any filter mix, decoded one anti-diagonal d = y + x at a time: pixel (y, x) needs its left (y, x-1)
+    and upper (y-1, x) neighbours, both on diagonal d-1, and its upper-left (y-1, x-1) on d-2. The last two
+    decoded diagonals are kept indexed by row (slot y+1; slot 0 and never-written slots are the spec's
+    zero "outside" bytes), so the neighbours are slices; only the filtered input and the result are
+    gathered/scattered."""
+    height, width, bpp = data.shape
+    out = np.empty((height * width, bpp), np.uint8)
+    src = data.reshape(-1, bpp)
+    row_start = np.arange(height) * (width - 1)          # + d = flat index of (y, d - y)
+    prev2 = np.zeros((height + 1, bpp), np.int16)        # diagonal d-2
+    prev1 = np.zeros((height + 1, bpp), np.int16)        # diagonal d-1
+    zero = np.int16(0)
+    for d in range(height + width - 1):
+        lo, hi = max(0, d - width + 1), min(height - 1, d) + 1
+        a = prev1[lo + 1:hi + 1]                           # left
+        b = prev1[lo:hi]                                   # up
+        c = prev2[lo:hi]                                   # up-left
+        bc, ac = b - c, a - c
+        pa, pb, pc = np.abs(bc), np.abs(ac), np.abs(bc + ac)   # |p - a|, |p - b|, |p - c| for p = a + b - c
+        paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+        pred = np.choose(kinds[lo:hi, None], [zero, a, b, (a + b) >> 1, paeth])
+        at = row_start[lo:hi] + d
+        cur = (src[at] + pred) & 0xFF                     # int16 sum; & 0xFF = mod 256, as the spec wants
+        out[at] = cur
+        prev2, prev1 = prev1, prev2
+        prev1[lo + 1:hi + 1] = cur
+        if lo > 0:      # row lo-1 left this diagonal at its right edge: (lo-1, width) is outside, reads as 0
+            prev1[lo] = 0
+    return out.reshape(height, width, bpp)
 
 
 def read_png_gray(path) -> np.ndarray:
@@ -173,7 +214,7 @@ def read_png_gray(path) -> np.ndarray:
     width, height, channels = _check_header(path, header)
     stride = width * channels
     raw = _inflate_exact(path, idat, height * (stride + 1))
-    pixels = _unfilter(path, raw, height, stride, channels).reshape(height, width, channels)
+    pixels = _unfilter(path, raw, height, width, channels).reshape(height, width, channels)
     if channels <= 2:  # gray or gray+alpha
         return np.ascontiguousarray(pixels[:, :, 0])
     rgb = pixels[:, :, :3].astype(np.int32)

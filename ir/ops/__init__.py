@@ -7,9 +7,10 @@ package registers them all.
 from __future__ import annotations
 
 from ..types import IRError, TensorType
+from . import activations
 
 REGISTRY: dict[str, "Op"] = {}
-ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh")
+ACTIVATIONS = activations.NAMES       # the activation table's names (ir/ops/activations.py)
 
 
 def register(cls):
@@ -46,6 +47,8 @@ class Op:
     view = False                # output is the input reinterpreted (reshape): no buffer, no copy
     writes_inputs: tuple = ()   # output k IS input writes_inputs[k], updated in place (optimizers)
     differentiable = True
+    batch_mean = False          # output is the batch mean of per-sample terms (a loss): see batch_coupling
+    identity_in_inference = False  # training-only randomness (dropout, augmentation): drop_dropout removes it
 
     def check(self, ins, attrs: dict) -> dict:
         """Validate input count and attributes; return canonical, normalized attributes."""
@@ -73,6 +76,11 @@ class Op:
     def infer(self, types, attrs) -> list[TensorType]:
         raise NotImplementedError
 
+    def inplace_inputs(self) -> tuple:
+        """Indices of the inputs whose buffer output 0 may reuse (the memory planner takes the first
+        that dies here with the same size): `inplace`, or more for commutative-safe ops like add."""
+        return () if self.inplace is None else (self.inplace,)
+
     def infer_types(self, ins, attrs):
         return self.infer([v.type for v in ins], attrs)
 
@@ -81,6 +89,14 @@ class Op:
         if not self.differentiable:
             return [None] * len(node.inputs)
         raise IRError(f"op {self.name!r} has no gradient rule")
+
+    def couples_batch(self, node) -> bool:
+        """True when one sample's output depends on other samples of the batch (a reduction over the
+        batch axis, a batch statistic, a mean over the batch or a division by its size). Default False:
+        the op maps each sample on its own. ir/passes/batch_coupling.py reads this to decide whether a
+        batch may be split across threads; an op that drops the batch axis is treated as coupling
+        whatever it answers here."""
+        return False
 
     def flops(self, node, batch: int) -> int:
         """Floating-point operations for one call at this batch size (default: one per output element)."""
@@ -133,12 +149,9 @@ def pair(x, what: str, op: str) -> tuple:
     return (a, b)
 
 
-def check_activation(act, op):
-    if act is None:
-        act = "linear"
-    if act not in ACTIVATIONS:
-        raise IRError(f"{op}: unknown activation {act!r}; fusable activations: {', '.join(ACTIVATIONS)}")
-    return act
+def check_activation(act, params, op) -> tuple:
+    """(name, canonical parameters) of a fused activation, validated against the activation table."""
+    return activations.resolve(act, params, op)
 
 
-from . import elementwise, nn, loss, optim  # noqa: E402,F401  (registers the ops)
+from . import elementwise, nn, norm, loss, optim, augment  # noqa: E402,F401  (registers the ops)

@@ -6,7 +6,7 @@ import numbers
 import numpy as np
 
 from ..types import IRError, TensorType
-from . import REQUIRED, Op, emit, register
+from . import REQUIRED, Op, activations, emit, register
 
 
 def broadcast_shapes(a: tuple, b: tuple, op: str) -> tuple:
@@ -55,57 +55,47 @@ class UnaryGrad(Op):
         return [types[1]]
 
 
-@register
-class Relu(Unary):
-    name = "relu"
+class Activation(Unary):
+    """An elementwise activation from the activation table (ir/ops/activations.py); its parameters are
+    its attributes. Subclasses are generated per table entry below."""
+    spec: activations.ActivationSpec
 
-    def grad(self, node, douts):
-        return [emit("relu_grad", node.outputs[0], douts[0])]
-
-
-@register
-class Sigmoid(Unary):
-    name = "sigmoid"
+    def normalize(self, types, attrs):
+        return dict(self.spec.normalize(attrs, self.name))
 
     def flops(self, node, batch):
-        return 4 * node.outputs[0].type.numel(batch)
+        return self.spec.flops * node.outputs[0].type.numel(batch)
 
     def grad(self, node, douts):
-        return [emit("sigmoid_grad", node.outputs[0], douts[0])]
+        return [emit(self.spec.grad_op, node.outputs[0], douts[0], **node.attrs)]
 
 
-@register
-class Tanh(Unary):
-    name = "tanh"
+class ActivationGrad(UnaryGrad):
+    """dx = dy * slope(y) for a table activation, y its output; same attributes as the forward op."""
+    spec: activations.ActivationSpec
 
-    def flops(self, node, batch):
-        return 4 * node.outputs[0].type.numel(batch)
-
-    def grad(self, node, douts):
-        return [emit("tanh_grad", node.outputs[0], douts[0])]
+    def normalize(self, types, attrs):
+        return dict(self.spec.normalize(attrs, self.name))
 
 
-@register
-class ReluGrad(UnaryGrad):
-    name = "relu_grad"
+def _register_activation(spec: activations.ActivationSpec) -> None:
+    attrs = dict(spec.params)
+    register(type(spec.name.title().replace("_", ""), (Activation,), {"name": spec.name, "spec": spec,
+                                                                       "attrs": attrs}))
+    register(type(spec.name.title().replace("_", "") + "Grad", (ActivationGrad,),
+                  {"name": spec.grad_op, "spec": spec, "attrs": attrs}))
 
 
-@register
-class SigmoidGrad(UnaryGrad):
-    name = "sigmoid_grad"
+for _spec in activations.TABLE.values():
+    if _spec.name != "linear":
+        _register_activation(_spec)
 
 
-@register
-class TanhGrad(UnaryGrad):
-    name = "tanh_grad"
-
-
-ACTIVATION_GRAD = {"relu": "relu_grad", "sigmoid": "sigmoid_grad", "tanh": "tanh_grad"}
-
-
-def activation_grad(activation: str, y, dy):
-    """Gradient through a (possibly fused) activation, given its output y."""
-    return dy if activation == "linear" else emit(ACTIVATION_GRAD[activation], y, dy)
+def activation_grad(activation: str, params, y, dy):
+    """Gradient through a (possibly fused) activation with parameters `params` ((name, value) pairs),
+    given its output y."""
+    spec = activations.get(activation, "activation_grad")
+    return dy if spec.grad_op is None else emit(spec.grad_op, y, dy, **dict(params))
 
 
 class AxisOp(Op):
@@ -169,6 +159,11 @@ class Binary(Op):
 
     inplace = 0   # the output may reuse `a` when `a` is not broadcast (checked by the planner)
 
+    def inplace_inputs(self) -> tuple:
+        # either operand: the kernels read both before writing (so a residual add can overwrite the skip
+        # value where it dies, whichever side it is on)
+        return (0, 1)
+
 
 def sum_to(dy, like):
     """Reduce a broadcast gradient back to `like`'s shape (no-op when shapes agree)."""
@@ -203,6 +198,18 @@ class Mul(Binary):
         a, b = node.inputs
         dy = douts[0]
         return [sum_to(emit("mul", dy, b), a), sum_to(emit("mul", dy, a), b)]
+
+
+@register
+class Div(Binary):
+    """a / b with broadcasting (IEEE division: x/0 is ±inf, 0/0 NaN), for imported ONNX Div."""
+    name = "div"
+    inplace = 0
+
+    def grad(self, node, douts):
+        a, b = node.inputs
+        da = emit("div", douts[0], b)
+        return [sum_to(da, a), sum_to(emit("neg", emit("mul", da, node.outputs[0])), b)]
 
 
 @register
@@ -241,6 +248,9 @@ class SumTo(Op):
             raise IRError(f"sum_to: {types[0]} does not broadcast from {_fmt(shape)}")
         return [TensorType(shape)]
 
+    def couples_batch(self, node):
+        return node.inputs[0].type.batched and not node.outputs[0].type.batched
+
 
 @register
 class BiasAdd(Op):
@@ -267,6 +277,9 @@ class BiasAddGrad(Op):
 
     def infer(self, types, attrs):
         return [TensorType((types[0].shape[-1],))]
+
+    def couples_batch(self, node):
+        return node.inputs[0].type.batched
 
 
 @register
@@ -377,6 +390,7 @@ class DropoutBase(Op):
 @register
 class Dropout(DropoutBase):
     name = "dropout"
+    identity_in_inference = True
 
     def grad(self, node, douts):
         return [emit("dropout_grad", douts[0], *node.inputs[1:], **node.attrs), None]
@@ -386,3 +400,223 @@ class Dropout(DropoutBase):
 class DropoutGrad(DropoutBase):
     name = "dropout_grad"
     differentiable = False
+
+
+@register
+class Rsqrt(Unary):
+    """y = 1 / sqrt(x) (float32 sqrt then division: correctly rounded steps, the same in every backend)."""
+    name = "rsqrt"
+
+    def flops(self, node, batch):
+        return 2 * node.outputs[0].type.numel(batch)
+
+    def grad(self, node, douts):
+        y = node.outputs[0]
+        # d/dx x^-1/2 = -1/2 y^3
+        return [emit("mul", douts[0], emit("scale", emit("mul", y, emit("mul", y, y)), factor=-0.5))]
+
+
+def _axis_index(axis, rank, op) -> int:
+    if not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
+        raise IRError(f"{op}: axis must be an int, got {axis!r}")
+    if not -rank <= axis < rank:
+        raise IRError(f"{op}: axis {axis} out of range for rank {rank}")
+    return int(axis) % rank
+
+
+@register
+class Concat(Op):
+    """Join tensors along one axis; all other dimensions must agree. A batched concat along the batch
+    axis is refused: it would change the batch size (and couple samples)."""
+    name = "concat"
+    inputs = ("values",)          # variadic: one or more
+    attrs = {"axis": -1}
+
+    def check(self, ins, attrs):
+        if len(ins) < 1:
+            raise IRError("concat: needs at least one value")
+        unknown = set(attrs) - set(self.attrs)
+        if unknown:
+            raise IRError(f"concat: unknown attribute(s) {sorted(unknown)}; known: ['axis']")
+        from . import _canon
+        full = self.normalize([v.type for v in ins], {"axis": attrs.get("axis", -1)})
+        return {k: _canon(v) for k, v in full.items()}
+
+    def normalize(self, types, attrs):
+        first = types[0]
+        if first.rank < 1:
+            raise IRError(f"concat: values must have rank >= 1, got {first}")
+        ax = _axis_index(attrs["axis"], first.rank, self.name)
+        for i, t in enumerate(types):
+            if t.dtype != first.dtype or t.rank != first.rank or any(
+                    a != b for k, (a, b) in enumerate(zip(t.shape, first.shape)) if k != ax):
+                raise IRError(f"concat: value {i} {t} does not match value 0 {first} outside axis {ax}")
+        if ax == 0 and first.batched:
+            raise IRError("concat: cannot concatenate along the batch axis (axis 0) of batched values")
+        return {"axis": ax}
+
+    def infer(self, types, attrs):
+        ax = attrs["axis"]
+        shape = list(types[0].shape)
+        shape[ax] = sum(t.shape[ax] for t in types)
+        return [TensorType(tuple(shape), types[0].dtype)]
+
+    def couples_batch(self, node) -> bool:
+        return False
+
+    def flops(self, node, batch):
+        return 0
+
+    def grad(self, node, douts):
+        ax, start, grads = node.attrs["axis"], 0, []
+        for v in node.inputs:
+            stop = start + v.shape[ax]
+            grads.append(emit("slice", douts[0], axis=ax, start=start, stop=stop))
+            start = stop
+        return grads
+
+
+@register
+class Slice(Op):
+    """x[..., start:stop, ...] along one non-batch axis (a copy)."""
+    name = "slice"
+    inputs = ("x",)
+    attrs = {"axis": REQUIRED, "start": REQUIRED, "stop": REQUIRED}
+
+    def normalize(self, types, attrs):
+        x = types[0]
+        ax = _axis_index(attrs["axis"], x.rank, self.name)
+        if ax == 0 and x.batched:
+            raise IRError("slice: cannot slice the batch axis of a batched value")
+        try:
+            start, stop = int(attrs["start"]), int(attrs["stop"])
+        except (TypeError, ValueError):
+            raise IRError(f"slice: start and stop must be ints, got {attrs['start']!r}, {attrs['stop']!r}") from None
+        if not 0 <= start < stop <= x.shape[ax]:
+            raise IRError(f"slice: need 0 <= start < stop <= {x.shape[ax]} on axis {ax} of {x}, "
+                          f"got [{start}, {stop})")
+        return {"axis": ax, "start": start, "stop": stop}
+
+    def infer(self, types, attrs):
+        shape = list(types[0].shape)
+        shape[attrs["axis"]] = attrs["stop"] - attrs["start"]
+        return [TensorType(tuple(shape), types[0].dtype)]
+
+    def flops(self, node, batch):
+        return 0
+
+    def grad(self, node, douts):
+        a = node.attrs
+        return [emit("slice_grad", douts[0], axis=a["axis"], start=a["start"], size=node.inputs[0].shape[a["axis"]])]
+
+
+@register
+class SliceGrad(Op):
+    """The gradient of slice: dy placed at [start, start + len) along axis of a zero tensor of `size` there."""
+    name = "slice_grad"
+    inputs = ("dy",)
+    attrs = {"axis": REQUIRED, "start": REQUIRED, "size": REQUIRED}
+    differentiable = False
+
+    def normalize(self, types, attrs):
+        dy = types[0]
+        ax = _axis_index(attrs["axis"], dy.rank, self.name)
+        if ax == 0 and dy.batched:
+            raise IRError("slice_grad: the batch axis cannot be sliced")
+        try:
+            start, size = int(attrs["start"]), int(attrs["size"])
+        except (TypeError, ValueError):
+            raise IRError(f"slice_grad: start and size must be ints, got {attrs['start']!r}, {attrs['size']!r}") from None
+        if start < 0 or start + dy.shape[ax] > size:
+            raise IRError(f"slice_grad: dy {dy} at offset {start} does not fit in {size} along axis {ax}")
+        return {"axis": ax, "start": start, "size": size}
+
+    def infer(self, types, attrs):
+        shape = list(types[0].shape)
+        shape[attrs["axis"]] = attrs["size"]
+        return [TensorType(tuple(shape), types[0].dtype)]
+
+    def flops(self, node, batch):
+        return 0
+
+
+def reduce_axes(axis, rank, op) -> tuple:
+    """None -> every axis; an int or a tuple of ints -> sorted distinct non-negative axes."""
+    if axis is None:
+        return tuple(range(rank))
+    axes = (axis,) if isinstance(axis, numbers.Integral) and not isinstance(axis, bool) else axis
+    try:
+        out = tuple(sorted({_axis_index(a, rank, op) for a in axes}))
+    except TypeError:
+        raise IRError(f"{op}: axis must be None, an int or a tuple of ints, got {axis!r}") from None
+    if len(out) != len(tuple(axes)):
+        raise IRError(f"{op}: repeated axis in {axis!r}")
+    return out
+
+
+def reduced_shape(shape, axes, keepdims) -> tuple:
+    if keepdims:
+        return tuple(1 if i in axes else d for i, d in enumerate(shape))
+    return tuple(d for i, d in enumerate(shape) if i not in axes)
+
+
+class Reduce(Op):
+    inputs = ("x",)
+    attrs = {"axis": None, "keepdims": False}
+    mean = False
+
+    def normalize(self, types, attrs):
+        if types[0].rank < 1:
+            raise IRError(f"{self.name}: x must have rank >= 1, got {types[0]}")
+        if not isinstance(attrs["keepdims"], (bool, np.bool_)):
+            raise IRError(f"{self.name}: keepdims must be a bool, got {attrs['keepdims']!r}")
+        return {"axis": reduce_axes(attrs["axis"], types[0].rank, self.name), "keepdims": bool(attrs["keepdims"])}
+
+    def infer(self, types, attrs):
+        _same_float(types, self.name)
+        return [TensorType(reduced_shape(types[0].shape, attrs["axis"], attrs["keepdims"]))]
+
+    def couples_batch(self, node) -> bool:
+        return node.inputs[0].type.batched and 0 in node.attrs["axis"]
+
+    def flops(self, node, batch):
+        return node.inputs[0].type.numel(batch)
+
+    def grad(self, node, douts):
+        x = node.inputs[0]
+        return [emit("reduce_grad", douts[0], shape=x.shape, axis=node.attrs["axis"], mean=self.mean)]
+
+
+@register
+class ReduceSum(Reduce):
+    name = "reduce_sum"
+
+
+@register
+class ReduceMean(Reduce):
+    name = "reduce_mean"
+    mean = True
+
+
+@register
+class ReduceGrad(Op):
+    """The gradient of reduce_sum / reduce_mean: dy broadcast back to `shape` over the reduced axes
+    (divided by the number of reduced elements for a mean, the batch counted at run time)."""
+    name = "reduce_grad"
+    inputs = ("dy",)
+    attrs = {"shape": REQUIRED, "axis": REQUIRED, "mean": False}
+    differentiable = False
+
+    def normalize(self, types, attrs):
+        shape = tuple(None if d is None else int(d) for d in attrs["shape"])
+        axes = reduce_axes(attrs["axis"], len(shape), self.name)
+        dy = types[0].shape
+        if dy not in (reduced_shape(shape, axes, True), reduced_shape(shape, axes, False)):
+            raise IRError(f"{self.name}: dy {types[0]} is not {_fmt(shape)} reduced over axes {axes}")
+        return {"shape": shape, "axis": axes, "mean": bool(attrs["mean"])}
+
+    def infer(self, types, attrs):
+        return [TensorType(tuple(attrs["shape"]))]
+
+    def couples_batch(self, node) -> bool:
+        return node.outputs[0].type.batched and 0 in node.attrs["axis"]

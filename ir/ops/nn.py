@@ -1,6 +1,8 @@
 """Convolution, pooling, dense and matmul ops (NHWC activations, HWIO kernels), with gradients."""
 from __future__ import annotations
 
+import numbers
+
 from ..types import IRError, TensorType
 from . import REQUIRED, Op, check_activation, emit, pair, register
 from .elementwise import activation_grad
@@ -36,16 +38,44 @@ def resolve_padding(padding, in_hw, extent_hw, stride, op):
     return pads
 
 
-def window_out(in_hw, extent_hw, stride, pads, op, what):
-    """Output spatial size of a sliding window; error if the window is larger than the padded input."""
-    out = []
-    for size, ext, s, (p0, p1) in zip(in_hw, extent_hw, stride, pads):
-        padded = size + p0 + p1
-        if ext > padded:
-            raise IRError(f"{op}: {what} ({ext}) is larger than the padded input ({size} + {p0} + {p1}); "
-                          f"use padding='same' or a smaller {what}")
-        out.append((padded - ext) // s + 1)
-    return tuple(out)
+def window_out(in_hw, extent_hw, stride, pads, op, what, detail=""):
+    """Output spatial size of a sliding window; error if the window (`what`: 'kernel', 'pool window') is
+    larger than the padded input."""
+    padded = tuple(size + p0 + p1 for size, (p0, p1) in zip(in_hw, pads))
+    if any(ext > p for ext, p in zip(extent_hw, padded)):
+        raise IRError(f"{op}: {what} extent {tuple(extent_hw)}{detail} is larger than the padded input {padded} "
+                      f"(input {tuple(in_hw)}, padding {tuple(pads)}); use padding='same' or a smaller {what}")
+    return tuple((p - ext) // s + 1 for p, ext, s in zip(padded, extent_hw, stride))
+
+
+def check_conv_padding(pads, kernel_hw, dilation, in_hw, op):
+    """Bound padding by the kernel, so a tiny model cannot declare a huge output (padding 4095 on a 28x28
+    image is 2.4 GB per image). Each pad may be at most the dilated kernel extent: more only adds output
+    rows/columns that see nothing but padding. TensorFlow's 'same' never pads more than extent - 1 in
+    total, a "full" convolution needs extent - 1 per side, and ONNX Runtime and PyTorch bound pooling pads
+    the same way (pad < kernel). With dilation the output may also not exceed what that rule allows an
+    undilated kernel (input + kernel + 1): this bounds a 2-tap kernel with a huge dilation and a matching
+    pad; 'same' and 'valid' never reach it."""
+    for axis, ((p0, p1), k, d, size) in enumerate(zip(pads, kernel_hw, dilation, in_hw)):
+        ext = (k - 1) * d + 1
+        name = "height" if axis == 0 else "width"
+        if max(p0, p1) > ext:
+            raise IRError(f"{op}: padding {(p0, p1)} along the {name} is larger than the kernel extent {ext} "
+                          f"(kernel {tuple(kernel_hw)}, dilation {tuple(dilation)}); pad the input explicitly "
+                          f"if you need more")
+        if size + p0 + p1 - ext + 1 > size + k + 1:
+            raise IRError(f"{op}: padding {(p0, p1)} along the {name} with dilation {d} gives an output of "
+                          f"{size + p0 + p1 - ext + 1} pixels, more than the {size + k + 1} an undilated "
+                          f"{k}-tap kernel can give on the {size}-pixel input")
+
+
+def check_groups(groups, c, f, op) -> int:
+    """groups must be a positive int dividing both the input channels c and the filters f."""
+    if not isinstance(groups, numbers.Integral) or isinstance(groups, bool) or groups < 1:
+        raise IRError(f"{op}: groups must be a positive int, got {groups!r}")
+    if c % groups or f % groups:
+        raise IRError(f"{op}: groups={groups} must divide the input channels ({c}) and the filters ({f})")
+    return groups
 
 
 def _nhwc(t, op, what="x"):
@@ -53,38 +83,53 @@ def _nhwc(t, op, what="x"):
         raise IRError(f"{op}: {what} must be 4-D NHWC (batch, height, width, channels), got {t}")
 
 
+def weights_batched(node) -> bool:
+    """For ops applying weights (inputs 1..) to per-sample data (input 0): weights that carry the
+    batch axis mix samples."""
+    return any(v.type.batched for v in node.inputs[1:])
+
+
 class ConvBase(Op):
     attrs = {"stride": 1, "padding": "valid", "dilation": 1}
+
+    def couples_batch(self, node):
+        return weights_batched(node)
 
     def _geom(self, x_hw, k_hw, attrs):
         stride = pair(attrs["stride"], "stride", self.name)
         dil = pair(attrs["dilation"], "dilation", self.name)
         ext = tuple((k - 1) * d + 1 for k, d in zip(k_hw, dil))
         pads = resolve_padding(attrs["padding"], x_hw, ext, stride, self.name)
-        out = window_out(x_hw, ext, stride, pads, self.name, f"kernel extent {tuple(k_hw)}")
+        check_conv_padding(pads, k_hw, dil, x_hw, self.name)
+        out = window_out(x_hw, ext, stride, pads, self.name, "kernel",
+                         f" (kernel {tuple(k_hw)}, dilation {dil})")
         return stride, dil, pads, out
 
 
 @register
 class Conv2D(ConvBase):
-    """y = act(conv(x, w) + b); x (N,H,W,C), w (KH,KW,C,F)."""
+    """y = act(conv(x, w) + b); x (N,H,W,C), w (KH,KW,C/groups,F). With groups > 1, input channels
+    [g*C/groups, (g+1)*C/groups) feed output channels [g*F/groups, (g+1)*F/groups) only; the
+    `decompose_grouped_conv` pass splits such a node into per-group convs + concat for the backends."""
     name = "conv2d"
     inputs = ("x", "w", "b?")
-    attrs = dict(ConvBase.attrs, activation="linear")
+    attrs = dict(ConvBase.attrs, activation="linear", activation_params=(), groups=1)
 
     def normalize(self, types, attrs):
         x, w = types[0], types[1]
         _nhwc(x, self.name)
         if w.rank != 4:
             raise IRError(f"conv2d: kernel must be 4-D HWIO (kh, kw, in_ch, out_ch), got {w}")
-        if x.shape[3] != w.shape[2]:
-            raise IRError(f"conv2d: input has {x.shape[3]} channels but the kernel expects {w.shape[2]} "
-                          f"(x {x}, w {w})")
+        groups = check_groups(attrs["groups"], x.shape[3], w.shape[3], self.name)
+        if x.shape[3] != w.shape[2] * groups:
+            raise IRError(f"conv2d: input has {x.shape[3]} channels but the kernel expects {w.shape[2] * groups} "
+                          f"(x {x}, w {w}, groups={groups}; w must be (kh, kw, in_ch // groups, out_ch))")
         if len(types) > 2 and types[2].shape != (w.shape[3],):
             raise IRError(f"conv2d: bias must have shape ({w.shape[3]},), got {types[2]}")
         stride, dil, pads, _ = self._geom(x.shape[1:3], w.shape[:2], attrs)
-        return {"stride": stride, "padding": pads, "dilation": dil,
-                "activation": check_activation(attrs["activation"], self.name)}
+        act, params = check_activation(attrs["activation"], attrs["activation_params"], self.name)
+        return {"stride": stride, "padding": pads, "dilation": dil, "activation": act,
+                "activation_params": params, "groups": int(groups)}
 
     def infer(self, types, attrs):
         x, w = types[0], types[1]
@@ -98,9 +143,22 @@ class Conv2D(ConvBase):
     def grad(self, node, douts):
         x, w = node.inputs[:2]
         a = {k: node.attrs[k] for k in ("stride", "padding", "dilation")}
-        dz = activation_grad(node.attrs["activation"], node.outputs[0], douts[0])
-        dx = emit("conv2d_grad_input", dz, w, input_shape=x.shape[1:], **a)
-        dw = emit("conv2d_grad_filter", x, dz, kernel_hw=w.shape[:2], **a)
+        dz = activation_grad(node.attrs["activation"], node.attrs["activation_params"], node.outputs[0], douts[0])
+        groups = node.attrs.get("groups", 1)
+        if groups == 1:
+            dx = emit("conv2d_grad_input", dz, w, input_shape=x.shape[1:], **a)
+            dw = emit("conv2d_grad_filter", x, dz, kernel_hw=w.shape[:2], **a)
+        else:
+            # per group: the plain conv gradients on the group's channel slices, concatenated
+            cg, fg = w.shape[2], w.shape[3] // groups
+            dxs, dws = [], []
+            for k in range(groups):
+                dz_k = emit("slice", dz, axis=3, start=k * fg, stop=(k + 1) * fg)
+                w_k = emit("slice", w, axis=3, start=k * fg, stop=(k + 1) * fg)
+                x_k = emit("slice", x, axis=3, start=k * cg, stop=(k + 1) * cg)
+                dxs.append(emit("conv2d_grad_input", dz_k, w_k, input_shape=x.shape[1:3] + (cg,), **a))
+                dws.append(emit("conv2d_grad_filter", x_k, dz_k, kernel_hw=w.shape[:2], **a))
+            dx, dw = emit("concat", *dxs, axis=3), emit("concat", *dws, axis=3)
         grads = [dx, dw]
         if len(node.inputs) > 2:
             grads.append(emit("bias_add_grad", dz))
@@ -152,6 +210,9 @@ class Conv2DGradFilter(ConvBase):
         x, dy = types
         return [TensorType(tuple(attrs["kernel_hw"]) + (x.shape[3], dy.shape[3]))]
 
+    def couples_batch(self, node):
+        return any(v.type.batched for v in node.inputs)     # sums x * dy over the batch
+
     def flops(self, node, batch):
         kh, kw = node.attrs["kernel_hw"]
         return 2 * kh * kw * node.inputs[0].shape[3] * node.inputs[1].type.numel(batch)
@@ -166,7 +227,7 @@ class PoolBase(Op):
         pads = resolve_padding(attrs["padding"], x_hw, pool, stride, self.name)
         if any(p >= k for p, k in zip((max(pads[0]), max(pads[1])), pool)):
             raise IRError(f"{self.name}: padding {pads} must be smaller than the pool window {pool}")
-        out = window_out(x_hw, pool, stride, pads, self.name, f"pool window {pool}")
+        out = window_out(x_hw, pool, stride, pads, self.name, "pool window")
         return pool, stride, pads, out
 
     def normalize(self, types, attrs):
@@ -276,7 +337,7 @@ class Dense(Op):
     """y = act(x @ w + b); x (N,K), w (K,M)."""
     name = "dense"
     inputs = ("x", "w", "b?")
-    attrs = {"activation": "linear"}
+    attrs = {"activation": "linear", "activation_params": ()}
 
     def normalize(self, types, attrs):
         x, w = types[0], types[1]
@@ -286,17 +347,21 @@ class Dense(Op):
             raise IRError(f"dense: kernel {w} does not match input {x}: expected ({x.shape[1]}, units)")
         if len(types) > 2 and types[2].shape != (w.shape[1],):
             raise IRError(f"dense: bias must have shape ({w.shape[1]},), got {types[2]}")
-        return {"activation": check_activation(attrs["activation"], self.name)}
+        act, params = check_activation(attrs["activation"], attrs["activation_params"], self.name)
+        return {"activation": act, "activation_params": params}
 
     def infer(self, types, attrs):
         return [TensorType((types[0].shape[0], types[1].shape[1]))]
+
+    def couples_batch(self, node):
+        return weights_batched(node)
 
     def flops(self, node, batch):
         return 2 * node.inputs[1].shape[0] * node.outputs[0].type.numel(batch)
 
     def grad(self, node, douts):
         x, w = node.inputs[:2]
-        dz = activation_grad(node.attrs["activation"], node.outputs[0], douts[0])
+        dz = activation_grad(node.attrs["activation"], node.attrs["activation_params"], node.outputs[0], douts[0])
         grads = [emit("matmul", dz, w, transpose_b=True), emit("matmul", x, dz, transpose_a=True)]
         if len(node.inputs) > 2:
             grads.append(emit("bias_add_grad", dz))
@@ -331,6 +396,12 @@ class MatMul(Op):
         n = b.shape[0] if attrs["transpose_b"] else b.shape[1]
         return [TensorType((m, n))]
 
+    def couples_batch(self, node):
+        a, b = node.inputs
+        inner_a = a.shape[0] if node.attrs["transpose_a"] else a.shape[1]
+        inner_b = b.shape[1] if node.attrs["transpose_b"] else b.shape[0]
+        return inner_a is None or inner_b is None       # the reduction runs over the batch axis
+
     def flops(self, node, batch):
         a = node.inputs[0].type.concrete(batch)
         k = a[0] if node.attrs["transpose_a"] else a[1]
@@ -348,3 +419,207 @@ class MatMul(Op):
         if ta and not tb:
             return [mm(b, dy, ty=True), mm(a, dy)]
         return [mm(b, dy, True, True), mm(dy, a, True, True)]
+
+
+# -- depthwise convolution -----------------------------------------------------------------------------
+
+def _depthwise_kernel(x, w, op):
+    if w.rank != 4:
+        raise IRError(f"{op}: kernel must be 4-D (kh, kw, channels, depth_multiplier), got {w}")
+    if x.shape[3] != w.shape[2]:
+        raise IRError(f"{op}: input has {x.shape[3]} channels but the depthwise kernel {w} expects {w.shape[2]}")
+
+
+@register
+class DepthwiseConv2D(ConvBase):
+    """y[..., c*M + m] = act(sum_taps x[..., c] * w[i, j, c, m] + b[c*M + m]); x (N,H,W,C), w (KH,KW,C,M)
+    (TF/Keras channel order). Each channel is filtered on its own: memory-bound, its own kernels."""
+    name = "depthwise_conv2d"
+    inputs = ("x", "w", "b?")
+    attrs = dict(ConvBase.attrs, activation="linear", activation_params=())
+
+    def normalize(self, types, attrs):
+        x, w = types[0], types[1]
+        _nhwc(x, self.name)
+        _depthwise_kernel(x, w, self.name)
+        f = w.shape[2] * w.shape[3]
+        if len(types) > 2 and types[2].shape != (f,):
+            raise IRError(f"{self.name}: bias must have shape ({f},) (channels * depth_multiplier), got {types[2]}")
+        stride, dil, pads, _ = self._geom(x.shape[1:3], w.shape[:2], attrs)
+        act, params = check_activation(attrs["activation"], attrs["activation_params"], self.name)
+        return {"stride": stride, "padding": pads, "dilation": dil, "activation": act,
+                "activation_params": params}
+
+    def infer(self, types, attrs):
+        x, w = types[0], types[1]
+        *_, out = self._geom(x.shape[1:3], w.shape[:2], attrs)
+        return [TensorType((x.shape[0],) + out + (w.shape[2] * w.shape[3],))]
+
+    def flops(self, node, batch):
+        kh, kw = node.inputs[1].shape[:2]
+        return 2 * kh * kw * node.outputs[0].type.numel(batch)
+
+    def grad(self, node, douts):
+        x, w = node.inputs[:2]
+        a = {k: node.attrs[k] for k in ("stride", "padding", "dilation")}
+        dz = activation_grad(node.attrs["activation"], node.attrs["activation_params"], node.outputs[0], douts[0])
+        grads = [emit("depthwise_conv2d_grad_input", dz, w, input_shape=x.shape[1:], **a),
+                 emit("depthwise_conv2d_grad_filter", x, dz, kernel_shape=w.shape, **a)]
+        if len(node.inputs) > 2:
+            grads.append(emit("bias_add_grad", dz))
+        return grads
+
+
+@register
+class DepthwiseConv2DGradInput(ConvBase):
+    name = "depthwise_conv2d_grad_input"
+    inputs = ("dy", "w")
+    attrs = dict(ConvBase.attrs, input_shape=REQUIRED)
+    differentiable = False
+
+    def normalize(self, types, attrs):
+        dy, w = types
+        _nhwc(dy, self.name, "dy")
+        h, wd, c = (int(d) for d in attrs["input_shape"])
+        _depthwise_kernel(TensorType((None, h, wd, c)), w, self.name)
+        stride, dil, pads, out = self._geom((h, wd), w.shape[:2], attrs)
+        if out != dy.shape[1:3] or dy.shape[3] != c * w.shape[3]:
+            raise IRError(f"{self.name}: dy {dy} does not match input {(h, wd, c)} and kernel {w}")
+        return {"stride": stride, "padding": pads, "dilation": dil, "input_shape": (h, wd, c)}
+
+    def infer(self, types, attrs):
+        return [TensorType((types[0].shape[0],) + tuple(attrs["input_shape"]))]
+
+    def flops(self, node, batch):
+        kh, kw = node.inputs[1].shape[:2]
+        return 2 * kh * kw * node.inputs[0].type.numel(batch)
+
+
+@register
+class DepthwiseConv2DGradFilter(ConvBase):
+    name = "depthwise_conv2d_grad_filter"
+    inputs = ("x", "dy")
+    attrs = dict(ConvBase.attrs, kernel_shape=REQUIRED)
+    differentiable = False
+
+    def normalize(self, types, attrs):
+        x, dy = types
+        _nhwc(x, self.name)
+        _nhwc(dy, self.name, "dy")
+        try:
+            kh, kw, c, m = (int(d) for d in attrs["kernel_shape"])
+        except (TypeError, ValueError):
+            raise IRError(f"{self.name}: kernel_shape must be (kh, kw, channels, multiplier), "
+                          f"got {attrs['kernel_shape']!r}") from None
+        if min(kh, kw, c, m) < 1 or c != x.shape[3]:
+            raise IRError(f"{self.name}: kernel_shape {(kh, kw, c, m)} does not match x {x}")
+        stride, dil, pads, out = self._geom(x.shape[1:3], (kh, kw), attrs)
+        if out != dy.shape[1:3] or dy.shape[3] != c * m:
+            raise IRError(f"{self.name}: dy {dy} does not match x {x} and kernel {(kh, kw, c, m)}")
+        return {"stride": stride, "padding": pads, "dilation": dil, "kernel_shape": (kh, kw, c, m)}
+
+    def infer(self, types, attrs):
+        return [TensorType(tuple(attrs["kernel_shape"]))]
+
+    def couples_batch(self, node) -> bool:
+        return node.inputs[0].type.batched          # a sum over the batch
+
+    def flops(self, node, batch):
+        kh, kw = node.attrs["kernel_shape"][:2]
+        return 2 * kh * kw * node.inputs[1].type.numel(batch)
+
+
+# -- global max pooling, padding ---------------------------------------------------------------------------
+
+@register
+class GlobalMaxPool2D(Op):
+    """(N,H,W,C) -> (N,C): the max over H and W; NaN propagates (like np.max)."""
+    name = "global_max_pool2d"
+    inputs = ("x",)
+
+    def infer(self, types, attrs):
+        _nhwc(types[0], self.name)
+        return [TensorType((types[0].shape[0], types[0].shape[3]))]
+
+    def flops(self, node, batch):
+        return node.inputs[0].type.numel(batch)
+
+    def grad(self, node, douts):
+        return [emit("global_max_pool2d_grad", node.inputs[0], node.outputs[0], douts[0])]
+
+
+@register
+class GlobalMaxPool2DGrad(Op):
+    """dx: each (sample, channel)'s dy goes to the FIRST position (row-major over H, W) holding the max
+    (the first NaN when the max is NaN); everything else is 0."""
+    name = "global_max_pool2d_grad"
+    inputs = ("x", "y", "dy")
+    differentiable = False
+
+    def infer(self, types, attrs):
+        x, y, dy = types
+        _nhwc(x, self.name)
+        want = TensorType((x.shape[0], x.shape[3]))
+        if y != want or dy != want:
+            raise IRError(f"{self.name}: y {y} and dy {dy} must be {want} for x {x}")
+        return [x]
+
+
+def check_spatial_padding(padding, op) -> tuple:
+    """((top, bottom), (left, right)) of non-negative ints; an int or (ph, pw) pads symmetrically."""
+    if isinstance(padding, str):
+        raise IRError(f"{op}: padding must be ((top, bottom), (left, right)) or ints, got {padding!r}")
+    return resolve_padding(padding, None, None, None, op)
+
+
+@register
+class Pad(Op):
+    """Constant padding of the spatial axes of an NHWC tensor."""
+    name = "pad"
+    inputs = ("x",)
+    attrs = {"padding": REQUIRED, "value": 0.0}
+
+    def normalize(self, types, attrs):
+        _nhwc(types[0], self.name)
+        pads = check_spatial_padding(attrs["padding"], self.name)
+        try:
+            value = float(attrs["value"])
+        except (TypeError, ValueError):
+            raise IRError(f"{self.name}: value must be a number, got {attrs['value']!r}") from None
+        return {"padding": pads, "value": value}
+
+    def infer(self, types, attrs):
+        n, h, w, c = types[0].shape
+        (t, b), (l, r) = attrs["padding"]
+        return [TensorType((n, h + t + b, w + l + r, c))]
+
+    def flops(self, node, batch):
+        return 0
+
+    def grad(self, node, douts):
+        return [emit("pad_grad", douts[0], padding=node.attrs["padding"])]
+
+
+@register
+class PadGrad(Op):
+    """The gradient of pad: dy cropped back to the unpadded window."""
+    name = "pad_grad"
+    inputs = ("dy",)
+    attrs = {"padding": REQUIRED}
+    differentiable = False
+
+    def normalize(self, types, attrs):
+        _nhwc(types[0], self.name, "dy")
+        pads = check_spatial_padding(attrs["padding"], self.name)
+        n, h, w, c = types[0].shape
+        if h - sum(pads[0]) < 1 or w - sum(pads[1]) < 1:
+            raise IRError(f"{self.name}: padding {pads} leaves nothing of dy {types[0]}")
+        return {"padding": pads}
+
+    def infer(self, types, attrs):
+        n, h, w, c = types[0].shape
+        (t, b), (l, r) = attrs["padding"]
+        return [TensorType((n, h - t - b, w - l - r, c))]
+
+    def flops(self, node, batch):
+        return 0

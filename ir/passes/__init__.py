@@ -12,7 +12,9 @@ from ..types import IRError
 from ..verify import verify_graph
 from .cse import eliminate_common_subexpressions
 from .dce import eliminate_dead_code
+from .decompose_grouped_conv import decompose_grouped_conv
 from .drop_dropout import drop_dropout
+from .fold_batch_norm import fold_batch_norm
 from .fold_constants import fold_constants
 from .fold_softmax_cross_entropy import fold_softmax_cross_entropy
 from .fuse_bias_activation import fuse_bias_activation
@@ -27,12 +29,15 @@ PASSES = {
     "fuse_bias_activation": fuse_bias_activation,
     "fold_softmax_cross_entropy": fold_softmax_cross_entropy,
     "plan_memory": plan_memory,
+    "fold_batch_norm": fold_batch_norm,
+    "decompose_grouped_conv": decompose_grouped_conv,
 }
 
 PIPELINES = {
-    "inference": ["verify", "drop_dropout", "fold_constants", "cse", "fuse_bias_activation", "dce", "plan_memory"],
+    "inference": ["verify", "drop_dropout", "fold_batch_norm", "decompose_grouped_conv", "fold_constants", "cse",
+                  "fuse_bias_activation", "dce", "plan_memory"],
     "training_forward": ["verify", "fold_softmax_cross_entropy", "dce"],
-    "training": ["verify", "cse", "fuse_bias_activation", "dce", "plan_memory"],
+    "training": ["verify", "decompose_grouped_conv", "cse", "fuse_bias_activation", "dce", "plan_memory"],
     "none": ["verify"],
 }
 

@@ -1,12 +1,15 @@
-"""Inference-time dropout removal: dropout is the identity outside training (Keras semantics)."""
+"""Inference-time dropout removal: dropout and the other training-only ops (`identity_in_inference`:
+random_flip, random_translation) are the identity outside training (Keras semantics)."""
 from __future__ import annotations
+
+from collections import Counter
 
 from ..graph import Graph, Node
 from ..ops import get_op
 
 
 def drop_dropout(g: Graph) -> Graph:
-    """Rewire every reader of dropout(x) to x and drop the dropout node.
+    """Rewire every reader of dropout(x) (or any identity_in_inference op) to x and drop the node.
 
     When the dropout's output is a graph output or update source, it becomes scale(x, factor=1.0)
     (an exact copy) instead, so result names do not change. A training graph (one with updates or
@@ -21,7 +24,7 @@ def drop_dropout(g: Graph) -> Graph:
     nodes: list[Node] = []
     for n in g.nodes:
         ins = [subst.get(v.name, v) for v in n.inputs]
-        if n.op == "dropout":
+        if get_op(n.op).identity_in_inference:
             x = ins[0]
             if n.outputs[0].name in results:
                 attrs = get_op("scale").check([x], {"factor": 1.0})
@@ -30,7 +33,7 @@ def drop_dropout(g: Graph) -> Graph:
                 subst[n.outputs[0].name] = x
             continue
         nodes.append(n if all(a is b for a, b in zip(ins, n.inputs)) else Node(n.op, ins, n.attrs, n.outputs))
-    removed = sum(1 for n in g.nodes if n.op == "dropout")
+    removed = Counter(n.op for n in g.nodes if get_op(n.op).identity_in_inference)
     out = g.rebuild(nodes)
-    out.pass_note = f"(removed {removed} dropout nodes)" if removed else ""
+    out.pass_note = f"(removed {', '.join(f'{c} {op}' for op, c in sorted(removed.items()))} nodes)" if removed else ""
     return out

@@ -16,11 +16,14 @@ FOLDERS = {
     "transpose": lambda a, attrs: np.transpose(a[0], attrs["perm"]),
     "add": lambda a, attrs: np.add(a[0], a[1]),
     "sub": lambda a, attrs: np.subtract(a[0], a[1]),
+    "div": lambda a, attrs: np.divide(a[0], a[1]),
     "mul": lambda a, attrs: np.multiply(a[0], a[1]),
     "bias_add": lambda a, attrs: np.add(a[0], a[1]),
     "neg": lambda a, attrs: np.negative(a[0]),
     # a Python float times a float32 array stays float32 (NumPy 2 weak scalars), as in the kernel
     "scale": lambda a, attrs: np.multiply(a[0], float(attrs["factor"])),
+    # gamma / sqrt(var + epsilon) in float32 steps, as the batch_norm kernels (fold_batch_norm's weights)
+    "batch_norm_scale": lambda a, attrs: np.divide(a[0], np.sqrt(np.add(a[1], np.float32(attrs["epsilon"])))),
 }
 
 

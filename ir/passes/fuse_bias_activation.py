@@ -1,9 +1,11 @@
 """Fuse conv2d/dense + bias_add + activation into one node.
 
-    conv2d(x, w) [-> bias_add(., b)] [-> relu | sigmoid | tanh]   =>   conv2d(x, w, b, activation=...)
+    conv2d(x, w) [-> bias_add(., b)] [-> any activation of the table]
+        =>   conv2d(x, w, b, activation=NAME, activation_params=((param, value), ...))
 
 and the same for dense. The kernels add the bias and apply the activation on the accumulator before
-the store, so the intermediate tensors are never written.
+the store, so the intermediate tensors are never written. Every activation of the table
+(ir/ops/activations.py) fuses, parametric ones (leaky_relu's alpha, clip's bounds) with their parameters.
 
 Fusion rule (ONNX Runtime conv_activation_fusion, Glow fuseActivation): a value is absorbed only when
 it has exactly one use and is not a graph output or update source — otherwise someone still needs
@@ -13,10 +15,10 @@ activation's OUTPUT) stays valid."""
 from __future__ import annotations
 
 from ..graph import Graph, Node, Value
-from ..ops import get_op
+from ..ops import activations, get_op
 
-FUSABLE_OPS = ("conv2d", "dense")
-FUSABLE_ACTIVATIONS = ("relu", "sigmoid", "tanh")
+FUSABLE_OPS = ("conv2d", "dense", "depthwise_conv2d")
+FUSABLE_ACTIVATIONS = tuple(name for name in activations.NAMES if name != "linear")
 
 
 def _sole_user(v: Value, users: dict, results: set):
@@ -28,7 +30,7 @@ def _sole_user(v: Value, users: dict, results: set):
 
 
 def fuse_bias_activation(g: Graph) -> Graph:
-    """Fold bias_add and a following relu/sigmoid/tanh into conv2d/dense nodes (see module doc).
+    """Fold bias_add and a following table activation into conv2d/dense nodes (see module doc).
 
     The result carries `fused`: names of all fused nodes so far (this pass's added to the input
     graph's), and a `pass_note` counting fusions per pattern."""
@@ -48,14 +50,15 @@ def fuse_bias_activation(g: Graph) -> Graph:
             bias = [user.inputs[1]]
             chain.append(user)
             user = _sole_user(user.outputs[0], users, results)
-        activation = "linear"
+        activation, params = "linear", ()
         if user is not None and user.op in FUSABLE_ACTIVATIONS:
             activation = user.op
+            params = activations.TABLE[user.op].normalize(user.attrs, user.op)
             chain.append(user)
         if len(chain) == 1:
             continue
         inputs = [x, w] + bias
-        attrs = get_op(n.op).check(inputs, dict(n.attrs, activation=activation))
+        attrs = get_op(n.op).check(inputs, dict(n.attrs, activation=activation, activation_params=params))
         last = chain[-1]
         # the fused node reuses the last node's output value: same name, same type
         replace[id(last)] = Node(n.op, inputs, attrs, last.outputs)

@@ -29,7 +29,6 @@ best-fitting gap among the already placed buffers whose lifetimes overlap it. Se
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,7 +40,6 @@ from ..types import DTYPES
 ALIGN = 64
 VIEW_OPS = view_ops()
 UPDATE_OPS = in_place_update_ops()   # output k overwrites input UPDATE_OPS[op][k]
-ARENAS_PER_THREAD = 4          # arenas kept per thread (one per recent batch size)
 
 
 def align(nbytes: int) -> int:
@@ -80,15 +78,6 @@ class MemoryPlan:
     const_bytes: int
     strategy: str = ""              # which placement order won
     fused: list = field(default_factory=list)
-    _tls: threading.local = field(default_factory=threading.local, repr=False, compare=False)
-
-    def __getstate__(self):                     # copy/pickle without the per-thread arenas
-        state = dict(self.__dict__)
-        state.pop("_tls")
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state, _tls=threading.local())
 
     # -- sizes ------------------------------------------------------------------------------------
     def arena_bytes(self, batch: int) -> int:
@@ -123,16 +112,16 @@ class MemoryPlan:
     def llvm_arena(self) -> tuple:
         return self.batched_bytes, self.fixed_bytes
 
-    def numpy_allocator(self, batch: int):
-        """`buf(value_name, shape)` -> a view into one arena for this batch size. One arena per
-        (thread, batch), so concurrent calls of one executable never share buffers."""
-        cache = self._tls.__dict__.setdefault("arenas", {})
-        if batch not in cache:
-            if len(cache) >= ARENAS_PER_THREAD:
-                cache.pop(next(iter(cache)))
+    def numpy_allocator(self, batch: int, arena=None, views=None):
+        """`buf(value_name, shape)` -> a view into `arena` (a uint8 array of at least arena_bytes(batch);
+        a fresh one if None) for this batch size. `views`: a dict kept with the arena so repeated calls
+        reuse the views. The backends own the arenas (backends/executable.py ArenaCache: one per thread
+        and batch size, so concurrent calls never share buffers)."""
+        if arena is None:
             arena = np.empty(-(-self.arena_bytes(batch) // 4), np.float32).view(np.uint8)
-            cache[batch] = (arena, {})
-        arena, views = cache[batch]
+        if arena.nbytes < self.arena_bytes(batch):
+            raise ValueError(f"arena of {arena.nbytes} bytes is smaller than the plan's {self.arena_bytes(batch)}")
+        views = {} if views is None else views
 
         def buf(name, shape):
             view = views.get(name)
@@ -248,15 +237,18 @@ def build_plan(g: Graph) -> MemoryPlan:
     vals = {v.name: v for n in g.nodes for v in n.outputs}
     storage = {name: name for name in live}      # buffer -> the buffer it reuses in place (transitively)
     for i, n in enumerate(g.nodes):
-        idx = get_op(n.op).inplace
-        if n.op in VIEW_OPS or idx is None or idx >= len(n.inputs):
+        if n.op in VIEW_OPS:
             continue
-        x, y = n.inputs[idx], n.outputs[0]
-        src = root[x.name]
-        if (src in live and src not in results and live[src][1] == i and vals[src].type.batched == y.type.batched
-                and vals[src].type.nbytes(1) == y.type.nbytes(1)
-                and all(u is x or root[u.name] != src for u in n.inputs)):
-            storage[y.name] = storage[src]
+        for idx in get_op(n.op).inplace_inputs():
+            if idx >= len(n.inputs):
+                continue
+            x, y = n.inputs[idx], n.outputs[0]
+            src = root[x.name]
+            if (src in live and src not in results and live[src][1] == i and vals[src].type.batched == y.type.batched
+                    and vals[src].type.nbytes(1) == y.type.nbytes(1)
+                    and all(u is x or root[u.name] != src for u in n.inputs)):
+                storage[y.name] = storage[src]
+                break
     groups = {}                                  # shared buffer -> [first, last]
     for name, (first, last) in live.items():
         s = groups.setdefault(storage[name], [first, last])

@@ -42,12 +42,14 @@ def _legal_inplace(g, root, life, results, x, y) -> bool:
     """True when y's producer may write y over x's buffer."""
     step = life[y][0]
     node = g.nodes[step]
-    idx = get_op(node.op).inplace
-    if node.outputs[0].name != y or idx is None or idx >= len(node.inputs) or node.op in VIEW_OPS:
+    if node.outputs[0].name != y or node.op in VIEW_OPS:
         return False
-    src = node.inputs[idx]
-    return (root[src.name] == x and x not in results and life[x][1] == step
-            and all(u is src or root[u.name] != x for u in node.inputs))
+    for idx in get_op(node.op).inplace_inputs():
+        src = node.inputs[idx] if idx < len(node.inputs) else None
+        if (src is not None and root[src.name] == x and x not in results and life[x][1] == step
+                and all(u is src or root[u.name] != x for u in node.inputs)):
+            return True
+    return False
 
 
 def verify_plan(graph: Graph, plan) -> None:

@@ -40,9 +40,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Union
 
 from llvmlite import ir
+
+from ir.ops import activations as activation_table
 
 F32 = ir.FloatType()
 F64 = ir.DoubleType()
@@ -53,13 +56,37 @@ I64 = ir.IntType(64)
 PTR = ir.PointerType()
 VOID = ir.VoidType()
 
-ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh")
+# the activation table's names (ir/ops/activations.py); `KernelBuilder.activation` emits each of them
+ACTIVATIONS = activation_table.NAMES
 
 # Fast-math flags for float arithmetic whose reassociation is harmless (reductions the vectorizer may
 # split into lanes: still deterministic for one compiled function, the loop order is fixed at compile time).
 REASSOC = ("reassoc", "nsz")
 
 IntLike = Union[int, ir.Value]
+
+# Scratch chunks are aligned to this many bytes (a cache line, the widest vector).
+SCRATCH_ALIGN_BYTES = 64
+
+
+@dataclass(frozen=True)
+class ScratchNeed:
+    """Scratch bytes a kernel needs from its caller: `per_sample * n + fixed` (n = the batch argument)."""
+    per_sample: int = 0
+    fixed: int = 0
+
+    def bytes(self, n: int) -> int:
+        return self.per_sample * n + self.fixed
+
+
+def scratch_need(fn: ir.Function) -> ScratchNeed:
+    """What a finished kernel needs in its `scratch` argument (zero for kernels without one)."""
+    return getattr(fn, "scratch_need", ScratchNeed())
+
+
+def _align_floats(nfloats: int) -> int:
+    step = SCRATCH_ALIGN_BYTES // 4
+    return -(-nfloats // step) * step
 
 
 def _float_type(ty: ir.Type) -> bool:
@@ -191,25 +218,64 @@ class KernelBuilder(IntFolding):
     Call `finish()` to return."""
 
     def __init__(self, module: ir.Module, name: str, n_ptr_args: int, target, *, batch_arg: bool = True,
-                 arg_names: Sequence[str] | None = None, int_arg_names: Sequence[str] = ()):
+                 arg_names: Sequence[str] | None = None, int_arg_names: Sequence[str] = (),
+                 scratch_arg: bool = False):
         self.module, self.target = module, target
-        self.fn = new_kernel_function(module, name, n_ptr_args, target, batch_arg=batch_arg,
-                                      arg_names=arg_names, int_arg_names=int_arg_names)
+        names = list(arg_names) if arg_names is not None else [f"a{i}" for i in range(n_ptr_args)]
+        if len(names) != n_ptr_args:
+            raise ValueError(f"arg_names has {len(names)} names for {n_ptr_args} pointer arguments")
+        self.fn = new_kernel_function(module, name, n_ptr_args + bool(scratch_arg), target, batch_arg=batch_arg,
+                                      arg_names=names + (["scratch"] if scratch_arg else []),
+                                      int_arg_names=int_arg_names)
         self.args = list(self.fn.args[:n_ptr_args])
+        # the caller's scratch memory (a slice of the planned workspace); `scratch()` carves it up
+        self.scratch_ptr = self.fn.args[n_ptr_args] if scratch_arg else None
+        n_ptr_args += bool(scratch_arg)
         self.int_args = list(self.fn.args[n_ptr_args:n_ptr_args + len(int_arg_names)])
         self.n = self.fn.args[-1] if batch_arg else None
         self.lanes = target.vector_bits // 32
         self.entry = self.fn.append_basic_block("entry")
         self.b = ir.IRBuilder(self.entry)
+        # what for_range does when its `unroll` is None: None leaves unrolling to LLVM; emitters that
+        # unroll by hand (the GEMM microkernel) set False, since LLVM re-unrolling their tile loops only
+        # doubles compile time and code size
+        self.default_unroll: bool | int | None = None
+        self._scratch_per_sample = 0      # floats per unit of n, then fixed floats, handed out so far
+        self._scratch_fixed = 0
         self._finished = False
 
     def finish(self) -> ir.Function:
-        """Emit `ret void` and return the function."""
+        """Emit `ret void` and return the function (its ScratchNeed attached, see scratch_need())."""
         if self._finished:
             raise RuntimeError(f"kernel {self.fn.name} is already finished")
         self.b.ret_void()
         self._finished = True
+        self.fn.scratch_need = ScratchNeed(4 * self._scratch_per_sample, 4 * self._scratch_fixed)
         return self.fn
+
+    def scratch(self, nfloats: int, per_sample: bool = False) -> ir.Value:
+        """A 64-byte aligned buffer of `nfloats` floats (times n with per_sample=True) carved from the
+        caller's scratch argument: the planned workspace covers it, so a kernel never allocates (no
+        malloc that can fail, no large stack frame). Layout of the scratch memory: the per-sample chunks
+        (n * their sizes) first, then the fixed ones, so per-sample chunks must be requested first.
+        Must be requested in the entry block, before any control flow."""
+        if self.scratch_ptr is None:
+            raise RuntimeError(f"kernel {self.fn.name} was built without a scratch argument")
+        if self.b.block is not self.entry:
+            raise RuntimeError("scratch buffers must be requested before the kernel's first loop")
+        if not isinstance(nfloats, int) or isinstance(nfloats, bool) or nfloats < 0:
+            raise ValueError(f"scratch: nfloats must be a non-negative int, got {nfloats!r}")
+        size = _align_floats(nfloats)
+        if per_sample:
+            if self._scratch_fixed:
+                raise RuntimeError("scratch: per-sample chunks must be requested before fixed ones")
+            offset = self.mul(self.n, self._scratch_per_sample)
+            self._scratch_per_sample += size
+        else:
+            offset = self.add(self.mul(self.n, self._scratch_per_sample) if self._scratch_per_sample else 0,
+                              self._scratch_fixed)
+            self._scratch_fixed += size
+        return self.gep(self.scratch_ptr, offset)
 
     def linear_index(self, terms: Sequence[tuple[IntLike, IntLike]], base: IntLike = 0) -> IntLike:
         """base + sum(index * stride) with folding."""
@@ -287,8 +353,24 @@ class KernelBuilder(IntFolding):
         vectorize: False forbids vectorizing it, True asks for it (both as llvm.loop metadata)."""
         if not isinstance(step, int) or step <= 0:
             raise ValueError(f"step must be a positive int, got {step!r}")
+        if unroll is None:
+            unroll = self.default_unroll
         b = self.b
         pre = b.block
+        if isinstance(start, int) and isinstance(count, int) and start < count <= start + step:
+            # exactly one trip: straight-line code with a constant index (no back edge for LLVM to
+            # remove); carried values are single-incoming phis, which LLVM folds away
+            header = self.fn.append_basic_block(name)
+            b.branch(header)
+            b.position_at_end(header)
+            loop = Loop(self, ir.Constant(I64, start), header, pre)
+            yield loop
+            for key, (phi, init) in loop._init.items():
+                if key not in loop._next:
+                    raise RuntimeError(f"loop-carried value {phi.name} got no next() value")
+                loop._result[key] = loop._next[key]
+            loop.closed = True
+            return
         header = self.fn.append_basic_block(name)
         exit_block = self.fn.append_basic_block(name + ".end")
         start_v, count_v = self.i64(start), self.i64(count)
@@ -434,37 +516,41 @@ class KernelBuilder(IntFolding):
     def strips(self, count: IntLike, body, inits: Sequence[ir.Value] = (), lane_reduce: Sequence = (),
                name: str = "strip") -> list[ir.Value]:
         """Visit indices [0, count) as vector strips of `lanes` consecutive elements, then the leftover
-        elements one at a time: `body(strip, carried) -> new carried` runs once per strip with a `Strip`
-        (vector or scalar view) and the loop-carried values.
+        elements: `body(strip, carried) -> new carried` runs once per strip with a `Strip` (vector or scalar
+        view) and the loop-carried values.
 
-        Carried values are float32 scalars `inits` (each the identity of its reduction, as every vector
-        lane starts from it); after the vector loop `lane_reduce[i](vector)` folds lanes into the scalar that
-        seeds the tail loop. Returns the final scalars. The vector loop uses explicit vector IR, so in-place
-        operation (out == an input) keeps full speed: LLVM's vectorizer would fall back to scalar code on its
-        runtime alias check there. Both loops are marked not to be vectorized again."""
+        A compile-time count ends with ONE partial vector strip (masked loads and stores touch only its
+        `width` real elements; carried lanes past `width` keep their value), so a row shorter than a
+        register (a 10-wide softmax on 16 lanes) is still one vector operation. A runtime count ends with
+        a scalar tail loop. Carried values are float32 scalars `inits` (each the identity of its reduction,
+        as every vector lane starts from it); after the vector strips `lane_reduce[i](vector)` folds lanes
+        into the scalar that seeds the tail loop. Returns the final scalars. The vector loop uses explicit
+        vector IR, so in-place operation (out == an input) keeps full speed: LLVM's vectorizer would fall
+        back to scalar code on its runtime alias check there. Loops are marked not to be vectorized again."""
         inits = list(inits)
         if len(lane_reduce) != len(inits):
             raise ValueError(f"strips: {len(inits)} carried values need as many lane_reduce functions, "
                              f"got {len(lane_reduce)}")
         lanes = self.lanes
-        if isinstance(count, int):
-            main = count - count % lanes
-        else:
-            main = self.b.and_(self.i64(count), self.i64(-lanes))
+        static = isinstance(count, int)
+        main = count - count % lanes if static else self.b.and_(self.i64(count), self.i64(-lanes))
         carried = [self.splat(v, lanes) if not isinstance(v, ir.Constant) else self.const(v.constant, like=self.vec_type())
                    for v in inits]
-        if not isinstance(main, int) or main > 0:
+        if not static or main > 0:
             with self.for_range(main, step=lanes, name=name, vectorize=False) as loop:
                 acc = [loop.carry(v) for v in carried]
                 new = list(body(Strip(self, loop.index, lanes), acc) or [])
                 for a, v in zip(acc, new):
                     loop.next(a, v)
             carried = [loop.result(a) for a in acc]
-            scalars = [reduce(v) for reduce, v in zip(lane_reduce, carried)]
-        else:
-            scalars = inits
-        if isinstance(count, int) and count == main:
-            return scalars
+        if static:
+            rest = count - main
+            if rest:
+                new = list(body(Strip(self, self.i64(main), lanes, width=rest), list(carried)) or [])
+                keep = self.lane_mask(rest)
+                carried = [self.b.select(keep, v, a) for a, v in zip(carried, new)]
+            return [reduce(v) for reduce, v in zip(lane_reduce, carried)]
+        scalars = [reduce(v) for reduce, v in zip(lane_reduce, carried)]
         with self.for_range(count, start=main, name=name + ".tail", vectorize=False) as loop:
             acc = [loop.carry(v) for v in scalars]
             new = list(body(Strip(self, loop.index, None), acc) or [])
@@ -531,6 +617,19 @@ class KernelBuilder(IntFolding):
         zero = self.const(0.0, like=x)
         return self.b.select(self.b.fcmp_ordered("<", x, zero), zero, x)
 
+    def maximum(self, a: ir.Value, x: ir.Value) -> ir.Value:
+        """max(a, x) with NaN propagating from either side, like np.maximum (llvm.maxnum would drop it):
+        an ordered '>' select (one vmaxps) plus a NaN check of a."""
+        b = self.b
+        m = b.select(b.fcmp_ordered(">", a, x), a, x)       # x when either is NaN
+        return b.select(b.fcmp_unordered("uno", a, a), a, m)
+
+    def relu_grad(self, y: ir.Value, dy: ir.Value) -> ir.Value:
+        """dy * (y > 0) for y the relu output: a multiply (not a select), so NaN/inf in dy propagate and
+        the standalone kernel and the fused GEMM epilogue give the same bits."""
+        one, zero = self.const(1.0, like=y), self.const(0.0, like=y)
+        return self.b.fmul(dy, self.b.select(self.b.fcmp_ordered(">", y, zero), one, zero))
+
     def sigmoid(self, x: ir.Value) -> ir.Value:
         """1 / (1 + exp(-x)) without overflow: e = exp(-|x|) in (0, 1], s = 1/(1+e), result s for x >= 0 and
         e*s for x < 0 (both a few ulp, also for very negative x)."""
@@ -556,9 +655,32 @@ class KernelBuilder(IntFolding):
         # tanh is odd: the sign of x (also of -0.0) goes onto the magnitude computed either way
         return self.intrinsic("copysign", b.select(b.fcmp_ordered("<", ax, c(0.625)), small, big), x)
 
-    def activation(self, kind: str, x: ir.Value) -> ir.Value:
-        """Apply one of ACTIVATIONS to a float32 scalar or vector."""
-        if kind == "linear" or kind is None:
+    def minimum(self, a: ir.Value, x: ir.Value) -> ir.Value:
+        """min(a, x) with NaN propagating from either side, like np.minimum."""
+        b = self.b
+        m = b.select(b.fcmp_ordered("<", a, x), a, x)       # x when either is NaN
+        return b.select(b.fcmp_unordered("uno", a, a), a, m)
+
+    def leaky_relu(self, x: ir.Value, alpha: float) -> ir.Value:
+        """x where x > 0, else alpha * x (NaN stays NaN), as the table's NumPy function."""
+        b = self.b
+        return b.select(b.fcmp_ordered(">", x, self.const(0.0, like=x)), x, b.fmul(x, self.const(alpha, like=x)))
+
+    def clip(self, x: ir.Value, min_value: float | None, max_value: float | None) -> ir.Value:
+        """max(x, min_value) then min(., max_value), NaN propagating; a None bound is no bound."""
+        if min_value is not None:
+            x = self.maximum(x, self.const(min_value, like=x))
+        if max_value is not None:
+            x = self.minimum(x, self.const(max_value, like=x))
+        return x
+
+    def activation(self, kind: str, x: ir.Value, params=()) -> ir.Value:
+        """Apply the table activation `kind` with `params` ((name, value) pairs, table order; defaults
+        filled in when missing) to a float32 scalar or vector. The one implementation of every
+        activation: standalone kernels and fused GEMM epilogues both call it."""
+        kind, p = check_activation(kind, params)
+        p = dict(p)
+        if kind == "linear":
             return x
         if kind == "relu":
             return self.relu(x)
@@ -566,16 +688,50 @@ class KernelBuilder(IntFolding):
             return self.sigmoid(x)
         if kind == "tanh":
             return self.tanh(x)
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {kind!r}")
+        if kind == "leaky_relu":
+            return self.leaky_relu(x, p["alpha"])
+        if kind == "clip":
+            return self.clip(x, p["min_value"], p["max_value"])
+        raise NotImplementedError(f"activation {kind!r} is in the table but has no LLVM code")
+
+    def activation_grad(self, kind: str, y: ir.Value, dy: ir.Value, params=()) -> ir.Value:
+        """dy * slope(y) for the table activation `kind`, y its output (the `<kind>_grad` op): the same
+        operations, in the same order, as the table's NumPy gradient."""
+        kind, p = check_activation(kind, params)
+        p = dict(p)
+        b = self.b
+        one, zero = self.const(1.0, like=y), self.const(0.0, like=y)
+        if kind == "linear":
+            return dy
+        if kind == "relu":
+            return self.relu_grad(y, dy)
+        if kind == "sigmoid":
+            return b.fmul(dy, b.fmul(b.fsub(one, y), y))
+        if kind == "tanh":
+            return b.fmul(dy, b.fsub(one, b.fmul(y, y)))
+        if kind == "leaky_relu":
+            return b.fmul(dy, b.select(b.fcmp_ordered(">", y, zero), one, self.const(p["alpha"], like=y)))
+        if kind == "clip":
+            inside = ir.Constant(I1, 1)
+            if isinstance(y.type, ir.VectorType):
+                inside = ir.Constant(ir.VectorType(I1, y.type.count), [1] * y.type.count)
+            if p["min_value"] is not None:
+                inside = b.and_(inside, b.fcmp_ordered(">", y, self.const(p["min_value"], like=y)))
+            if p["max_value"] is not None:
+                inside = b.and_(inside, b.fcmp_ordered("<", y, self.const(p["max_value"], like=y)))
+            return b.fmul(dy, b.select(inside, one, zero))
+        raise NotImplementedError(f"activation {kind!r} is in the table but has no LLVM gradient code")
 
 
 class Strip:
     """One strip of `KernelBuilder.strips`: `lanes` consecutive elements starting at `index` (a vector
-    strip), or the single element `index` (lanes None: a scalar tail step). Loads, stores and constants
-    take the strip's shape, so one body emits both the vector loop and the scalar tail."""
+    strip; with `width` < lanes only the first `width` are real and loads/stores of the others are masked
+    off), or the single element `index` (lanes None: a scalar tail step). Loads, stores and constants take
+    the strip's shape, so one body emits the vector loop, the partial vector and the scalar tail."""
 
-    def __init__(self, kb: KernelBuilder, index: ir.Value, lanes: int | None):
+    def __init__(self, kb: KernelBuilder, index: ir.Value, lanes: int | None, width: int | None = None):
         self.kb, self.index, self.lanes = kb, index, lanes
+        self.width = lanes if width is None else width
 
     @property
     def float_type(self) -> ir.Type:
@@ -585,14 +741,14 @@ class Strip:
         return self.kb.add(offset, self.index)
 
     def load(self, ptr: ir.Value, offset: IntLike = 0) -> ir.Value:
-        """ptr[offset + index ...]: a vector or one float."""
+        """ptr[offset + index ...]: a vector (lanes past `width` read as 0, no memory touched) or one float."""
         if self.lanes:
-            return self.kb.load_vec(ptr, self.at(offset), self.lanes)
+            return self.kb.load_part(ptr, self.at(offset), self.width, self.lanes)
         return self.kb.load(ptr, self.at(offset))
 
     def store(self, value: ir.Value, ptr: ir.Value, offset: IntLike = 0) -> None:
         if self.lanes:
-            self.kb.store_vec(value, ptr, self.at(offset))
+            self.kb.store_part(value, ptr, self.at(offset), self.width)
         else:
             self.kb.store(value, ptr, self.at(offset))
 
@@ -615,10 +771,9 @@ class Strip:
         return self.kb.b.add(self.kb.splat(start, self.lanes), self.kb.iota(self.lanes))
 
 
-def check_activation(kind: str) -> str:
-    """Validate an activation name (None means linear)."""
-    if kind is None:
-        return "linear"
-    if kind not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {kind!r}")
-    return kind
+def check_activation(kind: str, params=()) -> tuple[str, tuple]:
+    """(name, canonical parameters) of a table activation (None means linear); ValueError otherwise."""
+    try:
+        return activation_table.resolve(kind, params, "activation")
+    except Exception as e:      # IRError: kernels report bad arguments as ValueError
+        raise ValueError(str(e)) from None

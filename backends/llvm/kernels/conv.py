@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 from llvmlite import ir
 
-from .matmul import (ACTIVATIONS, Epilogue, EpilogueOperands, KernelContext, Loop, TilePlan, column_blocks,
-                     emit_tile, for_row_tiles, gemm_kernel, pack_b, packed_block, packed_floats, plan_tile)
+from .builder import KernelBuilder, check_activation
+from .matmul import (Epilogue, EpilogueOperands, ReductionLevel, TilePlan, column_blocks, emit_tile, for_row_tiles,
+                     gemm_builder, pack_b, packed_block, packed_floats, plan_tile)
 
 
 @dataclass(frozen=True)
@@ -97,61 +98,65 @@ def conv_geometry(in_hwc, kernel_hw, filters, stride, padding, dilation) -> Conv
     return g
 
 
-def _tap_loops(g: ConvGeometry, nr: int) -> list[Loop]:
+def _tap_loops(g: ConvGeometry, nr: int) -> list[ReductionLevel]:
     """Reduction nest over (kh, kw, c) for A = a padded image (row stride wp*c) and B = packed filters
     (nr floats per k). simplify_loops merges (kw, c) into one contiguous run when dw == 1."""
-    return [Loop(g.kh, g.dh * g.wp * g.c, g.kw * g.c * nr),
-            Loop(g.kw, g.dw * g.c, g.c * nr),
-            Loop(g.c, 1, nr)]
+    return [ReductionLevel(g.kh, g.dh * g.wp * g.c, g.kw * g.c * nr),
+            ReductionLevel(g.kw, g.dw * g.c, g.c * nr),
+            ReductionLevel(g.c, 1, nr)]
 
 
-def _pixel_offset(kc: KernelContext, g: ConvGeometry, p):
+def _pixel_offset(kb: KernelBuilder, g: ConvGeometry, p):
     """Offset (floats) in the padded input of output pixel p's receptive-field origin."""
     if isinstance(p, int):
         oh, ow = divmod(p, g.ow)
         return (oh * g.sh * g.wp + ow * g.sw) * g.c
-    oh = kc.b.udiv(p, kc.i64(g.ow))
-    ow = kc.b.sub(p, kc.b.mul(oh, kc.i64(g.ow)))
-    return kc.mul(kc.add(kc.mul(oh, g.sh * g.wp), kc.mul(ow, g.sw)), g.c)
+    oh = kb.b.udiv(p, kb.i64(g.ow))
+    ow = kb.b.sub(p, kb.b.mul(oh, kb.i64(g.ow)))
+    return kb.mul(kb.add(kb.mul(oh, g.sh * g.wp), kb.mul(ow, g.sw)), g.c)
 
 
-def _copy_into_padded(kc: KernelContext, g: ConvGeometry, dst_padded, src_image) -> None:
-    def row(r, carried):
-        kc.memcpy(kc.gep(dst_padded, kc.mul(kc.add(kc.mul(r, g.wp), g.pt * g.wp + g.pl), g.c)),
-                  kc.gep(src_image, kc.mul(r, g.w * g.c)), g.w * g.c)
-        return []
-    kc.loop(g.h, [], row, name="pad.copy")
+def _copy_into_padded(kb: KernelBuilder, g: ConvGeometry, dst_padded, src_image) -> None:
+    with kb.for_range(g.h, name="pad.copy") as lr:
+        kb.memcpy(kb.gep(dst_padded, kb.mul(kb.add(kb.mul(lr.index, g.wp), g.pt * g.wp + g.pl), g.c)),
+                  kb.gep(src_image, kb.mul(lr.index, g.w * g.c)), g.w * g.c)
 
 
-def _copy_from_padded(kc: KernelContext, g: ConvGeometry, dst_image, src_padded) -> None:
-    def row(r, carried):
-        kc.memcpy(kc.gep(dst_image, kc.mul(r, g.w * g.c)),
-                  kc.gep(src_padded, kc.mul(kc.add(kc.mul(r, g.wp), g.pt * g.wp + g.pl), g.c)), g.w * g.c)
-        return []
-    kc.loop(g.h, [], row, name="unpad.copy")
+def _image_source(kb: KernelBuilder, g: ConvGeometry, x, i, xp):
+    """Image i of x as the conv reads it: copied into the zero-bordered scratch xp when padded."""
+    x_img = kb.gep(x, kb.mul(i, g.h * g.w * g.c))
+    if xp is None:
+        return x_img
+    _copy_into_padded(kb, g, xp, x_img)
+    return xp
 
 
-def _apply_positive_mask(kc: KernelContext, data, y, count: int) -> None:
+def _copy_from_padded(kb: KernelBuilder, g: ConvGeometry, dst_image, src_padded) -> None:
+    with kb.for_range(g.h, name="unpad.copy") as lr:
+        kb.memcpy(kb.gep(dst_image, kb.mul(lr.index, g.w * g.c)),
+                  kb.gep(src_padded, kb.mul(kb.add(kb.mul(lr.index, g.wp), g.pt * g.wp + g.pl), g.c)), g.w * g.c)
+
+
+def _apply_positive_mask(kb: KernelBuilder, data, y, count: int) -> None:
     """data[i] *= (y[i] > 0) for i < count, vectorized with a masked tail."""
-    lanes = kc.lanes
+    lanes = kb.lanes
     full, rem = divmod(count, lanes)
     mask = Epilogue.of(positive_mask=True)
 
-    def vec(i, carried):
-        off = kc.mul(i, lanes)
-        ptr = kc.gep(data, off)
-        mask.emit(kc, [[kc.load_vec(ptr, lanes)]], [ptr], lanes, EpilogueOperands(mask_rows=[kc.gep(y, off)]))
-        return []
-    kc.loop(full, [], vec, name="mask")
+    if full:
+        with kb.for_range(full, name="mask") as lv:
+            ptr = kb.gep(data, kb.mul(lv.index, lanes))
+            mask.emit(kb, [[kb.load_vec(ptr)]], [ptr], lanes,
+                      EpilogueOperands(mask_rows=[kb.gep(y, kb.mul(lv.index, lanes))]))
     if rem:
-        ptr = kc.gep(data, full * lanes)
-        mask.emit(kc, [[kc.load_vec(ptr, rem)]], [ptr], rem,
-                  EpilogueOperands(mask_rows=[kc.gep(y, full * lanes)]))
+        ptr = kb.gep(data, full * lanes)
+        mask.emit(kb, [[kb.load_part(ptr, 0, rem)]], [ptr], rem,
+                  EpilogueOperands(mask_rows=[kb.gep(y, full * lanes)]))
 
 
 def build_conv2d(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, stride=(1, 1),
                  padding=((0, 0), (0, 0)), dilation=(1, 1), has_bias: bool = False,
-                 activation: str = "linear", target, plan: TilePlan | None = None,
+                 activation: str = "linear", activation_params: tuple = (), target, plan: TilePlan | None = None,
                  loop_order: str = "cols") -> ir.Function:
     """void name(ptr x, ptr w, ptr b, ptr out, i64 n):
     out (n, OH, OW, F) = activation(conv2d(x (n, H, W, C), w (KH, KW, C, F)) + b), bias and activation
@@ -159,55 +164,50 @@ def build_conv2d(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, st
     loop_order "cols": filter blocks outer, pixel tiles inner (a filter block stays in L1);
     "rows": pixel tiles outer."""
     g = conv_geometry(in_hwc, kernel_hw, filters, stride, padding, dilation)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    activation, activation_params = check_activation(activation, activation_params)
     if loop_order not in ("cols", "rows"):
         raise ValueError(f"loop_order must be 'cols' or 'rows', got {loop_order!r}")
-    fn, kc = gemm_kernel(module, name, 4, target)
-    x, w, bias, out, n = fn.args
-    lanes = kc.lanes
+    kb = gemm_builder(module, name, 4, target)
+    x, w, bias, out = kb.args
+    n = kb.n
+    lanes = kb.lanes
     plan = plan or plan_tile(g.pixels, g.f, target, g.taps)
     blocks = column_blocks(g.pixels, g.f, plan, target, g.taps)
     k = g.taps
-    packed = kc.scratch(k * packed_floats(blocks, lanes))
-    xp = kc.scratch(g.hp * g.wp * g.c) if g.padded else None
-    pack_b(kc, w, k, g.f, 1, blocks, packed)
+    packed = kb.scratch(k * packed_floats(blocks, lanes))
+    xp = kb.scratch(g.hp * g.wp * g.c) if g.padded else None
+    pack_b(kb, w, k, g.f, 1, blocks, packed)
     if xp is not None:
-        kc.memset_zero(xp, g.hp * g.wp * g.c)
-    epilogue = Epilogue.of(bias=has_bias, activation=activation)
+        kb.memset_zero(xp, g.hp * g.wp * g.c)
+    epilogue = Epilogue.of(bias=has_bias, activation=activation, activation_params=activation_params)
 
-    def image(i, carried):
-        x_img = kc.gep(x, kc.mul(i, g.h * g.w * g.c))
-        if xp is not None:
-            _copy_into_padded(kc, g, xp, x_img)
-        src = xp if xp is not None else x_img
-        out_img = kc.gep(out, kc.mul(i, g.pixels * g.f))
+    with kb.for_range(n, name="image") as li:
+        i = li.index
+        src = _image_source(kb, g, x, i, xp)
+        out_img = kb.gep(out, kb.mul(i, g.pixels * g.f))
 
         def tile(r0, mr, which, j):
             blk = blocks[which]
             nr = blk.nv * lanes
-            col0 = kc.add(blk.start, kc.mul(j, nr))
-            a_rows = [kc.gep(src, _pixel_offset(kc, g, kc.add(r0, m))) for m in range(mr)]
-            acc = emit_tile(kc, a_rows, packed_block(kc, packed, k, blocks, which, j), _tap_loops(g, nr),
+            col0 = kb.add(blk.start, kb.mul(j, nr))
+            a_rows = [kb.gep(src, _pixel_offset(kb, g, kb.add(r0, m))) for m in range(mr)]
+            acc = emit_tile(kb, a_rows, packed_block(kb, packed, k, blocks, which, j), _tap_loops(g, nr),
                             blk.nv, nr)
-            out_rows = [kc.gep(out_img, kc.add(kc.mul(kc.add(r0, m), g.f), col0)) for m in range(mr)]
-            epilogue.emit(kc, acc, out_rows, blk.width,
-                          EpilogueOperands(bias=kc.gep(bias, col0) if has_bias else None))
+            out_rows = [kb.gep(out_img, kb.add(kb.mul(kb.add(r0, m), g.f), col0)) for m in range(mr)]
+            epilogue.emit(kb, acc, out_rows, blk.width,
+                          EpilogueOperands(bias=kb.gep(bias, col0) if has_bias else None))
 
         for which, blk in enumerate(blocks):
             if loop_order == "cols":
-                def col_block(j, carried, which=which, blk=blk):
-                    for_row_tiles(kc, g.pixels, blk.mr, lambda r0, mr: tile(r0, mr, which, j))
-                    return []
-                kc.loop(blk.count, [], col_block, name="cols")
+                with kb.for_range(blk.count, name="cols") as lj:
+                    for_row_tiles(kb, g.pixels, blk.mr, lambda r0, mr, which=which, j=lj.index:
+                                  tile(r0, mr, which, j))
             else:
                 def row_tile(r0, mr, which=which, blk=blk):
-                    kc.loop(blk.count, [], lambda j, c: tile(r0, mr, which, j) or [], name="cols")
-                for_row_tiles(kc, g.pixels, blk.mr, row_tile)
-        return []
-
-    kc.loop(n, [], image, name="image")
-    return kc.finish()
+                    with kb.for_range(blk.count, name="cols") as lj:
+                        tile(r0, mr, which, lj.index)
+                for_row_tiles(kb, g.pixels, blk.mr, row_tile)
+    return kb.finish()
 
 
 def build_conv2d_grad_input(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, stride=(1, 1),
@@ -216,11 +216,11 @@ def build_conv2d_grad_input(module: ir.Module, name: str, *, in_hwc, kernel_hw, 
     """void name(ptr dy, ptr w, [ptr y,] ptr out, i64 n): out (n, H, W, C) = d conv2d / d x applied to
     dy (n, OH, OW, F). With output_mask, out *= (y > 0) for y shaped like out (a fused relu_grad)."""
     g = conv_geometry(in_hwc, kernel_hw, filters, stride, padding, dilation)
-    fn, kc = gemm_kernel(module, name, 3 + bool(output_mask), target)
-    dy, w = fn.args[:2]
-    y = fn.args[2] if output_mask else None
-    out, n = fn.args[-2], fn.args[-1]
-    lanes = kc.lanes
+    kb = gemm_builder(module, name, 3 + bool(output_mask), target)
+    dy, w = kb.args[:2]
+    y = kb.args[2] if output_mask else None
+    out, n = kb.args[-1], kb.n
+    lanes = kb.lanes
     # Column groups: runs of the receptive field that are contiguous in the input image.
     if g.dw == 1:
         ngroups, group_width = g.kh, g.kw * g.c
@@ -229,59 +229,52 @@ def build_conv2d_grad_input(module: ir.Module, name: str, *, in_hwc, kernel_hw, 
     plan = plan or plan_tile(g.pixels, group_width, target, g.f)
     blocks = column_blocks(g.pixels, group_width, plan, target, g.f)
     group_floats = g.f * packed_floats(blocks, lanes)
-    packed = kc.scratch(ngroups * group_floats)
+    packed = kb.scratch(ngroups * group_floats)
     image_floats = g.hp * g.wp * g.c
-    dxp = kc.scratch(image_floats) if g.padded else None
+    dxp = kb.scratch(image_floats) if g.padded else None
     for grp in range(ngroups):
         # B[k=f, col] = w[(grp*group_width + col)*F + f]
-        pack_b(kc, kc.gep(w, grp * group_width * g.f), g.f, 1, g.f, blocks, kc.gep(packed, grp * group_floats))
+        pack_b(kb, kb.gep(w, grp * group_width * g.f), g.f, 1, g.f, blocks, kb.gep(packed, grp * group_floats))
 
     def group_offset(grp):
         """Offset in the padded input of a column group relative to a receptive-field origin."""
         if g.dw == 1:
-            return kc.mul(grp, g.dh * g.wp * g.c)
-        kh = kc.b.udiv(grp, kc.i64(g.kw))
-        kw = kc.b.sub(grp, kc.b.mul(kh, kc.i64(g.kw)))
-        return kc.mul(kc.add(kc.mul(kh, g.dh * g.wp), kc.mul(kw, g.dw)), g.c)
+            return kb.mul(grp, g.dh * g.wp * g.c)
+        kh = kb.b.udiv(grp, kb.i64(g.kw))
+        kw = kb.b.sub(grp, kb.b.mul(kh, kb.i64(g.kw)))
+        return kb.mul(kb.add(kb.mul(kh, g.dh * g.wp), kb.mul(kw, g.dw)), g.c)
 
     accumulate = Epilogue(accumulate=True)
 
-    def image(i, carried):
-        out_img = kc.gep(out, kc.mul(i, g.h * g.w * g.c))
+    with kb.for_range(n, name="image") as li:
+        i = li.index
+        out_img = kb.gep(out, kb.mul(i, g.h * g.w * g.c))
         dst = dxp if dxp is not None else out_img
-        kc.memset_zero(dst, image_floats)
-        dy_img = kc.gep(dy, kc.mul(i, g.pixels * g.f))
+        kb.memset_zero(dst, image_floats)
+        dy_img = kb.gep(dy, kb.mul(i, g.pixels * g.f))
 
         for which, blk in enumerate(blocks):
             nr = blk.nv * lanes
 
             def row_tile(r0, mr, which=which, blk=blk, nr=nr):
-                a_rows = [kc.gep(dy_img, kc.mul(kc.add(r0, m), g.f)) for m in range(mr)]
-                origins = [_pixel_offset(kc, g, kc.add(r0, m)) for m in range(mr)]
+                a_rows = [kb.gep(dy_img, kb.mul(kb.add(r0, m), g.f)) for m in range(mr)]
+                origins = [_pixel_offset(kb, g, kb.add(r0, m)) for m in range(mr)]
 
-                def group(grp, carried):
-                    goff = group_offset(grp)
-                    gpacked = kc.gep(packed, kc.mul(grp, group_floats))
-
-                    def col_block(j, carried):
-                        col0 = kc.add(blk.start, kc.mul(j, nr))
-                        acc = emit_tile(kc, a_rows, packed_block(kc, gpacked, g.f, blocks, which, j),
-                                        [Loop(g.f, 1, nr)], blk.nv, nr)
-                        out_rows = [kc.gep(dst, kc.add(kc.add(o, goff), col0)) for o in origins]
-                        accumulate.emit(kc, acc, out_rows, blk.width)
-                        return []
-                    kc.loop(blk.count, [], col_block, name="cols")
-                    return []
-                kc.loop(ngroups, [], group, name="groups")
-            for_row_tiles(kc, g.pixels, blk.mr, row_tile)
+                with kb.for_range(ngroups, name="groups") as lg:
+                    goff = group_offset(lg.index)
+                    gpacked = kb.gep(packed, kb.mul(lg.index, group_floats))
+                    with kb.for_range(blk.count, name="cols") as lj:
+                        col0 = kb.add(blk.start, kb.mul(lj.index, nr))
+                        acc = emit_tile(kb, a_rows, packed_block(kb, gpacked, g.f, blocks, which, lj.index),
+                                        [ReductionLevel(g.f, 1, nr)], blk.nv, nr)
+                        out_rows = [kb.gep(dst, kb.add(kb.add(o, goff), col0)) for o in origins]
+                        accumulate.emit(kb, acc, out_rows, blk.width)
+            for_row_tiles(kb, g.pixels, blk.mr, row_tile)
         if dxp is not None:
-            _copy_from_padded(kc, g, out_img, dxp)
+            _copy_from_padded(kb, g, out_img, dxp)
         if y is not None:
-            _apply_positive_mask(kc, out_img, kc.gep(y, kc.mul(i, g.h * g.w * g.c)), g.h * g.w * g.c)
-        return []
-
-    kc.loop(n, [], image, name="image")
-    return kc.finish()
+            _apply_positive_mask(kb, out_img, kb.gep(y, kb.mul(i, g.h * g.w * g.c)), g.h * g.w * g.c)
+    return kb.finish()
 
 
 def build_conv2d_grad_filter(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, stride=(1, 1),
@@ -290,19 +283,20 @@ def build_conv2d_grad_filter(module: ir.Module, name: str, *, in_hwc, kernel_hw,
     """void name(ptr x, ptr dy, ptr out, i64 n): out (KH, KW, C, F) = sum over the n images of
     d conv2d / d w (overwritten, not accumulated into; zeros when n == 0)."""
     g = conv_geometry(in_hwc, kernel_hw, filters, stride, padding, dilation)
-    fn, kc = gemm_kernel(module, name, 3, target)
-    x, dy, out, n = fn.args
-    lanes = kc.lanes
+    kb = gemm_builder(module, name, 3, target)
+    x, dy, out = kb.args
+    n = kb.n
+    lanes = kb.lanes
     rows = g.taps
     plan = plan or plan_tile(rows, g.f, target, g.pixels)
     blocks = column_blocks(rows, g.f, plan, target, g.pixels)
-    xp = kc.scratch(g.hp * g.wp * g.c) if g.padded else None
-    kc.memset_zero(out, rows * g.f)
+    xp = kb.scratch(g.hp * g.wp * g.c) if g.padded else None
+    kb.memset_zero(out, rows * g.f)
     if xp is not None:
-        kc.memset_zero(xp, g.hp * g.wp * g.c)
+        kb.memset_zero(xp, g.hp * g.wp * g.c)
     accumulate = Epilogue(accumulate=True)
     # k = (oh, ow): A walks the image with the stride, B walks dy's pixels.
-    loops_for = lambda: [Loop(g.oh, g.sh * g.wp * g.c, g.ow * g.f), Loop(g.ow, g.sw * g.c, g.f)]
+    loops_for = lambda: [ReductionLevel(g.oh, g.sh * g.wp * g.c, g.ow * g.f), ReductionLevel(g.ow, g.sw * g.c, g.f)]
 
     def tap_offset(m):
         """Offset in the padded image of filter row m = (kh, kw, c)."""
@@ -310,35 +304,28 @@ def build_conv2d_grad_filter(module: ir.Module, name: str, *, in_hwc, kernel_hw,
             kh, rest = divmod(m, g.kw * g.c)
             kw, c = divmod(rest, g.c)
             return (kh * g.dh * g.wp + kw * g.dw) * g.c + c
-        kh = kc.b.udiv(m, kc.i64(g.kw * g.c))
-        rest = kc.b.sub(m, kc.b.mul(kh, kc.i64(g.kw * g.c)))
+        kh = kb.b.udiv(m, kb.i64(g.kw * g.c))
+        rest = kb.b.sub(m, kb.b.mul(kh, kb.i64(g.kw * g.c)))
         if g.dw == 1:
-            return kc.add(kc.mul(kh, g.dh * g.wp * g.c), rest)
-        kw = kc.b.udiv(rest, kc.i64(g.c))
-        c = kc.b.sub(rest, kc.b.mul(kw, kc.i64(g.c)))
-        return kc.add(kc.mul(kc.add(kc.mul(kh, g.dh * g.wp), kc.mul(kw, g.dw)), g.c), c)
+            return kb.add(kb.mul(kh, g.dh * g.wp * g.c), rest)
+        kw = kb.b.udiv(rest, kb.i64(g.c))
+        c = kb.b.sub(rest, kb.b.mul(kw, kb.i64(g.c)))
+        return kb.add(kb.mul(kb.add(kb.mul(kh, g.dh * g.wp), kb.mul(kw, g.dw)), g.c), c)
 
-    def image(i, carried):
-        x_img = kc.gep(x, kc.mul(i, g.h * g.w * g.c))
-        if xp is not None:
-            _copy_into_padded(kc, g, xp, x_img)
-        src = xp if xp is not None else x_img
-        dy_img = kc.gep(dy, kc.mul(i, g.pixels * g.f))
+    with kb.for_range(n, name="image") as li:
+        i = li.index
+        src = _image_source(kb, g, x, i, xp)
+        dy_img = kb.gep(dy, kb.mul(i, g.pixels * g.f))
         for blk in blocks:
             nr = blk.nv * lanes
 
             def row_tile(r0, mr, blk=blk, nr=nr):
-                a_rows = [kc.gep(src, tap_offset(kc.add(r0, m))) for m in range(mr)]
+                a_rows = [kb.gep(src, tap_offset(kb.add(r0, m))) for m in range(mr)]
 
-                def col_block(j, carried):
-                    col0 = kc.add(blk.start, kc.mul(j, nr))
-                    acc = emit_tile(kc, a_rows, kc.gep(dy_img, col0), loops_for(), blk.nv, blk.width)
-                    out_rows = [kc.gep(out, kc.add(kc.mul(kc.add(r0, m), g.f), col0)) for m in range(mr)]
-                    accumulate.emit(kc, acc, out_rows, blk.width)
-                    return []
-                kc.loop(blk.count, [], col_block, name="cols")
-            for_row_tiles(kc, rows, blk.mr, row_tile)
-        return []
-
-    kc.loop(n, [], image, name="image")
-    return kc.finish()
+                with kb.for_range(blk.count, name="cols") as lj:
+                    col0 = kb.add(blk.start, kb.mul(lj.index, nr))
+                    acc = emit_tile(kb, a_rows, kb.gep(dy_img, col0), loops_for(), blk.nv, blk.width)
+                    out_rows = [kb.gep(out, kb.add(kb.mul(kb.add(r0, m), g.f), col0)) for m in range(mr)]
+                    accumulate.emit(kb, acc, out_rows, blk.width)
+            for_row_tiles(kb, rows, blk.mr, row_tile)
+    return kb.finish()

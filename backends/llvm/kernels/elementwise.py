@@ -22,7 +22,7 @@ from typing import Callable
 
 from llvmlite import ir
 
-from .builder import I32, I64, REASSOC, IntLike, KernelBuilder, Strip
+from .builder import I32, I64, REASSOC, IntLike, KernelBuilder, Strip, check_activation
 
 Shape = tuple
 
@@ -192,19 +192,11 @@ def _unary(module, name, shape, target, kernel, f) -> ir.Function:
     return kb.finish()
 
 
-def build_relu(module: ir.Module, name: str, *, shape, target) -> ir.Function:
-    """`void name(ptr x, ptr out, i64 n)`: out = max(x, 0) (NaN stays NaN). out may be x."""
-    return _unary(module, name, shape, target, "relu", lambda kb, s, x: kb.relu(x))
-
-
-def build_sigmoid(module: ir.Module, name: str, *, shape, target) -> ir.Function:
-    """`void name(ptr x, ptr out, i64 n)`: out = 1 / (1 + exp(-x)), no overflow for any x. out may be x."""
-    return _unary(module, name, shape, target, "sigmoid", lambda kb, s, x: kb.sigmoid(x))
-
-
-def build_tanh(module: ir.Module, name: str, *, shape, target) -> ir.Function:
-    """`void name(ptr x, ptr out, i64 n)`: out = tanh(x). out may be x."""
-    return _unary(module, name, shape, target, "tanh", lambda kb, s, x: kb.tanh(x))
+def build_activation(module: ir.Module, name: str, *, kind: str, params=(), shape, target) -> ir.Function:
+    """`void name(ptr x, ptr out, i64 n)`: out = the table activation `kind` (with `params`) of x, the
+    builder's activation code (as fused epilogues). out may be x."""
+    kind, params = check_activation(kind, params)
+    return _unary(module, name, shape, target, kind, lambda kb, s, x: kb.activation(kind, x, params))
 
 
 def build_neg(module: ir.Module, name: str, *, shape, target) -> ir.Function:
@@ -227,31 +219,19 @@ def _unary_grad(module, name, shape, target, kernel, f) -> ir.Function:
     return kb.finish()
 
 
-def build_relu_grad(module: ir.Module, name: str, *, shape, target) -> ir.Function:
-    """`void name(ptr y, ptr dy, ptr out, i64 n)`: out = dy * (y > 0), y the relu output. out may be dy."""
-    def f(kb, s, y, dy):
-        return kb.b.fmul(dy, kb.b.select(kb.b.fcmp_ordered(">", y, s.const(0.0)), s.const(1.0), s.const(0.0)))
-    return _unary_grad(module, name, shape, target, "relu_grad", f)
-
-
-def build_sigmoid_grad(module: ir.Module, name: str, *, shape, target) -> ir.Function:
-    """`void name(ptr y, ptr dy, ptr out, i64 n)`: out = dy * (y * (1 - y)), y the sigmoid output."""
-    def f(kb, s, y, dy):
-        return kb.b.fmul(dy, kb.b.fmul(kb.b.fsub(s.const(1.0), y), y))
-    return _unary_grad(module, name, shape, target, "sigmoid_grad", f)
-
-
-def build_tanh_grad(module: ir.Module, name: str, *, shape, target) -> ir.Function:
-    """`void name(ptr y, ptr dy, ptr out, i64 n)`: out = dy * (1 - y*y), y the tanh output."""
-    def f(kb, s, y, dy):
-        return kb.b.fmul(dy, kb.b.fsub(s.const(1.0), kb.b.fmul(y, y)))
-    return _unary_grad(module, name, shape, target, "tanh_grad", f)
+def build_activation_grad(module: ir.Module, name: str, *, kind: str, params=(), shape,
+                          target) -> ir.Function:
+    """`void name(ptr y, ptr dy, ptr out, i64 n)`: out = dy * slope(y) for the table activation `kind`,
+    y its output (the `<kind>_grad` op). out may be dy."""
+    kind, params = check_activation(kind, params)
+    return _unary_grad(module, name, shape, target, f"{kind}_grad",
+                       lambda kb, s, y, dy: kb.activation_grad(kind, y, dy, params))
 
 
 # ------------------------------------------------------------------------------------------------------
 # binary broadcasting ops, bias, reductions
 
-_BINARY = {"add": "fadd", "sub": "fsub", "mul": "fmul"}
+_BINARY = {"add": "fadd", "sub": "fsub", "mul": "fmul", "div": "fdiv"}
 
 
 def build_binary(module: ir.Module, name: str, *, op: str, a_shape, b_shape, target) -> ir.Function:
@@ -283,6 +263,11 @@ def build_sub(module: ir.Module, name: str, *, a_shape, b_shape, target) -> ir.F
 def build_mul(module: ir.Module, name: str, *, a_shape, b_shape, target) -> ir.Function:
     """out = a * b (broadcasting); see build_binary."""
     return build_binary(module, name, op="mul", a_shape=a_shape, b_shape=b_shape, target=target)
+
+
+def build_div(module: ir.Module, name: str, *, a_shape, b_shape, target) -> ir.Function:
+    """out = a / b (broadcasting, IEEE division); see build_binary."""
+    return build_binary(module, name, op="div", a_shape=a_shape, b_shape=b_shape, target=target)
 
 
 def build_bias_add(module: ir.Module, name: str, *, shape, target) -> ir.Function:

@@ -5,9 +5,9 @@ Every kernel walks output pixels (batch, oh, ow) in counted loops and, per pixel
 dimension held in vector registers: a block is up to `GROUP_VECTORS` vectors of `lanes` floats, the last
 vector of a row may be partial (masked loads/stores touch only the row's real channels). The window taps of
 a pixel are two nested loops whose bounds are clipped to the image at run time, so padding cells are never
-read (they are -inf for max and absent for average pooling, as the contract says). One deliberate
-difference from np.maximum: max pooling skips NaN inputs (a window of only NaNs gives -inf), which keeps the
-window max a single vmaxps.
+read (they are -inf for max and absent for average pooling, as the contract says). The window max
+propagates NaN like np.maximum (a window holding a NaN gives NaN); its gradient goes to the first tap equal
+to the max, so a NaN window routes no gradient (as the NumPy backend).
 
 Signatures (n = runtime batch size; shapes are compile-time):
     max_pool2d(ptr x, ptr out, i64 n)                 x (n,H,W,C) -> out (n,OH,OW,C)
@@ -122,11 +122,6 @@ def _clipped(kb: KernelBuilder, o: ir.Value, stride: int, pad: int, extent: int,
     return start, stop
 
 
-def _vmax(kb: KernelBuilder, acc: ir.Value, v: ir.Value) -> ir.Value:
-    # ordered '>' + select is one vmaxps; NaN inputs are skipped (the window max ignores them)
-    return kb.b.select(kb.b.fcmp_ordered(">", v, acc), v, acc)
-
-
 def _window_reduce(kb, rows, cols, x_img, g, block, init: float, combine):
     """Fold combine(acc, x[tap, block vector]) over the window taps in row-major order; returns the
     accumulators (one per vector of the block)."""
@@ -166,7 +161,7 @@ def build_max_pool2d(module: ir.Module, name: str, *, in_hwc, pool, stride, padd
         o_pix = kb.add(kb.mul(bi, g.oh * g.ow * g.c), kb.mul(kb.add(kb.mul(oh, g.ow), ow), g.c))
         for block in channel_blocks(g.c, kb.lanes):
             accs = _window_reduce(kb, rows, cols, x_img, g, block, float("-inf"),
-                                  lambda a, v: _vmax(kb, a, v))
+                                  kb.maximum)
             for a, (off, width) in zip(accs, block):
                 kb.store_part(a, out, kb.add(o_pix, off), width)
 
@@ -226,7 +221,7 @@ def build_max_pool2d_grad(module: ir.Module, name: str, *, in_hwc, pool, stride,
         o_pix = kb.add(kb.mul(bi, g.oh * g.ow * g.c), kb.mul(kb.add(kb.mul(oh, g.ow), ow), g.c))
         for block in channel_blocks(g.c, kb.lanes):
             peaks = _window_reduce(kb, rows, cols, x_img, g, block, float("-inf"),
-                                   lambda a, v: _vmax(kb, a, v))
+                                   kb.maximum)
             grads = [kb.load_part(dy, kb.add(o_pix, off), width) for off, width in block]
             # second pass: the first tap equal to the peak takes the gradient, per lane
             with kb.for_range(rows[1], start=rows[0], name="kh") as lh:
