@@ -97,6 +97,9 @@ class Conv2D(Family):
         for size, p, d in zip((h, w), pads, dil):
             room = size + p[0] + p[1] if padding != "same" else 4 * d
             k.append(draw(st.integers(1, max(1, min(4, (room - 1) // d + 1)))))
+        if isinstance(padding, tuple):    # a pad is at most the dilated kernel extent (conv2d refuses more);
+            # clamping keeps the padded size >= the extent: a clamped side alone already covers it
+            padding = tuple(tuple(min(p, (kk - 1) * d + 1) for p in side) for side, kk, d in zip(padding, k, dil))
         return dict(h=h, w=w, c=draw(st.sampled_from(DIMS)), f=draw(st.sampled_from(DIMS + (8,))), k=tuple(k),
                     stride=stride, dil=dil, padding=padding, bias=draw(st.booleans()),
                     activation=draw(st.sampled_from(ACTS)))

@@ -161,7 +161,7 @@ def test_update_graph_without_batch_runs_unsplit():
     (splitting used to crash looking for the update's output in the gradient half)."""
     g = gc.Graph("update_only")
     w, grad = g.param("w", (3,)), g.input("g", (3,))
-    new_w = emit("sgd_update", w, grad, lr=0.5)
+    new_w = emit("sgd_update", w, grad, g.const("lr", np.float32(0.5)))
     g.set_update(w, new_w)
     g.output(new_w)
     blockers = training_split_blockers(g)

@@ -45,54 +45,8 @@ def report_counts():
     print(f"\n[differential] {dict(STATS)}; wall {time.perf_counter() - t0:.1f} s")
 
 
-# -- LLVM kernel bugs H1 is fixing (issue 9): `simplify_loops` drops count-1 loops, so a GEMM-family
-# kernel whose reduction has length 1 loses its x*W term. Cases with such a reduction are still
-# compared on the NumPy backend; the regression tests below pin each kernel with xfail(strict=True).
-# When H1's fix lands, make this return None (and empty LLVM_XFAIL) — nothing else changes.
-def gemm_reductions(family: str, cfg: dict, n: int) -> dict:
-    """Reduction length of every GEMM-family kernel a case's forward and backward graph runs."""
-    if family == "conv2d":
-        geo = FAMILIES["conv2d"]
-        pads = geo._pads(cfg)
-        oh = (cfg["h"] + sum(pads[0]) - (cfg["k"][0] - 1) * cfg["dil"][0] - 1) // cfg["stride"][0] + 1
-        ow = (cfg["w"] + sum(pads[1]) - (cfg["k"][1] - 1) * cfg["dil"][1] - 1) // cfg["stride"][1] + 1
-        return {"conv2d": cfg["k"][0] * cfg["k"][1] * cfg["c"], "conv2d_grad_input": cfg["f"],
-                "conv2d_grad_filter": oh * ow}
-    if family == "dense":
-        return {"dense": cfg["k"], "dx matmul": cfg["m"]}
-    if family == "matmul":          # reductions over the (dynamic) batch are not affected
-        if cfg["form"] == "inner":
-            return {"da matmul": cfg["n"], "db matmul": cfg["m"]}
-        return {"matmul": cfg["k"], "da matmul": cfg["n"], **({"db matmul": cfg["m"]} if cfg["form"] == "static"
-                                                              else {})}
-    return {}
-
-
-def known_llvm_bug_in_graph(g, n: int) -> str | None:
-    """The same bug for the GEMM-family nodes of a (forward) graph."""
-    for nd in g.nodes:
-        if nd.op == "conv2d":
-            length = nd.inputs[1].shape[0] * nd.inputs[1].shape[1] * nd.inputs[1].shape[2]
-        elif nd.op == "dense":
-            length = nd.inputs[1].shape[0]
-        elif nd.op == "matmul":
-            a = nd.inputs[0].type.concrete(n)
-            length = a[0] if nd.attrs["transpose_a"] else a[1]
-        else:
-            continue
-        if length == 1:
-            return f"H1: GEMM reduction of length 1 in %{nd.name} ({nd.op})"
-    return None
-
-
-def known_llvm_bug(family: str, cfg: dict, n: int) -> str | None:
-    ones = [k for k, length in gemm_reductions(family, cfg, n).items() if length == 1]
-    return f"H1: GEMM reduction of length 1 in {', '.join(ones)}" if ones else None
-
-
 class LlvmMismatch(AssertionError):
-    """An LLVM result disagrees while NumPy agrees (xfail(raises=LlvmMismatch) marks known kernel bugs
-    without hiding NumPy or IR failures)."""
+    """An LLVM result disagrees while NumPy agrees (a kernel bug, told apart from NumPy or IR failures)."""
 
 
 def mismatch(got, ref, mag, length, what) -> str | None:
@@ -148,16 +102,12 @@ def run_group(cases, batches, seed):
     return problems
 
 
-def compare_cases(pk, refs, results, n, skip_known=True):
+def compare_cases(pk, refs, results, n):
     k_out = len(pk.outputs)
     grad_pos = {v.name: k_out + 1 + j for j, v in enumerate(pk.wrt)}
     problems = []
     for i, ((fam, cfg), names, (y, grads, length, y_mag, g_mag)) in enumerate(zip(pk.cases, pk.inputs, refs)):
-        bug = skip_known and known_llvm_bug(fam, cfg, n)
         for backend, outs in results.items():
-            if backend == "llvm" and bug:
-                STATS["llvm checks left to the H1 regression xfails"] += 1
-                continue
             checks = [(outs[i], y, y_mag, "forward")]
             checks += [(outs[grad_pos[names[k]]], grads[k], g_mag[k], f"d/d{k}") for k in grads]
             for got, ref, mag, what in checks:
@@ -236,38 +186,22 @@ REGRESSIONS = {
     "global average pool of 1x1": ("global_avg_pool2d", dict(h=1, w=1, c=5), 1),
     "softmax over length 1": ("softmax", dict(op="softmax", shape=(None, 1), axis=-1), 3),
 }
-# regression name -> reason, for the ones the current LLVM kernels get wrong (H1 is fixing them)
-_GEMM1 = "H1: simplify_loops drops the count-1 reduction loop of a GEMM-family kernel"
-LLVM_XFAIL = {
-    "1-filter conv": _GEMM1 + " (conv2d_grad_input sums over 1 filter)",
-    "1x1 conv on 1 channel": _GEMM1 + " (conv2d forward: 1 tap x 1 channel)",
-    "conv kernel = input": _GEMM1 + " (1 output pixel: conv2d_grad_filter; 1 filter: conv2d_grad_input)",
-    "dense with 1 input feature": _GEMM1 + " (dense forward: 1 input feature)",
-    "dense(1) head, backward": _GEMM1 + " (matmul dz @ Wᵀ sums over 1 unit)",
-    "matmul inner dimension 1": _GEMM1 + " (matmul forward: inner dimension 1)",
-}
-
-
 @pytest.mark.parametrize("backend", ["numpy", "llvm"])
 @pytest.mark.parametrize("name", sorted(REGRESSIONS))
-def test_count_one_regression(name, backend, request):
-    if backend == "llvm" and name in LLVM_XFAIL:
-        request.applymarker(pytest.mark.xfail(strict=True, raises=LlvmMismatch, reason=LLVM_XFAIL[name]))
+def test_count_one_regression(name, backend):
     fam, cfg, n = REGRESSIONS[name]
     pk = Packed([(fam, cfg)], name="regression")
     exe = gc.compile(pk.grad_graph(), backend=backend)
     feeds = pk.feeds(np.random.default_rng(7), n)
     outs = exe(**{k: feeds[k] for k, _ in exe.inputs})
-    problems = compare_cases(pk, pk.reference(feeds), {backend: outs}, n, skip_known=False)
+    problems = compare_cases(pk, pk.reference(feeds), {backend: outs}, n)
     if problems:
         raise (LlvmMismatch if backend == "llvm" else AssertionError)("\n".join(problems))
 
 
 @pytest.mark.parametrize("backend", ["numpy", "llvm"])
-def test_dense_one_feature_gives_x_times_w(backend, request):
+def test_dense_one_feature_gives_x_times_w(backend):
     """The one-line symptom of issue 9: dense(x (N,1), W (1,4)) with x = 3 is [3, 3, 3, 3]."""
-    if backend == "llvm" and "dense with 1 input feature" in LLVM_XFAIL:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=LLVM_XFAIL["dense with 1 input feature"]))
     g = gc.Graph("one_feature")
     x = g.input("x", (None, 1))
     g.output(gc.ops.dense(x, g.const("w", np.ones((1, 4), np.float32))))
@@ -310,18 +244,20 @@ def test_optimizer_updates_match_keras_formulas(size, opt, lr, t, seed):
     g = gc.Graph("update")
     w = g.param("w", (size,))
     grad = g.input("g", (size,))
+    rate = g.input("lr", ())                  # the learning rate is an operand, fed each step
+    lr = float(np.float32(lr))                # what the float32 input holds
     state = {"w": rng.standard_normal(size).astype(np.float32)}
     if opt == "adam":
         m, v = g.param("m", (size,)), g.param("v", (size,))
         tt = g.input("t", ())
-        outs = emit("adam_update", w, grad, m, v, tt, lr=lr)
+        outs = emit("adam_update", w, grad, rate, tt, m, v)
         state.update(m=rng.standard_normal(size).astype(np.float32),
                      v=rng.uniform(0, 2, size).astype(np.float32))
     elif opt == "sgd":
-        outs = (emit("sgd_update", w, grad, lr=lr),)
+        outs = (emit("sgd_update", w, grad, rate),)
     else:
         vel = g.param("velocity", (size,))
-        outs = emit("sgd_update", w, grad, vel, lr=lr, momentum=0.9, nesterov=opt == "nesterov")
+        outs = emit("sgd_update", w, grad, rate, vel, momentum=0.9, nesterov=opt == "nesterov")
         state["velocity"] = rng.standard_normal(size).astype(np.float32)
     for p, o in zip(g.params, outs):
         g.set_update(p, o)
@@ -342,7 +278,7 @@ def test_optimizer_updates_match_keras_formulas(size, opt, lr, t, seed):
         expect = s64["w"] + (0.9 * vel64 - lr * g64 if opt == "nesterov" else vel64)
     for backend in ("numpy", "llvm"):
         exe = gc.compile(g, backend=backend, params={k: a.copy() for k, a in state.items()}, passes="none")
-        feeds = {"g": gv, **({"t": np.float32(t)} if opt == "adam" else {})}
+        feeds = {"g": gv, "lr": np.float32(lr), **({"t": np.float32(t)} if opt == "adam" else {})}
         got = exe(**feeds)
         scale = np.abs(s64["w"]) + np.abs(expect) + lr * 30
         np.testing.assert_array_less(np.abs(got - expect), 16 * U * scale, err_msg=f"{backend} {opt}")
@@ -432,11 +368,7 @@ def test_random_graphs_agree_across_backends(data, n):
     ref = anchor(x=x)
     ref = ref if isinstance(ref, tuple) else (ref,)
     problems = []
-    bug = known_llvm_bug_in_graph(exes["llvm"].graph, n)
     for backend, exe in exes.items():
-        if backend == "llvm" and bug:
-            STATS["random graphs with a known H1 bug (LLVM not compared)"] += 1
-            continue
         outs = exe(x=x)
         outs = outs if isinstance(outs, tuple) else (outs,)
         for k, (got, want) in enumerate(zip(outs, ref)):

@@ -5,8 +5,7 @@ without fuse_bias_activation), forward and gradients, on both backends.
 - Forward NaN positions match the float64 reference (IEEE semantics: relu(NaN) = NaN, a NaN anywhere in a
   pooling window gives NaN, inf - inf = NaN ...).
 - Fused and unfused results are bit-identical on each backend.
-The NumPy checks run first; LLVM disagreements raise LlvmMismatch, so an xfail for a known LLVM kernel
-bug (raises=LlvmMismatch) can never hide a NumPy or IR failure."""
+The NumPy checks run first; LLVM disagreements raise LlvmMismatch, so a report names which side is wrong."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,21 +16,11 @@ from hypothesis import strategies as st
 import graphcnn as gc
 from op_cases import FAMILIES, Packed, op_case
 from ir.passes import PIPELINES
-from test_differential import SETTINGS, STATS, LlvmMismatch, known_llvm_bug
+from test_differential import SETTINGS, STATS, LlvmMismatch
 
 UNFUSED = [p for p in PIPELINES["inference"] if p != "fuse_bias_activation"]
 VARIANTS = {("numpy", "fused"): ("numpy", "inference"), ("numpy", "unfused"): ("numpy", UNFUSED),
             ("llvm", "fused"): ("llvm", "inference"), ("llvm", "unfused"): ("llvm", UNFUSED)}
-
-# family -> reason, where the current LLVM kernels disagree with NumPy/IEEE (H1 is fixing them; issue 9
-# items 1 and 3). Found by this test on the branch point; delete an entry when its fix lands.
-LLVM_XFAIL = {
-    "conv2d": "H1: fused conv2d (GEMM epilogue) and unfused conv2d + bias_add + activation differ bit for bit",
-    "dense": "H1: fused dense (GEMM epilogue) and unfused dense + bias_add + activation differ bit for bit",
-    "matmul": "H1: NaN/inf positions of LLVM matmul gradients differ from NumPy's",
-    "max_pool2d": "H1: max_pool2d_grad puts NaN/inf elsewhere than NumPy when the window holds NaN",
-}
-
 
 def plant_specials(rng):
     """Replace about one element in eight by NaN, +inf or -inf (probabilities: NaN only — both backends
@@ -54,9 +43,7 @@ def _same_specials(a, b):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_nan_inf_agree_fused_unfused_and_across_backends(family, request):
-    if family in LLVM_XFAIL:
-        request.applymarker(pytest.mark.xfail(strict=True, raises=LlvmMismatch, reason=LLVM_XFAIL[family]))
+def test_nan_inf_agree_fused_unfused_and_across_backends(family):
 
     @settings(max_examples=2, **SETTINGS)
     @given(cases=st.lists(op_case((family,)), min_size=8, max_size=8), seed=st.integers(0, 2 ** 31))
@@ -78,8 +65,6 @@ def test_nan_inf_agree_fused_unfused_and_across_backends(family, request):
                 for k in range(len(outs["numpy", "fused"])):
                     np.testing.assert_array_equal(outs["numpy", "fused"][k], outs["numpy", "unfused"][k],
                                                   err_msg=f"{where}: numpy fused != unfused, output {k}")
-                if known_llvm_bug(fam, cfg, n):
-                    continue
                 for k in [i] + list(range(len(pk.outputs) + 1, len(outs["numpy", "fused"]))):
                     for mode in ("fused", "unfused"):
                         if not _same_specials(outs["llvm", mode][k], outs["numpy", mode][k]):

@@ -16,7 +16,6 @@ import graphcnn as gc
 from graphcnn.onnx import OnnxImportError, import_graph
 from ir.ops import view_ops
 from ir.passes import run_pipeline
-from test_onnx_node_cases import llvm_lowering_gaps
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "onnx")
 MODELS = sorted(glob.glob(os.path.join(DATA, "*.onnx")))
@@ -69,10 +68,6 @@ def test_imported_cnn_has_no_interior_transposes(path):
 @pytest.mark.parametrize("path", MODELS, ids=[os.path.basename(p)[:-5] for p in MODELS])
 def test_imported_cnn_matches_onnxruntime(path, backend):
     g = import_graph(path)
-    if backend == "llvm":
-        gaps = llvm_lowering_gaps(g)
-        if gaps:
-            pytest.xfail(f"LLVM lowering not in this build yet: {', '.join(gaps)}")
     fn = gc.compile(g, backend=backend)
     rng = np.random.default_rng(1)
     for batch in (1, 3):

@@ -24,8 +24,7 @@ OPS = ("Conv ConvTranspose Relu MaxPool AveragePool GlobalAveragePool GlobalMaxP
        "LeakyRelu Sigmoid Tanh Clip HardSigmoid HardSwish PRelu Pad ReduceMean").split()
 
 # case name -> why it is left out: a substring of the importer's one error for it. Reasons: integer
-# element types (graphcnn computes float32); Clip/HardSigmoid/HardSwish need the `clip` op (H1's
-# activation table, not yet in this branch's registry); pooling dilations, 3-D windows, average pooling
+# element types (graphcnn computes float32); pooling dilations, 3-D windows, average pooling
 # with ceil_mode and count_include_pad, MaxPool's Indices output and storage_order; ConvTranspose with
 # groups, output_shape, SAME auto_pad or 1-D/3-D; Dropout's mask output and training
 # mode, batch-norm training mode, N-D MatMul, empty tensors.
@@ -45,17 +44,9 @@ LEFT_OUT: dict[str, str] = {
     "test_averagepool_3d_dilations_small": "dilations",
     "test_batchnorm_epsilon_training_mode": "training_mode",
     "test_batchnorm_example_training_mode": "training_mode",
-    "test_clip": "needs graphcnn op 'clip'",
-    "test_clip_default_inbounds": "needs graphcnn op 'clip'",
     "test_clip_default_int8_inbounds": "element type",
     "test_clip_default_int8_max": "element type",
     "test_clip_default_int8_min": "element type",
-    "test_clip_default_max": "needs graphcnn op 'clip'",
-    "test_clip_example": "needs graphcnn op 'clip'",
-    "test_clip_inbounds": "needs graphcnn op 'clip'",
-    "test_clip_min_greater_than_max": "needs graphcnn op 'clip'",
-    "test_clip_outbounds": "needs graphcnn op 'clip'",
-    "test_clip_splitbounds": "needs graphcnn op 'clip'",
     "test_convtranspose_1d": "only 2-D ConvTranspose",
     "test_convtranspose_3d": "only 2-D ConvTranspose",
     "test_convtranspose_autopad_same": "is not supported (NOTSET or VALID)",
@@ -73,10 +64,6 @@ LEFT_OUT: dict[str, str] = {
     "test_dropout_default_mask": "output 1",
     "test_dropout_default_mask_ratio": "output 1",
     "test_edge_pad": "element type",
-    "test_hardsigmoid": "needs graphcnn op 'clip'",
-    "test_hardsigmoid_default": "needs graphcnn op 'clip'",
-    "test_hardsigmoid_example": "needs graphcnn op 'clip'",
-    "test_hardswish": "needs graphcnn op 'clip'",
     "test_matmul_1d_1d": "only 2-D MatMul",
     "test_matmul_1d_3d": "only 2-D MatMul",
     "test_matmul_3d": "only 2-D MatMul",
@@ -153,17 +140,6 @@ def _static_inputs(case, feeds):
     return static
 
 
-def llvm_lowering_gaps(graph) -> list:
-    """Ops of the optimized graph the LLVM backend cannot lower yet (H5's new CNN ops are being written):
-    such a graph would fall back to NumPy, which the suite turns into an error. Tests xfail on them and
-    run for real once the lowerings land."""
-    from backends.llvm.lowering import LOWERINGS
-    from ir.ops import view_ops
-    from ir.passes import run_pipeline
-    opt = run_pipeline(graph, "inference").graph
-    return sorted({n.op for n in opt.nodes if n.op not in LOWERINGS and n.op not in view_ops()})
-
-
 def _oracle(model, feeds):
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
@@ -189,10 +165,6 @@ def test_node_case(name, backend):
         want = _oracle(case.model, feeds)
     except Exception:                       # ORT lacks the op at this opset: the generator's own reference
         want = expected
-    if backend == "llvm":
-        gaps = llvm_lowering_gaps(graph)
-        if gaps:
-            pytest.xfail(f"LLVM lowering not in this build yet: {', '.join(gaps)}")
     fn = gc.compile(graph, backend=backend)
     got = fn(**{k: v.astype(np.float32) for k, v in feeds.items() if k not in static})
     got = got if isinstance(got, tuple) else (got,)

@@ -102,7 +102,7 @@ def test_config_that_disagrees_with_graph_is_refused(tmp_path):
         for k, v in entries.items():
             z.writestr(k, v)
     (tmp_path / "bad.gcnn").write_bytes(buf.getvalue())
-    with pytest.raises(ArtifactError, match="does not describe the stored graph"):
+    with pytest.raises(ArtifactError, match="describes a different model than graph.json"):
         gc.load_model(tmp_path / "bad.gcnn")
 
 

@@ -333,11 +333,13 @@ def max_pool2d_grad(x, dy, out, pool, stride, padding):
             np.equal(xc[:, i_h, i_w], wm[:, o_h, o_w], out=hit_r)
             np.greater(hit_r, routed_r, out=hit_r)     # hit and not yet routed (bools: a > b == a & ~b)
             routed_r |= hit_r
+            # a select, not dy * hit: a tap that is not the maximum gets exactly 0 even when dy is NaN/inf
             if disjoint:
-                np.multiply(dyc[:, o_h, o_w], hit_r, out=dxc[:, i_h, i_w])
+                np.copyto(dxc[:, i_h, i_w], dyc[:, o_h, o_w], where=hit_r)
             else:
                 share_r = share[:e - s, o_h, o_w]
-                np.multiply(dyc[:, o_h, o_w], hit_r, out=share_r)
+                share_r.fill(0)
+                np.copyto(share_r, dyc[:, o_h, o_w], where=hit_r)
                 _accumulate(dxc[:, i_h, i_w], share_r)
     return out
 

@@ -571,6 +571,8 @@ def clip(imp, ins, attrs):
                                                  float(np.asarray(imp.known(ins[1], "min")).item()))
     hi = attrs.get("max") if imp.opset < 11 else (None if len(ins) < 3 or ins[2] is None else
                                                  float(np.asarray(imp.known(ins[2], "max")).item()))
+    if lo is not None and hi is not None and lo > hi:
+        lo = hi                    # the ONNX spec (and ORT): min > max sets every element to max
     v = imp.value(x, x.layout)
     if lo == 0.0 and hi is None:
         return [Tensor(emit("relu", v), x.layout)]

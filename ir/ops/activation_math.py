@@ -7,7 +7,6 @@ dy * slope(y), y the activation's OUTPUT. out may alias x (or dy). float32 in, f
 Self-contained on purpose (imports only math and numpy): graphcnn's standalone NumPy modules paste this
 file in front of backends/numpy/kernels.py, so it must not import from the package.
 """
-import math
 
 import numpy as np
 
@@ -31,13 +30,17 @@ def relu_grad(y, dy, out):
 
 
 def sigmoid(x, out):
-    # exp(-x) is capped below overflow: the result is then a denormal (or 0), which is what sigmoid is
-    # there, so it stays accurate in relative terms elsewhere
-    np.negative(x, out=out)
-    np.minimum(out, math.floor(math.log(np.finfo(out.dtype).max)), out=out)   # 88 in float32
-    np.exp(out, out=out)
-    out += 1
-    return np.reciprocal(out, out=out)
+    # the LLVM builder's formula: e = exp(-|x|) in (0, 1] never overflows; s = 1/(1+e) for x >= 0 and
+    # e*s for x < 0, accurate down to the denormals and exactly 0 at -inf (as IEEE 1/(1+exp(inf)))
+    negative = x < 0                       # taken first: out may be x itself
+    e = np.abs(x)
+    np.negative(e, out=e)
+    np.exp(e, out=e)
+    np.add(e, 1, out=out)
+    np.reciprocal(out, out=out)
+    np.multiply(e, out, out=e)
+    np.copyto(out, e, where=negative)
+    return out
 
 
 def sigmoid_grad(y, dy, out):
