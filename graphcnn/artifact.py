@@ -24,6 +24,7 @@ from ir.serialize import graph_from_json, graph_to_json
 
 from .atomic_file import write_file_atomically
 from .errors import GraphcnnError
+from .input_arrays import conform_input
 
 FORMAT = "graphcnn-model"
 VERSION = 1
@@ -376,38 +377,6 @@ def _read_npz(data, path, declared: dict):
         raise ArtifactError(f"{path}: weights.npz is corrupt: {type(e).__name__}: {e}") from None
 
 
-def conform_input(x, want, what, model_name):
-    """x as a C-contiguous float32 (N, *want) array, or a GraphcnnError naming the expected and given shapes.
-
-    Accepted forms (DESIGN.md, as Keras): exactly (N, *want); (N, H, W) for a (H, W, 1) model; (N, H*W*C)
-    flattened for an image model; (N, H, W[, C]) images for a flat (H*W*C,) model. Nothing else is
-    reshaped: an NCHW (N, 3, 28, 28) array for a (28, 28, 3) model has the right size but the wrong
-    layout, and reshaping it would give wrong numbers silently. Values must be real and finite."""
-    a = np.asarray(x)
-    want = tuple(want)
-    if a.dtype.kind not in "fiub":
-        raise GraphcnnError(f"{what}: x must hold real numbers, got dtype {a.dtype}")
-    if a.ndim == 0 or a.shape[0] == 0:
-        raise GraphcnnError(f"{what}: x is empty (shape {a.shape})")
-    size = int(np.prod(want))
-    given = a.shape[1:]
-    accepted = (given == want
-                or (len(want) > 1 and want[-1] == 1 and given == want[:-1])
-                or (len(want) > 1 and len(given) == 1 and given[0] == size)
-                or (len(want) == 1 and len(given) in (2, 3) and int(np.prod(given)) == size))
-    if not accepted:
-        forms = [want] + ([want[:-1]] if len(want) > 1 and want[-1] == 1 else []) + \
-            ([(size,)] if len(want) > 1 else [])
-        listed = " or ".join("(N, " + ", ".join(map(str, f)) + ")" for f in forms)
-        raise GraphcnnError(f"{what}: x has shape {a.shape}; model {model_name!r} expects {listed}"
-                            + (" (channels last: NHWC, not NCHW)" if len(want) == 3 and given == want[-1:] + want[:-1] else ""))
-    a = np.ascontiguousarray(a.reshape((a.shape[0],) + want), np.float32)
-    if not np.isfinite(a).all():
-        bad = int(np.count_nonzero(~np.isfinite(a)))
-        raise GraphcnnError(f"{what}: x contains {bad} NaN or infinite value{'s' if bad != 1 else ''}")
-    return a
-
-
 class Runtime:
     """An inference-only model loaded from a .gcnn file. `predict(x)` is safe to call from many threads."""
 
@@ -425,6 +394,8 @@ class Runtime:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise GraphcnnError(f"predict: batch_size must be a positive int, got {batch_size!r}")
         a = conform_input(x, self.input_shape, "predict", self.name)
+        if a.shape[0] <= batch_size:         # one call: its result is already a fresh array
+            return self.executable(a)
         return np.concatenate([self.executable(a[s:s + batch_size]) for s in range(0, a.shape[0], batch_size)])
 
     __call__ = predict

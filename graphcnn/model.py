@@ -19,6 +19,7 @@ from . import training_loop
 from .callbacks import History  # noqa: F401  (re-exported: gc.model.History)
 from .compiler import compile as compile_graph, default_backend
 from .errors import GraphcnnError, LayerError
+from .input_arrays import conform_input
 from .functional import (SymbolicTensor, as_tensor, collect_nodes, layer_config, layer_from_config,
                          layer_graph_config, nodes_from_config)
 
@@ -386,7 +387,7 @@ class Model:
                                 f"{len(names)} arrays or a dict by Input name")
         out, n = {}, None
         for name, t, a in zip(names, self.inputs, arrays):
-            a = _prepare_array(a, tuple(t.shape[1:]), what, self.name)
+            a = conform_input(a, tuple(t.shape[1:]), what, self.name)
             if n is not None and a.shape[0] != n:
                 raise GraphcnnError(f"{what}: the inputs have different sample counts ({n} and {a.shape[0]})")
             n = a.shape[0]
@@ -460,6 +461,9 @@ class Model:
         training_loop.check_positive_int(batch_size, "batch_size")
         exe = self._executable("predict")
         n = next(iter(feeds.values())).shape[0]
+        if n <= batch_size:                  # one call: its results are already fresh arrays
+            out = exe(**feeds)
+            return list(out) if len(self.outputs) > 1 else out
         parts = [exe(**{k: v[s:s + batch_size] for k, v in feeds.items()}) for s in range(0, n, batch_size)]
         if len(self.outputs) == 1:
             return np.concatenate(parts)
@@ -568,26 +572,6 @@ def _parse_loss(loss, from_logits):
         if not cfg["from_logits"]:
             del cfg["from_logits"]
     return loss, cfg
-
-
-def _prepare_array(x, want, what, model_name):
-    """One input array as contiguous float32 (N, *want), with Keras's reshape conveniences."""
-    a = np.asarray(x)
-    if a.dtype.kind not in "fiub":
-        raise GraphcnnError(f"{what}: x must be numeric, got dtype {a.dtype}")
-    if a.ndim == 0 or a.shape[0] == 0:
-        raise GraphcnnError(f"{what}: x is empty (shape {a.shape})")
-    if a.shape[1:] != want:
-        if int(np.prod(a.shape[1:])) == int(np.prod(want)) and (a.ndim == 2 or len(want) == 1 or
-                                                                a.shape[1:] == want[:-1] or want[-1] == 1):
-            a = a.reshape((a.shape[0],) + want)
-        else:
-            raise GraphcnnError(f"{what}: x has shape {a.shape}; model {model_name!r} expects "
-                                f"(N, {', '.join(map(str, want))})")
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    if not np.isfinite(a).all():
-        raise GraphcnnError(f"{what}: x contains NaN or infinity")
-    return a
 
 
 def model_from_config(cfg, where="model config") -> Model:

@@ -54,23 +54,56 @@ class NativeGraph:
     def __call__(self, leaves: dict, n: int, first: int = 0) -> list:
         """Run on `leaves` (name -> C-contiguous array). Outputs are views into this thread's arena, valid
         until this thread's next call; Executable.__call__ copies them once."""
-        ptrs = (ctypes.c_void_p * max(1, len(self.layout.arg_order)))(
-            *[leaves[name].ctypes.data for name in self.layout.arg_order])
-        arena = self.arenas.get(n).buffer.view(np.float32)
+        arena = self.arenas.get(n)
+        bound = arena.views.get("bound")
+        if bound is None:
+            bound = arena.views["bound"] = BoundCall(self, arena, n)
         try:
-            self.fn(ptrs, n, arena.ctypes.data, first)
+            bound.run(self.fn, leaves, n, first)
         finally:
             self.arenas.release(n)
-        outs = []
-        for v in self.graph.outputs:
-            s = self.layout.resolve(v.name)
+        return bound.outputs(leaves, n)
+
+
+class BoundCall:
+    """One NativeGraph call prepared for one arena (so one thread and one batch size): the argument
+    pointer array, whose entries are refreshed only when a leaf array changes (params and constants keep
+    theirs across calls), and the output views into the arena, built once. This is what brings a Python
+    call close to a direct call of the native function."""
+
+    def __init__(self, native: NativeGraph, arena, n: int):
+        names = native.layout.arg_order
+        inputs = {v.name for v in native.graph.inputs}
+        # inputs change every call; params and constants are checked by identity and keep their pointer
+        self.input_slots = [(i, name) for i, name in enumerate(names) if name in inputs]
+        self.fixed_slots = [(i, name) for i, name in enumerate(names) if name not in inputs]
+        self.fixed_arrays = [None] * len(self.fixed_slots)
+        self.ptrs = (ctypes.c_void_p * max(1, len(names)))()
+        self.arena_address = arena.buffer.ctypes.data
+        floats = arena.buffer.view(np.float32)
+        self.views = []         # per output: a view into the arena, or (arg name, shape) for a leaf
+        for v in native.graph.outputs:
+            s = native.layout.resolve(v.name)
+            shape = v.type.concrete(n)
             if s.kind == "arg":     # an output that is a leaf or a view of one (flatten(x)): its own shape
-                outs.append(np.array(leaves[self.layout.arg_order[s.index]]).reshape(v.type.concrete(n)))
+                self.views.append((names[s.index], shape))
             else:
                 off = (n * s.per_sample + s.fixed) // 4
-                shape = v.type.concrete(n)
-                outs.append(arena[off:off + int(np.prod(shape, dtype=np.int64))].reshape(shape))
-        return outs
+                self.views.append(floats[off:off + int(np.prod(shape, dtype=np.int64))].reshape(shape))
+
+    def run(self, fn, leaves, n, first):
+        ptrs, held = self.ptrs, self.fixed_arrays
+        for i, name in self.input_slots:
+            ptrs[i] = leaves[name].ctypes.data
+        for k, (i, name) in enumerate(self.fixed_slots):
+            a = leaves[name]
+            if a is not held[k]:        # first call, or a param array replaced: take its address (the held
+                held[k] = a             # reference keeps the old one from being freed and its id reused)
+                ptrs[i] = a.ctypes.data
+        fn(ptrs, n, self.arena_address, first)
+
+    def outputs(self, leaves, n) -> list:
+        return [np.array(leaves[v[0]]).reshape(v[1]) if isinstance(v, tuple) else v for v in self.views]
 
 
 class LlvmExecutable(Executable):
@@ -83,6 +116,8 @@ class LlvmExecutable(Executable):
         self._pool = None
         self._pool_lock = threading.Lock()
         self.training = bool(graph.updates)
+        self._input_names = [name for name, _ in self.inputs]
+        self._first_batched = bool(self.inputs) and self.inputs[0][1].batched
         t0 = time.perf_counter()
         # the thread count must never change the result: split only what the coupling analysis proves
         # per-sample; `split_blockers` says why a graph runs unsplit
@@ -110,9 +145,8 @@ class LlvmExecutable(Executable):
         return "\n".join(p.jit.asm for p in self._parts)
 
     def _leaves(self, arrays):
-        leaves = {name: a for (name, _), a in zip(self.inputs, arrays)}
-        leaves.update(self.state)
-        leaves.update(self.consts)
+        leaves = {**self.state, **self.consts}
+        leaves.update(zip(self._input_names, arrays))
         return leaves
 
     def _map_chunks(self, fn, chunks):
@@ -129,7 +163,8 @@ class LlvmExecutable(Executable):
         return [(int(bounds[i]), int(bounds[i + 1])) for i in range(k)]
 
     def run(self, arrays):
-        n = next((a.shape[0] for a, (_, t) in zip(arrays, self.inputs) if t.batched), 1)
+        n = arrays[0].shape[0] if self._first_batched else \
+            next((a.shape[0] for a, (_, t) in zip(arrays, self.inputs) if t.batched), 1)
         if self.split_training:
             return self._train_step(arrays, n)
         if not self.splittable or self.threads == 1 or n < 2:
