@@ -100,7 +100,7 @@ def test_input_reshapes_like_keras():
     (np.zeros((4, 8, 8, 1)), np.array([0, 1, 2, 3]), r"\[0, 2\]"),
     (np.zeros((4, 8, 8, 1)), np.array([0, 1, -1, 2]), "labels"),
     (np.full((4, 8, 8, 1), np.nan), np.zeros(4), "NaN"),
-    (np.array(["a"] * 4), np.zeros(4), "numeric"),
+    (np.array(["a"] * 4), np.zeros(4), "real numbers"),
 ])
 def test_bad_fit_inputs(x, y, msg):
     m = tiny_cnn()
