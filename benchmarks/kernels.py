@@ -94,7 +94,7 @@ def build_cases(batch: int):
         build_conv2d(module, f"{layer}_fwd", has_bias=True, activation="relu", **attrs)
         build_conv2d_grad_input(module, f"{layer}_gi", **attrs)
         build_conv2d_grad_filter(module, f"{layer}_gf", **attrs)
-        cases.append((f"{layer} forward (+bias, relu)", f"{layer}_fwd", flops, (x, w, b, y), 4))
+        cases.append((f"{layer} forward (+bias, relu)", f"{layer}_fwd", flops, (x, w, b, None, y), 5))
         cases.append((f"{layer} grad_input", f"{layer}_gi", flops, (dy, w, dx), 3))
         cases.append((f"{layer} grad_filter", f"{layer}_gf", flops, (x, dy, dw), 3))
     x = rng.standard_normal((batch, 1600)).astype(np.float32)
@@ -149,7 +149,7 @@ def main(argv=None) -> None:
         # every GEMM-family kernel takes a scratch pointer after its operands (sized by scratch_need)
         fn = ctypes.CFUNCTYPE(None, *([P] * (nptr + 1)), ctypes.c_int64)(jit.address(name))
         scratch = np.empty(scratch_need(module.get_global(name)).bytes(args.batch) // 4 + 16, np.float32)
-        ptrs = [a.ctypes.data for a in arrays] + [scratch.ctypes.data + (-scratch.ctypes.data) % 64]
+        ptrs = [None if a is None else a.ctypes.data for a in arrays] + [scratch.ctypes.data + (-scratch.ctypes.data) % 64]
         sec = median_seconds(lambda: fn(*ptrs, args.batch), args.runs)
         gf = flops / sec / 1e9
         pct = f"{100 * gf / peak1:6.1f}%" if peak1 else "    n/a"

@@ -214,7 +214,7 @@ def test_conv2d_forward(kernels, i, act, bias, n):
     x, w, b = rand(rng, (n,) + hwc), rand(rng, k + (hwc[2], f)) * 0.3, rand(rng, (f,))
     g = conv_geometry(hwc, k, f, s, p, d)
     out = np.full((n, g.oh, g.ow, f), np.nan, np.float32)
-    kernels(_conv_name("fwd", i, act, bias))(x, w, b if bias else None, out, n=n)
+    kernels(_conv_name("fwd", i, act, bias))(x, w, b if bias else None, None, out, n=n)
     assert_close(out, ref_conv(x, w, b if bias else None, s, p, d, act))
 
 
@@ -251,7 +251,7 @@ def test_conv2d_any_tile_plan(kernels, j):
     x, w, b = rand(rng, (n,) + hwc), rand(rng, k + (hwc[2], f)), rand(rng, (f,))
     dy = rand(rng, (n, g.oh, g.ow, f))
     out = np.full((n, g.oh, g.ow, f), np.nan, np.float32)
-    kernels(f"fwd_plan_{j}")(x, w, b, out, n=n)
+    kernels(f"fwd_plan_{j}")(x, w, b, None, out, n=n)
     assert_close(out, ref_conv(x, w, b, s, p, d, "relu"))
     dx = np.full(x.shape, np.nan, np.float32)
     kernels(f"gi_plan_{j}")(dy, w, dx, n=n)
@@ -277,7 +277,7 @@ def test_conv2d_batch_zero_writes_nothing(kernels):
     sentinel = np.full((1, 6, 6, f), 7.0, np.float32)
     kernels(_conv_name("fwd", 0, "linear", True))(np.zeros((1,) + hwc, np.float32),
                                                   np.zeros(k + (hwc[2], f), np.float32),
-                                                  np.zeros(f, np.float32), sentinel, n=0)
+                                                  np.zeros(f, np.float32), None, sentinel, n=0)
     assert np.all(sentinel == 7.0)
 
 
@@ -445,7 +445,7 @@ def test_other_vector_widths_compute_the_same(bits):
     x, w, b = rand(rng, (n,) + hwc), rand(rng, k + (hwc[2], f)), rand(rng, (f,))
     dy = rand(rng, (n, g.oh, g.ow, f))
     y = np.full(dy.shape, np.nan, np.float32)
-    call("fwd", 4)(x.ctypes.data, w.ctypes.data, b.ctypes.data, y.ctypes.data, n)
+    call("fwd", 5)(x.ctypes.data, w.ctypes.data, b.ctypes.data, None, y.ctypes.data, n)
     assert_close(y, ref_conv(x, w, b, s, p, d, "sigmoid"))
     dx = np.full(x.shape, np.nan, np.float32)
     call("gi", 3)(dy.ctypes.data, w.ctypes.data, dx.ctypes.data, n)

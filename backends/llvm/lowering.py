@@ -29,16 +29,17 @@ def _conv_common(node):
 
 def lower_conv2d(cache, node, target):
     x, w = node.inputs[:2]
-    has_bias = len(node.inputs) > 2
+    has_bias, has_residual = len(node.inputs) > 2, len(node.inputs) > 3
     spec = dict(in_hwc=tuple(x.shape[1:]), kernel_hw=tuple(w.shape[:2]), filters=w.shape[3], has_bias=has_bias,
-                activation=node.attrs["activation"], activation_params=node.attrs["activation_params"],
-                **_conv_common(node))
+                has_residual=has_residual, activation=node.attrs["activation"],
+                activation_params=node.attrs["activation_params"], **_conv_common(node))
     if node.attrs.get("groups", 1) != 1:
         raise LoweringError(f"LLVM backend: grouped conv2d %{node.name} must be split by the "
                             f"decompose_grouped_conv pass first (it is in the inference and training pipelines)")
     fn = cache.get(("conv2d", repr(spec)),
                    lambda m, name: conv.build_conv2d(m, name, target=target, **spec))
-    return fn, [x.name, w.name, node.inputs[2].name if has_bias else NULL, node.outputs[0].name, SCRATCH]
+    return fn, [x.name, w.name, node.inputs[2].name if has_bias else NULL,
+                node.inputs[3].name if has_residual else NULL, node.outputs[0].name, SCRATCH]
 
 
 def lower_depthwise_conv2d(cache, node, target):

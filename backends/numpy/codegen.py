@@ -103,6 +103,9 @@ def emit_view(node, ins, outs):
 
 
 def emit_with_bias(node, ins, outs):            # conv2d / dense: bias is optional
+    if len(ins) > 3:                            # conv2d's residual operand: by keyword
+        line, = emit_generic(node, ins[:3], outs)
+        return [line[:-1] + f", residual={ins[3]})"]
     return emit_generic(node, ins, outs, optional_none=3 - len(ins))
 
 

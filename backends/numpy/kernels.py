@@ -183,16 +183,20 @@ def _write_matmul(a, b, out, rows, cols):
 # ---------------------------------------------------------------------------------------------------
 # convolution
 
-def conv2d(x, w, b, out, stride, padding, dilation, activation="linear", activation_params=(), groups=1):
-    """out = activation(cross_correlate(x, w) + b); x (N,H,W,C), w (KH,KW,C/groups,F), b (F,) or None,
-    out (N,OH,OW,F). Zero padding ((top, bottom), (left, right)); stride/dilation (sh, sw), (dh, dw).
-    groups > 1: each group of C/groups input channels feeds its own F/groups output channels."""
+def conv2d(x, w, b, out, stride, padding, dilation, activation="linear", activation_params=(), groups=1,
+           residual=None):
+    """out = activation(cross_correlate(x, w) + b [+ residual]); x (N,H,W,C), w (KH,KW,C/groups,F), b (F,)
+    or None, residual None or out's shape, out (N,OH,OW,F). Zero padding ((top, bottom), (left, right));
+    stride/dilation (sh, sw), (dh, dw). groups > 1: each group of C/groups input channels feeds its own
+    F/groups output channels. The residual is added after the bias, as the unfused add would."""
     _expect_rank("conv2d", "x", x, 4)
     _expect_rank("conv2d", "w", w, 4)
     act = _activation("conv2d", activation)
     n, _, _, c = x.shape
     kh, kw, wc, f = w.shape
     if groups != 1:
+        if residual is not None:
+            _fail("conv2d", f"a residual operand needs groups=1, got groups={groups!r}")
         if not isinstance(groups, (int, np.integer)) or groups < 1 or c % groups or f % groups \
                 or wc * groups != c:
             _fail("conv2d", f"groups={groups!r} does not fit x {x.shape} and w {w.shape}")
@@ -209,6 +213,9 @@ def conv2d(x, w, b, out, stride, padding, dilation, activation="linear", activat
         _expect_shape("conv2d", "b", np.shape(b), (f,))
     stride, pads, dilation, (oh, ow) = _window_geometry("conv2d", x.shape, kh, kw, stride, padding, dilation)
     _expect_shape("conv2d", "out", out.shape, (n, oh, ow, f))
+    if residual is not None:
+        _expect_shape("conv2d", "residual", residual.shape, out.shape)
+        residual2 = residual.reshape(n * oh * ow, f)
     k = kh * kw * c
     w2 = w.reshape(k, f)
     direct = out.flags.c_contiguous
@@ -224,6 +231,8 @@ def conv2d(x, w, b, out, stride, padding, dilation, activation="linear", activat
         # epilogue on the chunk while it is still in cache
         if b is not None:
             y += b
+        if residual is not None:
+            y += residual2[s * oh * ow:e * oh * ow].reshape(y.shape)
         _apply_activation(y, act, activation_params)
         if not direct:
             out[s:e] = y.reshape(e - s, oh, ow, f)

@@ -182,6 +182,8 @@ def conv2d(ex, node):
     a = node.attrs
     y = ex.add("Conv", ins, hint=node.name, kernel_shape=list(W.shape[:2]), strides=list(a["stride"]),
                dilations=list(a["dilation"]), pads=_pads(a["padding"]), group=int(a.get("groups", 1)))
+    if len(node.inputs) > 3:          # a fused residual: Conv -> Add(skip) before the activation
+        y = ex.add("Add", [y, ex.get(node.inputs[3], NCHW)], hint=node.name)
     ex.put(node.outputs[0], _activation(ex, node, y, NCHW), NCHW)
 
 

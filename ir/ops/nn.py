@@ -108,11 +108,13 @@ class ConvBase(Op):
 
 @register
 class Conv2D(ConvBase):
-    """y = act(conv(x, w) + b); x (N,H,W,C), w (KH,KW,C/groups,F). With groups > 1, input channels
-    [g*C/groups, (g+1)*C/groups) feed output channels [g*F/groups, (g+1)*F/groups) only; the
-    `decompose_grouped_conv` pass splits such a node into per-group convs + concat for the backends."""
+    """y = act(conv(x, w) + b [+ residual]); x (N,H,W,C), w (KH,KW,C/groups,F). With groups > 1, input
+    channels [g*C/groups, (g+1)*C/groups) feed output channels [g*F/groups, (g+1)*F/groups) only; the
+    `decompose_grouped_conv` pass splits such a node into per-group convs + concat for the backends.
+    `residual` (the output's type, only after a bias, groups = 1) is the ResNet block's skip value,
+    added before the activation: fuse_bias_activation puts it there from conv -> add(., skip) -> act."""
     name = "conv2d"
-    inputs = ("x", "w", "b?")
+    inputs = ("x", "w", "b?", "residual?")
     attrs = dict(ConvBase.attrs, activation="linear", activation_params=(), groups=1)
 
     def normalize(self, types, attrs):
@@ -126,7 +128,13 @@ class Conv2D(ConvBase):
                           f"(x {x}, w {w}, groups={groups}; w must be (kh, kw, in_ch // groups, out_ch))")
         if len(types) > 2 and types[2].shape != (w.shape[3],):
             raise IRError(f"conv2d: bias must have shape ({w.shape[3]},), got {types[2]}")
-        stride, dil, pads, _ = self._geom(x.shape[1:3], w.shape[:2], attrs)
+        stride, dil, pads, out_hw = self._geom(x.shape[1:3], w.shape[:2], attrs)
+        if len(types) > 3:
+            want = TensorType((x.shape[0],) + out_hw + (w.shape[3],))
+            if types[3] != want:
+                raise IRError(f"conv2d: residual must have the output's type {want}, got {types[3]}")
+            if groups != 1:
+                raise IRError(f"conv2d: a residual operand needs groups=1, got groups={groups}")
         act, params = check_activation(attrs["activation"], attrs["activation_params"], self.name)
         return {"stride": stride, "padding": pads, "dilation": dil, "activation": act,
                 "activation_params": params, "groups": int(groups)}
@@ -135,6 +143,11 @@ class Conv2D(ConvBase):
         x, w = types[0], types[1]
         *_, out = self._geom(x.shape[1:3], w.shape[:2], attrs)
         return [TensorType((x.shape[0],) + out + (w.shape[3],))]
+
+    def couples_batch(self, node):
+        # a batched kernel or bias mixes samples; the residual is per sample like x (output row i reads
+        # residual row i)
+        return any(v.type.batched for v in node.inputs[1:3])
 
     def flops(self, node, batch):
         kh, kw, c, _ = node.inputs[1].shape
@@ -162,6 +175,8 @@ class Conv2D(ConvBase):
         grads = [dx, dw]
         if len(node.inputs) > 2:
             grads.append(emit("bias_add_grad", dz))
+        if len(node.inputs) > 3:
+            grads.append(dz)                 # d/d residual of (... + residual) is dz itself
         return grads
 
 

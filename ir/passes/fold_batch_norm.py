@@ -36,8 +36,8 @@ def fold_batch_norm(g: Graph) -> Graph:
     results = {v.name for v in g.result_values()}
     plans = {}                   # id(conv node) -> (conv, bias_add or None, batch_norm)
     for n in g.nodes:
-        if n.op not in FOLDABLE or n.attrs["activation"] != "linear":
-            continue
+        if n.op not in FOLDABLE or n.attrs["activation"] != "linear" or len(n.inputs) > 3:
+            continue                     # (a conv with a residual: BN scales the skip value too)
         bias_add, reader = None, _sole_reader(n.outputs[0], users, results)
         if reader is not None and reader.op == "bias_add" and len(n.inputs) == 2 \
                 and reader.inputs[0] is n.outputs[0]:

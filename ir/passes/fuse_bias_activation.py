@@ -1,9 +1,12 @@
-"""Fuse conv2d/dense + bias_add + activation into one node.
+"""Fuse conv2d/dense + bias_add [+ residual add] + activation into one node.
 
-    conv2d(x, w) [-> bias_add(., b)] [-> any activation of the table]
-        =>   conv2d(x, w, b, activation=NAME, activation_params=((param, value), ...))
+    conv2d(x, w) [-> bias_add(., b)] [-> add(., skip)] [-> any activation of the table]
+        =>   conv2d(x, w, b[, skip], activation=NAME, activation_params=((param, value), ...))
 
-and the same for dense. The kernels add the bias and apply the activation on the accumulator before
+and the same for dense and depthwise_conv2d, without the residual add (conv2d only: the ResNet block's
+tail, conv -> BN (folded into the bias) -> add(skip) -> relu; it needs the bias, which a folded BN gives,
+and groups = 1). The add is absorbed only when its other operand has exactly the conv output's type (no
+broadcasting) and is not the conv's own output. The kernels add the bias and apply the activation on the accumulator before
 the store, so the intermediate tensors are never written. Every activation of the table
 (ir/ops/activations.py) fuses, parametric ones (leaky_relu's alpha, clip's bounds) with their parameters.
 
@@ -50,6 +53,16 @@ def fuse_bias_activation(g: Graph) -> Graph:
             bias = [user.inputs[1]]
             chain.append(user)
             user = _sole_user(user.outputs[0], users, results)
+        residual = []
+        # an add has two producers: the first conv to reach it takes it (claimed), the other stays apart
+        if (n.op == "conv2d" and bias and n.attrs.get("groups", 1) == 1 and user is not None
+                and user.op == "add" and id(user) not in absorbed and id(user) not in replace):
+            y = chain[-1].outputs[0]
+            skip = [v for v in user.inputs if v is not y]
+            if len(skip) == 1 and skip[0].type == y.type:
+                residual = skip
+                chain.append(user)
+                user = _sole_user(user.outputs[0], users, results)
         activation, params = "linear", ()
         if user is not None and user.op in FUSABLE_ACTIVATIONS:
             activation = user.op
@@ -57,7 +70,7 @@ def fuse_bias_activation(g: Graph) -> Graph:
             chain.append(user)
         if len(chain) == 1:
             continue
-        inputs = [x, w] + bias
+        inputs = [x, w] + bias + residual
         attrs = get_op(n.op).check(inputs, dict(n.attrs, activation=activation, activation_params=params))
         last = chain[-1]
         # the fused node reuses the last node's output value: same name, same type

@@ -155,20 +155,23 @@ def _apply_positive_mask(kb: KernelBuilder, data, y, count: int) -> None:
 
 
 def build_conv2d(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, stride=(1, 1),
-                 padding=((0, 0), (0, 0)), dilation=(1, 1), has_bias: bool = False,
+                 padding=((0, 0), (0, 0)), dilation=(1, 1), has_bias: bool = False, has_residual: bool = False,
                  activation: str = "linear", activation_params: tuple = (), target, plan: TilePlan | None = None,
                  loop_order: str = "cols") -> ir.Function:
-    """void name(ptr x, ptr w, ptr b, ptr out, i64 n):
-    out (n, OH, OW, F) = activation(conv2d(x (n, H, W, C), w (KH, KW, C, F)) + b), bias and activation
-    fused into the tile epilogue. `b` is not read when has_bias is False (may be null).
+    """void name(ptr x, ptr w, ptr b, ptr residual, ptr out, i64 n):
+    out (n, OH, OW, F) = activation(conv2d(x (n, H, W, C), w (KH, KW, C, F)) + b + residual), bias,
+    residual (laid out like out) and activation fused into the tile epilogue. `b` / `residual` are not
+    read when has_bias / has_residual is False (may be null).
     loop_order "cols": filter blocks outer, pixel tiles inner (a filter block stays in L1);
     "rows": pixel tiles outer."""
     g = conv_geometry(in_hwc, kernel_hw, filters, stride, padding, dilation)
     activation, activation_params = check_activation(activation, activation_params)
     if loop_order not in ("cols", "rows"):
         raise ValueError(f"loop_order must be 'cols' or 'rows', got {loop_order!r}")
-    kb = gemm_builder(module, name, 4, target)
-    x, w, bias, out = kb.args
+    if not isinstance(has_residual, bool) or not isinstance(has_bias, bool):
+        raise TypeError(f"conv2d: has_bias and has_residual must be bools, got {has_bias!r}, {has_residual!r}")
+    kb = gemm_builder(module, name, 5, target)
+    x, w, bias, residual, out = kb.args
     n = kb.n
     lanes = kb.lanes
     plan = plan or plan_tile(g.pixels, g.f, target, g.taps)
@@ -179,12 +182,14 @@ def build_conv2d(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, st
     pack_b(kb, w, k, g.f, 1, blocks, packed)
     if xp is not None:
         kb.memset_zero(xp, g.hp * g.wp * g.c)
-    epilogue = Epilogue.of(bias=has_bias, activation=activation, activation_params=activation_params)
+    epilogue = Epilogue.of(bias=has_bias, residual=has_residual, activation=activation,
+                           activation_params=activation_params)
 
     with kb.for_range(n, name="image") as li:
         i = li.index
         src = _image_source(kb, g, x, i, xp)
         out_img = kb.gep(out, kb.mul(i, g.pixels * g.f))
+        res_img = kb.gep(residual, kb.mul(i, g.pixels * g.f)) if has_residual else None
 
         def tile(r0, mr, which, j):
             blk = blocks[which]
@@ -193,9 +198,12 @@ def build_conv2d(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, st
             a_rows = [kb.gep(src, _pixel_offset(kb, g, kb.add(r0, m))) for m in range(mr)]
             acc = emit_tile(kb, a_rows, packed_block(kb, packed, k, blocks, which, j), _tap_loops(g, nr),
                             blk.nv, nr)
-            out_rows = [kb.gep(out_img, kb.add(kb.mul(kb.add(r0, m), g.f), col0)) for m in range(mr)]
+            offsets = [kb.add(kb.mul(kb.add(r0, m), g.f), col0) for m in range(mr)]
+            out_rows = [kb.gep(out_img, off) for off in offsets]
             epilogue.emit(kb, acc, out_rows, blk.width,
-                          EpilogueOperands(bias=kb.gep(bias, col0) if has_bias else None))
+                          EpilogueOperands(bias=kb.gep(bias, col0) if has_bias else None,
+                                           residual_rows=[kb.gep(res_img, off) for off in offsets]
+                                           if has_residual else None))
 
         for which, blk in enumerate(blocks):
             if loop_order == "cols":

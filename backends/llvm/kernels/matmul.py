@@ -40,6 +40,7 @@ class EpilogueOperands:
     first column; `rows` pointers follow the output's row layout."""
     bias: ir.Value | None = None          # per-column vector source
     mask_rows: Sequence[ir.Value] | None = None   # tensor with the output's layout, one pointer per row
+    residual_rows: Sequence[ir.Value] | None = None   # the same, for a residual added before the activation
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,15 @@ class BiasAdd:
 
     def emit(self, kb, value, m, col, width, ops: EpilogueOperands):
         return kb.b.fadd(value, kb.load_part(ops.bias, col, width))
+
+
+@dataclass(frozen=True)
+class ResidualAdd:
+    """acc += residual[row, col] (the ResNet skip value, laid out like the output): the same fadd as the
+    standalone add kernel, so fused and unfused results are bit-identical."""
+
+    def emit(self, kb, value, m, col, width, ops: EpilogueOperands):
+        return kb.b.fadd(value, kb.load_part(ops.residual_rows[m], col, width))
 
 
 @dataclass(frozen=True)
@@ -81,12 +91,14 @@ class Epilogue:
     accumulate: bool = False
 
     @staticmethod
-    def of(*, bias: bool = False, activation: str = "linear", activation_params: tuple = (),
-           positive_mask: bool = False,
+    def of(*, bias: bool = False, residual: bool = False, activation: str = "linear",
+           activation_params: tuple = (), positive_mask: bool = False,
            accumulate: bool = False) -> "Epilogue":
         steps = []
         if bias:
             steps.append(BiasAdd())
+        if residual:
+            steps.append(ResidualAdd())
         if activation != "linear":
             steps.append(Activation(activation, activation_params))
         if positive_mask:
