@@ -1,0 +1,258 @@
+"""Data-parallel training over MPI (mpi4py): one model, the same result, on any number of processes.
+
+    mpiexec -n 4 graphcnn train examples/mnist_cnn.py      # or: graphcnn train ... --workers 4
+    gc.distributed.init(); model.fit(...)                  # in a script started by mpiexec
+
+A training step is the split of ir.training.split_training_step: a gradient function run on chunks of
+the batch, a fixed-order reduction of the chunk means and one optimizer call. One process runs its
+chunks on threads; data parallel spreads the *global* chunks of each global batch over the ranks: rank
+r computes the gradients of its contiguous run of chunks (on its threads), the ranks Allgather every
+chunk's gradient buffer into chunk order and each rank sums them left to right exactly as one process
+does (backends.llvm.executable.combine_chunk_means). So N ranks x T threads is bit-identical to one
+process with N*T threads (same seed, same global batch), and every rank holds the same weights.
+
+Gathering instead of MPI's Allreduce costs p-1 times the receive buffer, but Allreduce's summation order
+depends on the MPI library and the rank count; the fixed order is what makes the result reproducible.
+Buffers are contiguous float32 NumPy arrays through the buffer protocol (uppercase calls): no pickling in
+the step. See docs/distributed.md for the limits (BatchNormalization, no overlap of reduction and
+backward) and the scaling model."""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+
+from .errors import GraphcnnError
+
+CHECK_ENV = "GRAPHCNN_DISTRIBUTED_CHECK"     # compare a digest of every rank's weights every K steps
+# set by the MPI launchers (MPICH/Hydra and Intel MPI: PMI_SIZE; Open MPI; PMIx; Slurm's srun)
+LAUNCHER_SIZE_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+
+_comm = None
+
+
+def _mpi():
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise GraphcnnError(f"graphcnn.distributed needs mpi4py and an MPI library ({e}); install them with "
+                            f"pip install 'graphcnn[mpi]' (mpi4py and the mpich wheel, which ships mpiexec)") from None
+    return MPI
+
+
+def launched_by_mpi() -> bool:
+    """True when this process was started by an MPI launcher (mpiexec/srun) with more than one rank."""
+    for name in LAUNCHER_SIZE_ENV:
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 1:
+            return True
+    return False
+
+
+def init(comm=None):
+    """Join the MPI job (COMM_WORLD, or `comm`); afterwards model.fit is data-parallel over its ranks.
+    Installs an exception hook: an uncaught error on any rank prints that rank's message and aborts the
+    whole job (MPI Abort), so no rank waits forever for one that died. Returns the communicator."""
+    global _comm
+    if _comm is not None and comm is None:
+        return _comm
+    _comm = comm if comm is not None else _mpi().COMM_WORLD
+    if _comm.Get_size() > 1:
+        previous = sys.excepthook
+
+        def abort_on_uncaught(kind, value, tb):
+            previous(kind, value, tb)
+            abort(value, print_traceback=False)
+        sys.excepthook = abort_on_uncaught
+    return _comm
+
+
+def is_initialized() -> bool:
+    return _comm is not None
+
+
+def rank() -> int:
+    """This process's rank (0 without init())."""
+    return _comm.Get_rank() if _comm is not None else 0
+
+
+def world_size() -> int:
+    """Number of ranks (1 without init())."""
+    return _comm.Get_size() if _comm is not None else 1
+
+
+def is_root() -> bool:
+    """True on the rank that prints and writes files (rank 0; also every single-process run)."""
+    return rank() == 0
+
+
+def abort(error, print_traceback=True):
+    """Print `error` naming this rank and end every rank of the job (MPI Abort): used when a rank fails
+    on its own, since the others would otherwise wait in the next collective call forever."""
+    if print_traceback and isinstance(error, BaseException):
+        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+    print(f"graphcnn.distributed: rank {rank()} of {world_size()} failed: {type(error).__name__}: {error}; "
+          f"aborting the job", file=sys.stderr, flush=True)
+    if _comm is not None and _comm.Get_size() > 1:
+        _comm.Abort(1)
+
+
+def data_parallel(requested) -> bool:
+    """fit(distributed=...): None = data parallel when init() joined a job of more than one rank; True =
+    init() now (refused when mpi4py is missing); False = this process trains alone."""
+    if requested is None:
+        return _comm is not None and _comm.Get_size() > 1
+    if not isinstance(requested, bool):
+        raise GraphcnnError(f"fit: distributed must be True, False or None, got {requested!r}")
+    if requested:
+        init()
+    return requested
+
+
+class ReplicaMismatch(GraphcnnError):
+    """The ranks' weights differ (the GRAPHCNN_DISTRIBUTED_CHECK digest); raised on every rank alike."""
+
+
+class DataParallelStep:
+    """One training executable's step across the ranks of the job: shard(n) says which samples of a
+    global batch of n this rank reads; calling it runs the step and returns this rank's batched outputs
+    (its predictions) and the global losses. `compute_seconds`, `reduce_seconds`, `update_seconds`
+    accumulate where the time goes."""
+
+    def __init__(self, exe, comm=None):
+        self.exe, self.comm = exe, comm if comm is not None else init()
+        if not hasattr(exe, "enable_split"):
+            raise GraphcnnError(f"distributed training runs on the LLVM backend; model compiled for backend "
+                                f"{getattr(exe, 'backend', '?')!r} (compile(backend='llvm'))")
+        try:
+            exe.enable_split()
+        except Exception as e:
+            raise GraphcnnError(f"distributed training: {e}. BatchNormalization (batch statistics) couples "
+                                f"the samples of a batch; see docs/distributed.md") from None
+        MPI = _mpi()
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        threads = np.zeros(self.size, np.int64)
+        self.comm.Allgather(np.array([exe.threads], np.int64), threads)
+        self.threads = [int(t) for t in threads]
+        self.first_slot = sum(self.threads[:self.rank])        # this rank's first global chunk
+        self.slots = max(self.threads)                          # chunk slots per rank in the gathered buffer
+        self.shapes = exe.chunk_mean_shapes
+        self.sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
+        self.width = sum(self.sizes)                            # floats per chunk
+        self._send = np.zeros((self.slots, self.width), np.float32)
+        self._recv = np.zeros((self.size, self.slots, self.width), np.float32)
+        self._sum = MPI.SUM
+        self.steps = 0
+        self.check_every = _check_every()
+        self.compute_seconds = self.reduce_seconds = self.update_seconds = 0.0
+
+    def chunks(self, n) -> list:
+        """The global chunk bounds of a batch of n: linspace over sum(threads) chunks, as one process with
+        that many threads cuts it (empty chunks, when n is smaller, are no chunks), by chunk slot."""
+        bounds = np.linspace(0, n, sum(self.threads) + 1).astype(int)
+        return [(int(bounds[i]), int(bounds[i + 1])) for i in range(len(bounds) - 1)]
+
+    def shard(self, n) -> tuple:
+        """[lo, hi): the samples of a global batch of n this rank reads."""
+        chunks = self.chunks(n)
+        mine = chunks[self.first_slot:self.first_slot + self.threads[self.rank]]
+        return mine[0][0], mine[-1][1]
+
+    def __call__(self, batch, n) -> list:
+        """One step on this rank's shard: `batch` holds the inputs by name, batched ones with the samples
+        shard(n) of the global batch of n."""
+        exe = self.exe
+        t0 = time.perf_counter()
+        chunks = self.chunks(n)
+        mine = chunks[self.first_slot:self.first_slot + self.threads[self.rank]]
+        work = [c for c in mine if c[1] > c[0]]
+        lo = mine[0][0]
+        # a rank with no samples (a batch smaller than the rank count) still joins the collective calls
+        arrays = exe.check_inputs((), batch) if work else [np.asarray(batch[name]) for name, _ in exe.inputs]
+        parts = exe.chunk_gradients(arrays, work, offset=lo) if work else []
+        self._send[...] = 0.0
+        for slot, part in zip((i for i, c in enumerate(mine) if c[1] > c[0]), parts):
+            self._send[slot] = np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in exe.chunk_means(part)])
+        t1 = time.perf_counter()
+        self.comm.Allgather(self._send, self._recv)
+        t2 = time.perf_counter()
+        values, used = [], []
+        for r in range(self.size):
+            first = sum(self.threads[:r])
+            for s in range(self.threads[r]):
+                a, b = chunks[first + s]
+                if b > a:
+                    values.append(self._split(self._recv[r, s]))
+                    used.append((a, b))
+        from backends.llvm.executable import combine_chunk_means
+        reduced = combine_chunk_means(values, used, n)
+        k_means = len(exe.mean_outputs)
+        exe.apply_update(reduced[k_means:], arrays)
+        outs = []
+        means = iter(reduced[:k_means])
+        for k, (_, t) in enumerate(exe.outputs):
+            if t.batched:
+                outs.append(np.concatenate([p[k] for p in parts]) if parts else
+                            np.zeros((0,) + tuple(t.shape[1:]), np.float32))
+            else:
+                outs.append(next(means))
+        t3 = time.perf_counter()
+        self.compute_seconds += t1 - t0
+        self.reduce_seconds += t2 - t1
+        self.update_seconds += t3 - t2
+        self.steps += 1
+        if self.check_every and self.steps % self.check_every == 0:
+            check_replicas(exe.state, self.comm, f"after step {self.steps}")
+        return outs
+
+    def _split(self, flat) -> list:
+        out, at = [], 0
+        for shape, size in zip(self.shapes, self.sizes):
+            out.append(flat[at:at + size].reshape(shape))
+            at += size
+        return out
+
+    def sum(self, values) -> np.ndarray:
+        """Element-wise sum over the ranks (float64; used for metric hit counts, which are whole numbers)."""
+        send = np.ascontiguousarray(values, np.float64)
+        recv = np.empty_like(send)
+        self.comm.Allreduce(send, recv, self._sum)
+        return recv
+
+
+def _check_every() -> int:
+    value = os.environ.get(CHECK_ENV, "")
+    if not value:
+        return 0
+    if not value.isdigit() or int(value) < 1:
+        raise GraphcnnError(f"{CHECK_ENV} must be a whole number of steps >= 1, got {value!r}")
+    return int(value)
+
+
+def weights_digest(state) -> bytes:
+    """SHA-256 of every state array (weights, optimizer slots, step) by name: equal on every rank."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(state[name]).tobytes())
+    return h.digest()
+
+
+def check_replicas(state, comm=None, when=""):
+    """Raise GraphcnnError (on every rank alike) naming the ranks whose weights differ from rank 0's."""
+    comm = comm if comm is not None else init()
+    mine = np.frombuffer(weights_digest(state), np.uint8).copy()
+    every = np.zeros((comm.Get_size(), mine.size), np.uint8)
+    comm.Allgather(mine, every)
+    bad = [r for r in range(1, comm.Get_size()) if not np.array_equal(every[r], every[0])]
+    if bad:
+        raise ReplicaMismatch(f"distributed training: the weights of rank(s) {bad} differ from rank 0's {when} "
+                            f"({CHECK_ENV} check); the replicas diverged")
+
+
+__all__ = ["init", "rank", "world_size", "is_root", "is_initialized", "launched_by_mpi", "abort",
+           "DataParallelStep", "ReplicaMismatch", "check_replicas", "weights_digest"]
