@@ -101,6 +101,22 @@ def abort(error, print_traceback=True):
         _comm.Abort(1)
 
 
+def relaunch(n, args):
+    """Replace this process by `mpiexec -n n python ARGS` (graphcnn train --workers n). mpiexec is the
+    one next to this Python (the mpich wheel's) or on PATH. Threads per rank default to cores / n."""
+    import shutil
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    if mpiexec is None:
+        raise GraphcnnError(f"--workers {n}: no mpiexec next to {sys.executable} or on PATH; install one with "
+                            f"pip install 'graphcnn[mpi]' (the mpich wheel ships mpiexec)")
+    _mpi()          # refuse now, not on every rank, when mpi4py is missing
+    if not os.environ.get("GRAPHCNN_THREADS"):
+        os.environ["GRAPHCNN_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(mpiexec, [mpiexec, "-n", str(int(n)), sys.executable] + list(args))
+
+
 def data_parallel(requested) -> bool:
     """fit(distributed=...): None = data parallel when init() joined a job of more than one rank; True =
     init() now (refused when mpi4py is missing); False = this process trains alone."""
@@ -254,5 +270,5 @@ def check_replicas(state, comm=None, when=""):
                             f"({CHECK_ENV} check); the replicas diverged")
 
 
-__all__ = ["init", "rank", "world_size", "is_root", "is_initialized", "launched_by_mpi", "abort",
+__all__ = ["init", "rank", "world_size", "is_root", "is_initialized", "launched_by_mpi", "abort", "relaunch",
            "DataParallelStep", "ReplicaMismatch", "check_replicas", "weights_digest"]
