@@ -6,15 +6,17 @@
 A training step is the split of ir.training.split_training_step: a gradient function run on chunks of
 the batch, a fixed-order reduction of the chunk means and one optimizer call. One process runs its
 chunks on threads; data parallel spreads the *global* chunks of each global batch over the ranks: rank
-r computes the gradients of its contiguous run of chunks (on its threads), the ranks Allgather every
-chunk's gradient buffer into chunk order and each rank sums them left to right exactly as one process
-does (backends.llvm.executable.combine_chunk_means). So N ranks x T threads is bit-identical to one
-process with N*T threads (same seed, same global batch), and every rank holds the same weights.
+r computes the gradients of its contiguous run of chunks (on its threads); then a fixed-order
+all-reduce: Alltoall gives rank q segment q of every chunk's flat gradient vector, rank q sums its
+segment over the chunks left to right in global chunk order exactly as one process sums whole vectors
+(backends.llvm.executable.combine_chunk_means; the sum is element-wise, so segmenting changes no bit),
+and Allgather shares the summed segments. So N ranks x T threads is bit-identical to one process with
+N*T threads (same seed, same global batch), and every rank holds the same weights.
 
-Gathering instead of MPI's Allreduce costs p-1 times the receive buffer, but Allreduce's summation order
-depends on the MPI library and the rank count; the fixed order is what makes the result reproducible.
-Buffers are contiguous float32 NumPy arrays through the buffer protocol (uppercase calls): no pickling in
-the step. See docs/distributed.md for the limits (BatchNormalization, no overlap of reduction and
+MPI's own Allreduce is not used: its summation order depends on the MPI library, the algorithm it picks
+and the rank count. Alltoall + Allgather moves the bytes of a ring all-reduce, 2(p-1)/p of the gradient
+vector per rank (times the threads per rank for the first half). Buffers are contiguous float32 NumPy
+arrays through the buffer protocol (uppercase calls): no pickling in the step. See docs/distributed.md for the limits (BatchNormalization, no overlap of reduction and
 backward) and the scaling model."""
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import numpy as np
 
 from .errors import GraphcnnError
 
+THREADS_ENV = "GRAPHCNN_THREADS"            # threads per process (backends/llvm/executable.py)
 CHECK_ENV = "GRAPHCNN_DISTRIBUTED_CHECK"     # compare a digest of every rank's weights every K steps
 # set by the MPI launchers (MPICH/Hydra and Intel MPI: PMI_SIZE; Open MPI; PMIx; Slurm's srun)
 LAUNCHER_SIZE_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
@@ -56,11 +59,18 @@ def launched_by_mpi() -> bool:
 def init(comm=None):
     """Join the MPI job (COMM_WORLD, or `comm`); afterwards model.fit is data-parallel over its ranks.
     Installs an exception hook: an uncaught error on any rank prints that rank's message and aborts the
-    whole job (MPI Abort), so no rank waits forever for one that died. Returns the communicator."""
+    whole job (MPI Abort), so no rank waits forever for one that died. Without GRAPHCNN_THREADS, each
+    rank's executables use cores / (ranks on this host) threads, so the ranks do not oversubscribe the
+    cores. Returns the communicator."""
     global _comm
     if _comm is not None and comm is None:
         return _comm
-    _comm = comm if comm is not None else _mpi().COMM_WORLD
+    MPI = _mpi()
+    _comm = comm if comm is not None else MPI.COMM_WORLD
+    if not os.environ.get(THREADS_ENV):
+        local = _comm.Split_type(MPI.COMM_TYPE_SHARED)
+        os.environ[THREADS_ENV] = str(max(1, (os.cpu_count() or 1) // local.Get_size()))
+        local.Free()
     if _comm.Get_size() > 1:
         previous = sys.excepthook
 
@@ -103,15 +113,13 @@ def abort(error, print_traceback=True):
 
 def relaunch(n, args):
     """Replace this process by `mpiexec -n n python ARGS` (graphcnn train --workers n). mpiexec is the
-    one next to this Python (the mpich wheel's) or on PATH. Threads per rank default to cores / n."""
+    one next to this Python (the mpich wheel's) or on PATH."""
     import shutil
     mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
     if mpiexec is None:
         raise GraphcnnError(f"--workers {n}: no mpiexec next to {sys.executable} or on PATH; install one with "
                             f"pip install 'graphcnn[mpi]' (the mpich wheel ships mpiexec)")
     _mpi()          # refuse now, not on every rank, when mpi4py is missing
-    if not os.environ.get("GRAPHCNN_THREADS"):
-        os.environ["GRAPHCNN_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(mpiexec, [mpiexec, "-n", str(int(n)), sys.executable] + list(args))
@@ -155,12 +163,14 @@ class DataParallelStep:
         self.comm.Allgather(np.array([exe.threads], np.int64), threads)
         self.threads = [int(t) for t in threads]
         self.first_slot = sum(self.threads[:self.rank])        # this rank's first global chunk
-        self.slots = max(self.threads)                          # chunk slots per rank in the gathered buffer
+        self.slots = max(self.threads)                          # chunk slots per rank in the exchanged buffers
         self.shapes = exe.chunk_mean_shapes
         self.sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
         self.width = sum(self.sizes)                            # floats per chunk
-        self._send = np.zeros((self.slots, self.width), np.float32)
-        self._recv = np.zeros((self.size, self.slots, self.width), np.float32)
+        self.segment = -(-self.width // self.size)              # floats of the flat vector each rank sums
+        self._send = np.zeros((self.size, self.slots, self.segment), np.float32)   # [to rank, slot, float]
+        self._recv = np.zeros((self.size, self.slots, self.segment), np.float32)   # [from rank, slot, float]
+        self._reduced = np.zeros((self.size, self.segment), np.float32)
         self._sum = MPI.SUM
         self.steps = 0
         self.check_every = _check_every()
@@ -191,21 +201,13 @@ class DataParallelStep:
         arrays = exe.check_inputs((), batch) if work else [np.asarray(batch[name]) for name, _ in exe.inputs]
         parts = exe.chunk_gradients(arrays, work, offset=lo) if work else []
         self._send[...] = 0.0
+        flat = np.zeros(self.size * self.segment, np.float32)
         for slot, part in zip((i for i, c in enumerate(mine) if c[1] > c[0]), parts):
-            self._send[slot] = np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in exe.chunk_means(part)])
+            flat[:self.width] = np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in exe.chunk_means(part)])
+            self._send[:, slot, :] = flat.reshape(self.size, self.segment)
         t1 = time.perf_counter()
-        self.comm.Allgather(self._send, self._recv)
+        reduced = self._split(self._reduce(chunks, n))
         t2 = time.perf_counter()
-        values, used = [], []
-        for r in range(self.size):
-            first = sum(self.threads[:r])
-            for s in range(self.threads[r]):
-                a, b = chunks[first + s]
-                if b > a:
-                    values.append(self._split(self._recv[r, s]))
-                    used.append((a, b))
-        from backends.llvm.executable import combine_chunk_means
-        reduced = combine_chunk_means(values, used, n)
         k_means = len(exe.mean_outputs)
         exe.apply_update(reduced[k_means:], arrays)
         outs = []
@@ -225,10 +227,29 @@ class DataParallelStep:
             check_replicas(exe.state, self.comm, f"after step {self.steps}")
         return outs
 
+    def _reduce(self, chunks, n) -> np.ndarray:
+        """The fixed-order sum of every global chunk's flat vector, bandwidth-optimal like a ring
+        all-reduce: Alltoall hands rank q segment q of every chunk (a reduce-scatter's traffic), rank q
+        sums its segment over the chunks in global order with combine_chunk_means (element-wise, so the
+        bits are those of the whole-vector sum one process computes), and Allgather shares the sums."""
+        from backends.llvm.executable import combine_chunk_means
+        self.comm.Alltoall(self._send, self._recv)
+        values, used = [], []
+        for r in range(self.size):
+            first = sum(self.threads[:r])
+            for s in range(self.threads[r]):
+                a, b = chunks[first + s]
+                if b > a:
+                    values.append([self._recv[r, s]])
+                    used.append((a, b))
+        mine = combine_chunk_means(values, used, n)[0]
+        self.comm.Allgather(mine, self._reduced)
+        return self._reduced.reshape(-1)[:self.width]
+
     def _split(self, flat) -> list:
         out, at = [], 0
         for shape, size in zip(self.shapes, self.sizes):
-            out.append(flat[at:at + size].reshape(shape))
+            out.append(flat[at:at + size].reshape(shape).copy())     # the buffers are reused next step
             at += size
         return out
 
