@@ -32,10 +32,13 @@ from .errors import GraphcnnError
 
 THREADS_ENV = "GRAPHCNN_THREADS"            # threads per process (backends/llvm/executable.py)
 CHECK_ENV = "GRAPHCNN_DISTRIBUTED_CHECK"     # compare a digest of every rank's weights every K steps
+BATCH_NORM_ENV = "GRAPHCNN_DISTRIBUTED_BATCH_NORM"   # "per_rank": BatchNormalization statistics per rank
+BATCH_NORM_MODES = ("per_rank",)
 # set by the MPI launchers (MPICH/Hydra and Intel MPI: PMI_SIZE; Open MPI; PMIx; Slurm's srun)
 LAUNCHER_SIZE_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 
 _comm = None
+_batch_norm = None          # None: a graph that couples the batch is refused; "per_rank"
 
 
 def _mpi():
@@ -56,13 +59,21 @@ def launched_by_mpi() -> bool:
     return False
 
 
-def init(comm=None):
+def init(comm=None, batch_norm=None):
     """Join the MPI job (COMM_WORLD, or `comm`); afterwards model.fit is data-parallel over its ranks.
     Installs an exception hook: an uncaught error on any rank prints that rank's message and aborts the
     whole job (MPI Abort), so no rank waits forever for one that died. Without GRAPHCNN_THREADS, each
     rank's executables use cores / (ranks on this host) threads, so the ranks do not oversubscribe the
-    cores. Returns the communicator."""
-    global _comm
+    cores. batch_norm="per_rank" (or GRAPHCNN_DISTRIBUTED_BATCH_NORM=per_rank) trains models with
+    BatchNormalization: batch statistics over each rank's shard, moving statistics averaged over the ranks
+    (docs/distributed.md); without it such a model is refused. Returns the communicator."""
+    global _comm, _batch_norm
+    mode = batch_norm if batch_norm is not None else (os.environ.get(BATCH_NORM_ENV) or None)
+    if mode is not None and mode not in BATCH_NORM_MODES:
+        what = "init(batch_norm=...)" if batch_norm is not None else BATCH_NORM_ENV
+        raise GraphcnnError(f"graphcnn.distributed: {what} must be one of {BATCH_NORM_MODES}, got {mode!r} "
+                            f"(synchronized statistics are not implemented)")
+    _batch_norm = mode if mode is not None else _batch_norm
     if _comm is not None and comm is None:
         return _comm
     MPI = _mpi()
@@ -153,18 +164,22 @@ class DataParallelStep:
             raise GraphcnnError(f"distributed training runs on the LLVM backend; model compiled for backend "
                                 f"{getattr(exe, 'backend', '?')!r} (compile(backend='llvm'))")
         try:
-            exe.enable_split()
+            exe.enable_split(whole_chunks=_batch_norm == "per_rank")
         except Exception as e:
             raise GraphcnnError(f"distributed training: {e}. BatchNormalization (batch statistics) couples "
-                                f"the samples of a batch; see docs/distributed.md") from None
+                                f"the samples of a batch: gc.distributed.init(batch_norm='per_rank') or "
+                                f"{BATCH_NORM_ENV}=per_rank computes them per rank (docs/distributed.md)") from None
         MPI = _mpi()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         threads = np.zeros(self.size, np.int64)
         self.comm.Allgather(np.array([exe.threads], np.int64), threads)
-        self.threads = [int(t) for t in threads]
+        # per-rank batch statistics: one chunk per rank, its whole shard (threads cannot split it)
+        self.threads = [1] * self.size if exe.chunk_local else [int(t) for t in threads]
         self.first_slot = sum(self.threads[:self.rank])        # this rank's first global chunk
         self.slots = max(self.threads)                          # chunk slots per rank in the exchanged buffers
-        self.shapes = exe.chunk_mean_shapes
+        # per chunk: losses, gradients, then the state the gradient function updated (moving statistics)
+        self.chunk_state = exe.chunk_state_names
+        self.shapes = exe.chunk_mean_shapes + [exe.state[name].shape for name in self.chunk_state]
         self.sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
         self.width = sum(self.sizes)                            # floats per chunk
         self.segment = -(-self.width // self.size)              # floats of the flat vector each rank sums
@@ -203,13 +218,16 @@ class DataParallelStep:
         self._send[...] = 0.0
         flat = np.zeros(self.size * self.segment, np.float32)
         for slot, part in zip((i for i, c in enumerate(mine) if c[1] > c[0]), parts):
-            flat[:self.width] = np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in exe.chunk_means(part)])
+            values = exe.chunk_means(part) + [exe.state[name] for name in self.chunk_state]
+            flat[:self.width] = np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in values])
             self._send[:, slot, :] = flat.reshape(self.size, self.segment)
         t1 = time.perf_counter()
         reduced = self._split(self._reduce(chunks, n))
         t2 = time.perf_counter()
-        k_means = len(exe.mean_outputs)
-        exe.apply_update(reduced[k_means:], arrays)
+        k_means, k_state = len(exe.mean_outputs), len(self.chunk_state)
+        for name, value in zip(self.chunk_state, reduced[len(reduced) - k_state:]):
+            exe.state[name][...] = value        # the ranks' moving statistics, weighted by shard size
+        exe.apply_update(reduced[k_means:len(reduced) - k_state], arrays)
         outs = []
         means = iter(reduced[:k_means])
         for k, (_, t) in enumerate(exe.outputs):

@@ -3,6 +3,7 @@ references): a small Dense net or a tiny conv net on generated data, 1 thread pe
 
     mpiexec -n 2 python tests/distributed_worker.py --kind conv --out w.npz [--checkpoint ck.gcnn]
         [--resume ck.gcnn] [--kill-rank R --at-epoch E] [--raise-rank R --at-epoch E] [--perturb-rank R]
+        [--kind bn --per-rank-batch-norm]
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ EPOCHS, BATCH, SEED = 2, 40, 7   # 100 samples: batches of 40, 40, 20 (the last 
 def data(kind):
     """Generated samples with a learnable rule (float64 draws, stored as float32)."""
     rng = np.random.default_rng(11)
-    if kind == "dense":
+    if kind in ("dense", "bn"):
         x = rng.normal(size=(100, 12)).astype(np.float32)
         y = (x[:, :3].sum(1) > 0).astype(np.int64) + (x[:, 3] > 0.5)
     else:
@@ -35,6 +36,11 @@ def data(kind):
 
 
 def build(kind, threads):
+    if kind == "bn":        # SGD: the float64 reference in tests/test_distributed.py mirrors this net
+        model = gc.Sequential([layers.Input((12,)), layers.Dense(8), layers.BatchNormalization(momentum=0.9),
+                               layers.ReLU(), layers.Dense(3, activation="softmax")], name="tiny_bn")
+        model.compile("sgd", learning_rate=0.1, backend="llvm", threads=threads)
+        return model
     if kind == "dense":
         net = [layers.Input((12,)), layers.Dense(16, activation="relu"), layers.Dropout(0.25),
                layers.Dense(3, activation="softmax")]
@@ -80,7 +86,7 @@ def train(kind, threads=1, epochs=EPOCHS, distributed=False, checkpoint=None, re
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--kind", choices=["dense", "conv"], default="dense")
+    p.add_argument("--kind", choices=["dense", "conv", "bn"], default="dense")
     p.add_argument("--epochs", type=int, default=EPOCHS)
     p.add_argument("--out", required=True)
     p.add_argument("--checkpoint")
@@ -89,8 +95,9 @@ def main():
     p.add_argument("--raise-rank", type=int)
     p.add_argument("--perturb-rank", type=int)
     p.add_argument("--at-epoch", type=int, default=1)
+    p.add_argument("--per-rank-batch-norm", action="store_true")
     a = p.parse_args()
-    gc.distributed.init()
+    gc.distributed.init(batch_norm="per_rank" if a.per_rank_batch_norm else None)
     cbs = [FailAt(r, a.at_epoch, how) for r, how in ((a.kill_rank, "kill"), (a.raise_rank, "raise"),
                                                      (a.perturb_rank, "perturb")) if r is not None]
     model, history = train(a.kind, epochs=a.epochs, distributed=True, checkpoint=a.checkpoint, resume=a.resume,

@@ -103,23 +103,33 @@ class LlvmExecutable(Executable):
         self.llvm_ir = "\n".join(p.llvm_ir for p in self._parts)
         self.splittable = not self.training and not self.split_blockers
 
-    def _compile_split(self):
+    def _compile_split(self, whole_chunks=False):
         from ir.training import split_training_step
-        gg, ug = split_training_step(self.graph)
+        gg, ug = split_training_step(self.graph, whole_chunks=whole_chunks)
         self._grads, self._update = NativeGraph(gg, self.target), NativeGraph(ug, self.target)
         self._parts = [self._grads, self._update]
 
-    def enable_split(self):
+    def enable_split(self, whole_chunks=False):
         """Compile the gradient/update split even for one thread (data-parallel training across processes
-        runs it: graphcnn.distributed). IRError naming the blockers when the graph couples the batch."""
+        runs it: graphcnn.distributed). A graph that couples the batch is refused (IRError naming the
+        blockers) unless whole_chunks: the caller then runs one chunk per rank, with chunk-local batch
+        statistics, and `chunk_local` is True (see ir.training.split_training_step)."""
         if not self.training:
             raise IRError(f"{self.name}: not a training graph (no state updates); nothing to split")
-        if self.split_blockers:
+        if self.split_blockers and not whole_chunks:
             raise IRError(f"{self.name}: the training step cannot be split across batch chunks: "
                           + "; ".join(self.split_blockers))
         if not hasattr(self, "_grads"):
-            self._compile_split()
+            self._compile_split(whole_chunks=bool(self.split_blockers))
+            self.chunk_local = bool(self.split_blockers)
             self.llvm_ir = "\n".join(p.llvm_ir for p in self._parts)
+
+    chunk_local = False     # True: the split's gradient function couples its chunk (enable_split)
+
+    @property
+    def chunk_state_names(self) -> list:
+        """State the gradient function itself updates (chunk_local: BatchNormalization moving statistics)."""
+        return list(self._grads.graph.updates)
 
     @property
     def gradient_names(self) -> list:
