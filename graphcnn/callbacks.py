@@ -15,7 +15,11 @@ from .errors import GraphcnnError
 
 
 class Callback:
-    """Base class: override any hook. `logs` are dicts of floats (loss, metrics, val_* at epoch end)."""
+    """Base class: override any hook. `logs` are dicts of floats (loss, metrics, val_* at epoch end).
+    `writes_files`: in data-parallel training only rank 0 runs such a callback (the others hold the same
+    weights and logs)."""
+
+    writes_files = False
 
     def __init__(self):
         self.model = None
@@ -149,6 +153,8 @@ class ModelCheckpoint(_Monitor):
     """Save the model (atomically, with optimizer state) after each epoch, or only when `monitor`
     improved (save_best_only). `filepath` may use {epoch} and log names: 'ckpt-{epoch:02d}.gcnn'."""
 
+    writes_files = True
+
     def __init__(self, filepath, monitor="val_loss", verbose=0, save_best_only=False, mode="auto"):
         super().__init__(monitor, mode, 0, "ModelCheckpoint")
         if not isinstance(filepath, (str, os.PathLike)):
@@ -206,6 +212,8 @@ class LearningRateScheduler(Callback):
 class CSVLogger(Callback):
     """Append one row per epoch (epoch, then the logs' keys sorted) to a CSV file."""
 
+    writes_files = True
+
     def __init__(self, filename, separator=",", append=False):
         super().__init__()
         self.filename, self.separator, self.append = os.fspath(filename), separator, bool(append)
@@ -234,9 +242,10 @@ class CSVLogger(Callback):
 
 
 class CallbackList:
-    """The callbacks of one fit call, History last; refuses anything that is not a Callback."""
+    """The callbacks of one fit call, History last; refuses anything that is not a Callback. With
+    writes_files=False (a data-parallel rank other than 0) the callbacks that write files are left out."""
 
-    def __init__(self, callbacks, model, params):
+    def __init__(self, callbacks, model, params, writes_files=True):
         if callbacks is None:
             callbacks = []
         if isinstance(callbacks, Callback) or not isinstance(callbacks, (list, tuple)):
@@ -247,7 +256,7 @@ class CallbackList:
                 raise GraphcnnError(f"fit: callbacks[{i}] is {cb!r} ({type(cb).__name__}), not a "
                                     f"gc.callbacks.Callback; subclass gc.callbacks.Callback or remove it")
         self.history = History()
-        self.callbacks = list(callbacks) + [self.history]
+        self.callbacks = [cb for cb in callbacks if writes_files or not cb.writes_files] + [self.history]
         for cb in self.callbacks:
             cb.set_model(model)
             cb.set_params(params)

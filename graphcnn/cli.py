@@ -193,6 +193,25 @@ def _count(value, what):
 
 
 def cmd_train(a):
+    """`graphcnn train`; data parallel under mpiexec (or --workers N, which starts mpiexec itself)."""
+    from . import distributed
+    if a.workers is not None:
+        _count(a.workers, "--workers")
+        if not distributed.launched_by_mpi() and a.workers > 1:
+            distributed.relaunch(a.workers, ["-m", "graphcnn.cli"] + a.argv)     # does not return
+    if not distributed.launched_by_mpi():
+        return _train(a, root=True)
+    comm = distributed.init()
+    try:
+        if a.workers is not None and a.workers != comm.Get_size():
+            raise UsageError(f"--workers {a.workers} under an MPI job of {comm.Get_size()} ranks")
+        return _train(a, root=distributed.is_root())
+    except Exception as e:   # on one rank only (its files, its host): end every rank, not just this one
+        distributed.abort(e, print_traceback=bool(os.environ.get("GRAPHCNN_DEBUG")))
+        raise
+
+
+def _train(a, root):
     from .atomic_file import check_replaceable
     # every setting is checked before the model is built, data is read or anything is printed
     for value, flag in ((a.epochs, "--epochs"), (a.batch_size, "--batch-size")):
@@ -215,7 +234,8 @@ def cmd_train(a):
                              f"{'x'.join(map(str, image_shape(xtr)))} images")
         model = load_model_source(a.model, input_shape=shape)
     out = a.out or f"{model.name}.gcnn"
-    check_replaceable(out)          # a symlink/device/folder at --out is refused now, not after training
+    if root:
+        check_replaceable(out)      # a symlink/device/folder at --out is refused now, not after training
     model.preprocess = {"scale": 1 / 255}
     xtr, xte = preprocess(xtr, model), preprocess(xte, model)
     if model.compiled is None or a.backend or a.lr is not None:
@@ -225,7 +245,7 @@ def cmd_train(a):
                       metrics=prev.get("metrics") or ["accuracy"], backend=a.backend or prev.get("backend"),
                       learning_rate=a.lr)
     start = model.epochs_done           # a .gcnn saved by fit resumes after its completed epochs
-    if not a.quiet:
+    if root and not a.quiet:
         print(f"graphcnn train: model {model.name!r} ({model.count_params()} params), backend "
               f"{model.compiled['backend']}, {len(xtr)} train / {len(xte)} test images, {epochs} epochs, "
               f"batch {batch}", file=sys.stderr)
@@ -233,6 +253,8 @@ def cmd_train(a):
     hist = model.fit(xtr, ytr, epochs=start + epochs, initial_epoch=start, batch_size=batch,
                      validation_data=(xte, yte), seed=a.seed, verbose=0 if a.quiet else 1)
     dt = time.perf_counter() - t0
+    if not root:
+        return EXIT_OK      # rank 0 evaluates, prints and writes the files
     res = model.evaluate(xte, yte)
     loss, acc = (res if isinstance(res, list) else (res, float("nan")))
     model.save(out)
@@ -406,6 +428,8 @@ def build_parser():
     t.add_argument("--out", default=None, help="where to save the trained .gcnn (default NAME.gcnn)")
     t.add_argument("--history", default=None, help="write per-epoch metrics as JSON here")
     t.add_argument("--quiet", action="store_true")
+    t.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="train data-parallel on N processes (starts mpiexec -n N; needs pip install 'graphcnn[mpi]')")
     t.set_defaults(fn=cmd_train)
     r = sub.add_parser("run", help="predict classes for images (IDX, .npy or PNG)")
     r.add_argument("artifact")
@@ -455,6 +479,7 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
+    args.argv = list(sys.argv[1:] if argv is None else argv)     # train --workers re-runs itself with them
     try:
         code = args.fn(args)
         sys.stdout.flush()      # inside the try: a closed pipe is reported here, not at interpreter exit

@@ -427,14 +427,16 @@ class Model:
 
     # -- fit / evaluate / predict -------------------------------------------------------------------
     def fit(self, x, y, epochs=1, batch_size=32, validation_data=None, seed=None, shuffle=True, verbose=1,
-            callbacks=None, validation_split=0.0, initial_epoch=0, class_weight=None, sample_weight=None):
+            callbacks=None, validation_split=0.0, initial_epoch=0, class_weight=None, sample_weight=None,
+            distributed=None):
         """Train (Keras semantics); returns a History. `seed` fixes shuffling (per epoch: a function of
         (seed, epoch)), dropout and augmentation, and the initial weights when the model has not been
-        trained or given weights yet."""
+        trained or given weights yet. `distributed`: data-parallel over MPI ranks (graphcnn.distributed;
+        None = when gc.distributed.init() joined a job of several ranks)."""
         return training_loop.fit(self, x, y, epochs=epochs, batch_size=batch_size, validation_data=validation_data,
                                  seed=seed, shuffle=shuffle, verbose=verbose, callbacks=callbacks,
                                  validation_split=validation_split, initial_epoch=initial_epoch,
-                                 class_weight=class_weight, sample_weight=sample_weight)
+                                 class_weight=class_weight, sample_weight=sample_weight, distributed=distributed)
 
     def evaluate(self, x, y, batch_size=256, verbose=0):
         """Mean loss (and metrics, if compiled with any) over the data: `loss` or `[loss, metric, ...]`."""

@@ -221,8 +221,28 @@ def _validation(model, validation_data, validation_split, feeds, y, weights):
 
 
 def fit(model, x, y, epochs=1, batch_size=32, validation_data=None, seed=None, shuffle=True, verbose=1,
-        callbacks=None, validation_split=0.0, initial_epoch=0, class_weight=None, sample_weight=None):
-    """Model.fit (see there)."""
+        callbacks=None, validation_split=0.0, initial_epoch=0, class_weight=None, sample_weight=None,
+        distributed=None):
+    """Model.fit (see there). distributed: None = data parallel when gc.distributed.init() joined a job of
+    several ranks, True = join one now, False = this process alone (graphcnn/distributed.py)."""
+    from . import distributed as dist
+    parallel = dist.data_parallel(distributed)
+    if parallel and not dist.is_root():
+        verbose = 0         # rank 0 prints
+    try:
+        return _fit(model, x, y, epochs, batch_size, validation_data, seed, shuffle, verbose, callbacks,
+                    validation_split, initial_epoch, class_weight, sample_weight, parallel)
+    except (TrainingError, dist.ReplicaMismatch):
+        raise       # both come from globally reduced values: every rank raises them alike
+    except BaseException as e:
+        if parallel:
+            dist.abort(e)   # this rank failed alone: end the job instead of leaving the others waiting
+        raise
+
+
+def _fit(model, x, y, epochs, batch_size, validation_data, seed, shuffle, verbose, callbacks, validation_split,
+         initial_epoch, class_weight, sample_weight, parallel):
+    from . import distributed as dist
     from .model import SAMPLE_WEIGHT
     model._require_compiled("fit")
     check_positive_int(epochs, "epochs", allow_zero=True)
@@ -242,7 +262,8 @@ def fit(model, x, y, epochs=1, batch_size=32, validation_data=None, seed=None, s
     feeds, y, weights, val = _validation(model, validation_data, validation_split, feeds, y, weights)
     n = len(y)
     steps = math.ceil(n / batch_size)
-    cbs = CallbackList(callbacks, model, {"epochs": epochs, "steps": steps, "verbose": verbose})
+    cbs = CallbackList(callbacks, model, {"epochs": epochs, "steps": steps, "verbose": verbose},
+                       writes_files=not parallel or dist.is_root())
     if seed is not None and not model._trained and not model._user_weights:
         model.seed = int(seed)
         model._built = False
@@ -254,7 +275,7 @@ def fit(model, x, y, epochs=1, batch_size=32, validation_data=None, seed=None, s
     model.stop_training = False
     model.history = cbs.history
     cbs.call("on_train_begin", {})
-    first_loss, logs = None, {}
+    first_loss, logs, step = None, {}, None
     for epoch in range(initial_epoch, epochs):
         cbs.call("on_epoch_begin", epoch, {})
         # fetched per epoch: without a learning-rate input, a LearningRateScheduler recompiles the step
@@ -268,6 +289,11 @@ def fit(model, x, y, epochs=1, batch_size=32, validation_data=None, seed=None, s
             for b in range(steps):
                 cbs.call("on_train_batch_begin", b, {})
                 idx = order[b * batch_size:(b + 1) * batch_size]
+                n_batch = len(idx)
+                if parallel:        # this rank reads only its shard of the global batch
+                    step = step if step is not None and step.exe is exe else dist.DataParallelStep(exe)
+                    lo, hi = step.shard(n_batch)
+                    idx = idx[lo:hi]
                 batch = {k: v[idx] for k, v in feeds.items()}
                 batch["y"] = y[idx]
                 if weights is not None:
@@ -275,7 +301,7 @@ def fit(model, x, y, epochs=1, batch_size=32, validation_data=None, seed=None, s
                 if feeds_lr:
                     batch[LR_INPUT] = np.float32(model.learning_rate)
                 backup = {k: v.copy() for k, v in exe.state.items()}
-                pred, loss = exe(**batch)
+                pred, loss = step(batch, n_batch) if parallel else exe(**batch)
                 loss = float(loss)
                 first_loss = loss if first_loss is None else first_loss
                 if not math.isfinite(loss) or loss > DIVERGENCE_FACTOR * max(first_loss, 1.0):
@@ -287,9 +313,12 @@ def fit(model, x, y, epochs=1, batch_size=32, validation_data=None, seed=None, s
                                         f"the weights from before that step are kept. Try a lower learning rate "
                                         f"or check the data for extreme values.")
                 model._trained = True
-                loss_sum += loss * len(idx)
-                seen += len(idx)
-                for m, h in metric_hits(model, pred, batch["y"]).items():
+                loss_sum += loss * n_batch
+                seen += n_batch
+                batch_hits = metric_hits(model, pred, batch["y"])
+                if parallel:        # hit counts are whole numbers: their float64 sum is exact in any order
+                    batch_hits = dict(zip(batch_hits, step.sum(list(batch_hits.values()))))
+                for m, h in batch_hits.items():
                     hits[m] += h
                 batch_logs = {"loss": loss_sum / seen, **{m: h / seen for m, h in hits.items()}}
                 cbs.call("on_train_batch_end", b, batch_logs)

@@ -83,7 +83,7 @@ def make_training_graph(forward: Graph, loss: str, optimizer: str = "adam", conf
 UPDATE_OPS = tuple(in_place_update_ops())
 
 
-def split_training_step(g: Graph) -> tuple:
+def split_training_step(g: Graph, whole_chunks: bool = False) -> tuple:
     """Split a training graph into (gradients, update) for data-parallel execution.
 
     gradients: the forward + backward part; outputs = g's outputs followed by every weight gradient the
@@ -92,9 +92,13 @@ def split_training_step(g: Graph) -> tuple:
     not a gradient, e.g. the step increment); carries all of g's updates.
     Gradients of chunk means combine as sum_i (n_i / n) * grad_i, the losses likewise. That is exact only
     when the forward part is per-sample up to the losses' batch means (ir.passes.batch_coupling); a graph
-    that couples samples otherwise is refused (IRError) and must run as one unsplit step."""
+    that couples samples otherwise is refused (IRError) and must run as one unsplit step.
+
+    whole_chunks=True accepts such a graph for callers that accept chunk-local semantics (data-parallel
+    ranks with per-rank BatchNormalization statistics): the state updates that are not the optimizer's
+    (moving statistics) then stay in the gradients graph, as its updates, computed from its chunk."""
     blockers = training_split_blockers(g)
-    if blockers:
+    if blockers and not whole_chunks:
         raise IRError(f"split_training_step: graph {g.name!r} cannot be split across batch chunks: "
                       + "; ".join(blockers))
     opt_nodes = [n for n in g.nodes if n.op in UPDATE_OPS]
@@ -106,10 +110,13 @@ def split_training_step(g: Graph) -> tuple:
             seen.add(n.inputs[1].name)
             grad_vals.append(n.inputs[1])
     keep = [n for n in g.nodes if n.op not in UPDATE_OPS]
-    grads_g = eliminate_dead_code(g.rebuild(keep, outputs=list(g.outputs) + grad_vals, updates={}))
+    optimizer_out = {o.name for n in opt_nodes for o in n.outputs}
+    chunk_updates = {k: v for k, v in g.updates.items()
+                     if whole_chunks and k != STEP and v.name not in optimizer_out}
+    grads_g = eliminate_dead_code(g.rebuild(keep, outputs=list(g.outputs) + grad_vals, updates=chunk_updates))
     grads_g.name = g.name + "_grads"
     # update part: walk back from the update sources, stopping at gradients
-    needed, stack = set(), [v.name for v in g.updates.values()]
+    needed, stack = set(), [v.name for k, v in g.updates.items() if k not in chunk_updates]
     while stack:
         name = stack.pop()
         if name in needed or name in seen:
@@ -135,5 +142,6 @@ def split_training_step(g: Graph) -> tuple:
                 raise IRError(f"split_training_step: update node %{n.name} reads batch data")
             up.add_node(n.op, [up.value(i.name) for i in n.inputs], n.attrs, [o.name for o in n.outputs])
     for k, v in g.updates.items():
-        up.set_update(up.value(k), up.value(v.name))
+        if k not in chunk_updates:
+            up.set_update(up.value(k), up.value(v.name))
     return grads_g, up

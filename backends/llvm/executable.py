@@ -20,8 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ir.passes.batch_coupling import coupling_nodes, training_split_blockers
+from ir.types import IRError
 
-from ..executable import ARENA_ALIGN, ArenaCache, Executable
+from ..executable import ARENA_ALIGN, ArenaCache, Executable, _contiguous
 from .codegen import lower_graph
 from .jit import JitModule, host_target
 from .layout import ALIGN
@@ -129,16 +130,46 @@ class LlvmExecutable(Executable):
                 self.split_blockers.append("an output or every input lacks the batch axis")
         self.split_training = self.training and self.threads > 1 and not self.split_blockers
         if self.split_training:
-            from ir.training import split_training_step
-            gg, ug = split_training_step(graph)
-            self._grads, self._update = NativeGraph(gg, self.target), NativeGraph(ug, self.target)
-            self._parts = [self._grads, self._update]
+            self._compile_split()
         else:
             self._main = NativeGraph(graph, self.target)
             self._parts = [self._main]
         self.compile_seconds = time.perf_counter() - t0
         self.llvm_ir = "\n".join(p.llvm_ir for p in self._parts)
         self.splittable = not self.training and not self.split_blockers
+
+    def _compile_split(self, whole_chunks=False):
+        from ir.training import split_training_step
+        gg, ug = split_training_step(self.graph, whole_chunks=whole_chunks)
+        self._grads, self._update = NativeGraph(gg, self.target), NativeGraph(ug, self.target)
+        self._parts = [self._grads, self._update]
+
+    def enable_split(self, whole_chunks=False):
+        """Compile the gradient/update split even for one thread (data-parallel training across processes
+        runs it: graphcnn.distributed). A graph that couples the batch is refused (IRError naming the
+        blockers) unless whole_chunks: the caller then runs one chunk per rank, with chunk-local batch
+        statistics, and `chunk_local` is True (see ir.training.split_training_step)."""
+        if not self.training:
+            raise IRError(f"{self.name}: not a training graph (no state updates); nothing to split")
+        if self.split_blockers and not whole_chunks:
+            raise IRError(f"{self.name}: the training step cannot be split across batch chunks: "
+                          + "; ".join(self.split_blockers))
+        if not hasattr(self, "_grads"):
+            self._compile_split(whole_chunks=bool(self.split_blockers))
+            self.chunk_local = bool(self.split_blockers)
+            self.llvm_ir = "\n".join(p.llvm_ir for p in self._parts)
+
+    chunk_local = False     # True: the split's gradient function couples its chunk (enable_split)
+
+    @property
+    def chunk_state_names(self) -> list:
+        """State the gradient function itself updates (chunk_local: BatchNormalization moving statistics)."""
+        return list(self._grads.graph.updates)
+
+    @property
+    def gradient_names(self) -> list:
+        """Names of the gradients the split's gradient function returns after the graph's outputs."""
+        return [v.name for v in self._grads.graph.outputs[len(self.outputs):]]
 
     @property
     def asm(self) -> str:
@@ -179,32 +210,62 @@ class LlvmExecutable(Executable):
 
     def _train_step(self, arrays, n):
         chunks = self._chunks(n)
+        parts = self.chunk_gradients(arrays, chunks)
+        outs = [np.concatenate([p[k] for p in parts]) if t.batched else None
+                for k, (_, t) in enumerate(self.outputs)]
+        reduced = combine_chunk_means([self.chunk_means(p) for p in parts], chunks, n)
+        means, grads = reduced[:len(self.mean_outputs)], reduced[len(self.mean_outputs):]
+        for k, v in zip(self.mean_outputs, means):
+            outs[k] = v
+        self.apply_update(grads, arrays)
+        return outs
 
+    @property
+    def mean_outputs(self) -> list:
+        """Indices of the unbatched outputs (the losses): chunk means, combined like the gradients."""
+        return [k for k, (_, t) in enumerate(self.outputs) if not t.batched]
+
+    @property
+    def chunk_mean_shapes(self) -> list:
+        """Shapes of chunk_means(part): the unbatched outputs, then the gradients."""
+        outs = self._grads.graph.outputs
+        return [tuple(outs[k].shape) for k in self.mean_outputs] + [tuple(v.shape) for v in outs[len(self.outputs):]]
+
+    def chunk_gradients(self, arrays, chunks, offset=0) -> list:
+        """Run the gradient function on each chunk (a, b) of the batch, one chunk per pool thread. `arrays`
+        hold samples [offset, offset + len) of the batch; a and b index the whole batch (the dropout and
+        augmentation draws hash that index). Per chunk: the graph's outputs, then the gradients (copies)."""
         def grads(a, b):
-            sl = [x[a:b] if t.batched else x for x, (_, t) in zip(arrays, self.inputs)]
+            sl = [x[a - offset:b - offset] if t.batched else x for x, (_, t) in zip(arrays, self.inputs)]
             return [o.copy() for o in self._grads(self._leaves(sl), b - a, a)]   # see run()
-        parts = self._map_chunks(grads, chunks)
+        return self._map_chunks(grads, chunks)
+
+    def chunk_means(self, part) -> list:
+        """The parts of one chunk's results that combine by weighted sum: unbatched outputs, then gradients."""
         k_out = len(self.outputs)
-        outs = []
-        for k, (_, t) in enumerate(self.outputs):
-            if t.batched:
-                outs.append(np.concatenate([p[k] for p in parts]))
-            else:       # chunk means -> batch mean
-                outs.append(sum(p[k] * np.float32((b - a) / n) for p, (a, b) in zip(parts, chunks)))
-        gnames = [v.name for v in self._grads.graph.outputs[k_out:]]
-        combined = {}
-        for j, name in enumerate(gnames):
-            acc = parts[0][k_out + j] * np.float32((chunks[0][1] - chunks[0][0]) / n)
-            for p, (a, b) in zip(parts[1:], chunks[1:]):
-                acc += p[k_out + j] * np.float32((b - a) / n)
-            combined[name] = np.ascontiguousarray(acc, np.float32)
+        return [part[k] for k in self.mean_outputs] + list(part[k_out:])
+
+    def apply_update(self, grads, arrays):
+        """One optimizer call with the combined gradients (in gradient_names order); unbatched inputs
+        (the learning rate) feed the update as they are."""
         leaves = dict(self.state)
         leaves.update(self.consts)
-        leaves.update(combined)
-        # unbatched inputs (the learning rate) feed the update as they are
+        leaves.update(zip(self.gradient_names, grads))
         leaves.update((name, a) for (name, t), a in zip(self.inputs, arrays) if not t.batched)
         self._update(leaves, 1)
-        return outs
+
+
+def combine_chunk_means(values, chunks, n) -> list:
+    """sum_i (n_i / n) * values[i][j] for each quantity j, in chunk order, left to right in float32: the one
+    fixed-order reduction of chunk means (threads here, ranks in graphcnn.distributed), so a step's result
+    depends on the chunk bounds only, never on timing. values[i] = chunk i's list of arrays."""
+    out = []
+    for j in range(len(values[0])):
+        acc = values[0][j] * np.float32((chunks[0][1] - chunks[0][0]) / n)
+        for v, (a, b) in zip(values[1:], chunks[1:]):
+            acc += v[j] * np.float32((b - a) / n)
+        out.append(_contiguous(acc, np.float32))    # keeps 0-d values (the losses) 0-d
+    return out
 
 
 def compile_llvm(graph, params=None, threads=None, **_):
