@@ -25,41 +25,20 @@ from dataclasses import dataclass
 from llvmlite import ir
 
 from .builder import I32, KernelBuilder, check_activation
+from .conv import ConvGeometry, conv_geometry
 from .pool import _image_shape, _positive_pair, channel_blocks
 
 
 @dataclass(frozen=True)
-class DepthwiseGeometry:
-    h: int
-    w: int
-    c: int
-    kh: int
-    kw: int
-    m: int
-    sh: int
-    sw: int
-    dh: int
-    dw: int
-    pt: int
-    pb: int
-    pl: int
-    pr: int
-
-    @property
-    def f(self) -> int:
-        return self.c * self.m
-
-    @property
-    def oh(self) -> int:
-        return (self.h + self.pt + self.pb - (self.kh - 1) * self.dh - 1) // self.sh + 1
-
-    @property
-    def ow(self) -> int:
-        return (self.w + self.pl + self.pr - (self.kw - 1) * self.dw - 1) // self.sw + 1
+class DepthwiseGeometry(ConvGeometry):
+    """A conv2d geometry (ConvGeometry: sizes, padding, output size) whose f = c * m output channels come
+    from a depth multiplier m: output channel c*m + j reads input channel c only."""
+    m: int = 1
 
 
 def depthwise_geometry(kernel: str, in_hwc, kernel_shape, stride, padding, dilation) -> DepthwiseGeometry:
-    """Validate the attributes (ValueError naming the argument) and return the geometry."""
+    """Validate the attributes (ValueError naming the kernel and the argument) and return the geometry;
+    the conv rules (conv_geometry) check everything but the kernel shape."""
     h, w, c = _image_shape(in_hwc, kernel)
     try:
         kh, kw, kc, m = (int(d) for d in kernel_shape)
@@ -67,19 +46,12 @@ def depthwise_geometry(kernel: str, in_hwc, kernel_shape, stride, padding, dilat
         raise ValueError(f"{kernel}: kernel_shape must be (kh, kw, C, M), got {kernel_shape!r}") from None
     if min(kh, kw, m) < 1 or kc != c:
         raise ValueError(f"{kernel}: kernel_shape {kernel_shape!r} does not match {c} input channels")
-    sh, sw = _positive_pair(stride, "stride", kernel)
-    dh, dw = _positive_pair(dilation, "dilation", kernel)
     try:
-        (pt, pb), (pl, pr) = padding
-        pt, pb, pl, pr = int(pt), int(pb), int(pl), int(pr)
-    except (TypeError, ValueError):
-        raise ValueError(f"{kernel}: padding must be ((top, bottom), (left, right)), got {padding!r}") from None
-    if min(pt, pb, pl, pr) < 0:
-        raise ValueError(f"{kernel}: padding must be >= 0, got {padding!r}")
-    g = DepthwiseGeometry(h, w, c, kh, kw, m, sh, sw, dh, dw, pt, pb, pl, pr)
-    if g.oh < 1 or g.ow < 1:
-        raise ValueError(f"{kernel}: the kernel extent is larger than the padded input {(h, w)} + {padding!r}")
-    return g
+        g = conv_geometry((h, w, c), (kh, kw), c * m, _positive_pair(stride, "stride", kernel), padding,
+                          _positive_pair(dilation, "dilation", kernel))
+    except ValueError as e:
+        raise ValueError(f"{kernel}: {e}") from None
+    return DepthwiseGeometry(**{k: getattr(g, k) for k in ConvGeometry.__dataclass_fields__}, m=m)
 
 
 def _tap_range(kb: KernelBuilder, o: ir.Value, stride: int, pad: int, dil: int, taps: int, size: int, count: int):
