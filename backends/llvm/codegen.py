@@ -45,6 +45,17 @@ class KernelCache:
         return self.fns[key]
 
 
+def static_count(node) -> int | None:
+    """The count argument of a node's kernel when it is not the call's batch n: a node none of whose
+    values has the batch axis runs over the static leading dimension of its first operand. Kernels of
+    per-sample ops (conv, dense, pools, pad ...) loop over that many samples; kernels built for whole
+    static shapes ignore the count. None: the node touches a batched value, pass n."""
+    if not node.inputs or not node.inputs[0].shape or \
+            any(v.type.batched for v in list(node.inputs) + list(node.outputs)):
+        return None
+    return int(node.inputs[0].shape[0])
+
+
 def lower_graph(g, target, entry_name=None):
     """-> (llvmlite module, entry function name, Layout)."""
     from .lowering import LOWERINGS
@@ -79,14 +90,17 @@ def lower_graph(g, target, entry_name=None):
     scratch_ps, scratch_fx = layout.scratch_offset()
     scratch_ptr = []
 
-    def token(v, kernel):
+    def token(v, kernel, count):
         nonlocal scratch_per_sample, scratch_fixed
         if v[0] == "sample_base":          # flat index of this call's first element
             return b.mul(first, ll.Constant(I64, v[1]))
         if v[0] == "scratch":              # the shared scratch region, grown to the kernel's need
             need = scratch_need(kernel)
-            scratch_per_sample = max(scratch_per_sample, need.per_sample)
-            scratch_fixed = max(scratch_fixed, need.fixed)
+            if count is None:
+                scratch_per_sample = max(scratch_per_sample, need.per_sample)
+                scratch_fixed = max(scratch_fixed, need.fixed)
+            else:                          # a static count: its per-sample need is a fixed size
+                scratch_fixed = max(scratch_fixed, need.fixed + need.per_sample * count)
             if not scratch_ptr:
                 off = b.add(b.mul(n, ll.Constant(I64, scratch_ps)), ll.Constant(I64, scratch_fx))
                 scratch_ptr.append(b.gep(arena, [off], inbounds=True, source_etype=I8))
@@ -100,9 +114,10 @@ def lower_graph(g, target, entry_name=None):
         if lower is None:
             raise LoweringError(f"LLVM backend: no lowering for op {node.op!r} (node %{node.name})")
         kernel, operands = lower(cache, node, target)
-        call_args = [address(v) if isinstance(v, str) else token(v, kernel) if isinstance(v, tuple) else v
+        count = static_count(node)
+        call_args = [address(v) if isinstance(v, str) else token(v, kernel, count) if isinstance(v, tuple) else v
                      for v in operands]
-        b.call(kernel, call_args + [n])
+        b.call(kernel, call_args + [n if count is None else ll.Constant(I64, count)])
     layout.scratch_per_sample, layout.scratch_fixed = scratch_per_sample, scratch_fixed
     # state writes that no kernel did in place (e.g. the step counter): copy the new value back
     for param, new in g.updates.items():
