@@ -59,11 +59,12 @@ def inverse(perm) -> tuple:
 
 class Tensor:
     """What the importer knows about one ONNX value: its graphcnn value and layout, or its constant
-    array (`const`, known at import), and its ONNX (logical) shape."""
-    __slots__ = ("value", "layout", "const", "flat_of")
+    array (`const`, known at import), and its ONNX (logical) shape. `init`: the initializer's name when
+    the importer turns initializers into weights (import_model) and this tensor is one."""
+    __slots__ = ("value", "layout", "const", "flat_of", "init")
 
-    def __init__(self, value=None, layout=PLAIN, const=None, flat_of=None):
-        self.value, self.layout, self.const, self.flat_of = value, layout, const, flat_of
+    def __init__(self, value=None, layout=PLAIN, const=None, flat_of=None, init=None):
+        self.value, self.layout, self.const, self.flat_of, self.init = value, layout, const, flat_of, init
 
     @property
     def shape(self) -> tuple:
@@ -87,8 +88,12 @@ def _perm_is_reshape(shape, perm) -> bool:
 class Importer:
     """Converts one ONNX model; `convert()` returns the ir.Graph."""
 
-    def __init__(self, model, static_inputs, source):
+    def __init__(self, model, static_inputs, source, weights=False):
         self.model, self.source = model, source
+        self.weights = weights            # float initializers become params (import_model), else constants
+        self.param_arrays: dict[str, np.ndarray] = {}   # param name -> its array (in graphcnn's layout)
+        self.frozen: set = set()          # params that are statistics, not trained (batch-norm mean/var)
+        self._params: dict = {}           # initializer name -> (layout key, param value)
         self.static = {k: np.asarray(v) for k, v in (static_inputs or {}).items()}
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
         self.env: dict[str, Tensor] = {}
@@ -107,7 +112,37 @@ class Importer:
         a = np.asarray(arr)
         if a.dtype.kind not in "f":
             self.fail(f"a constant of dtype {a.dtype} is used as data; graphcnn computes in float32")
+        if self.weights:       # import_model: every array is a weight of the model (frozen: not trained)
+            v = self.g.param(self.g.fresh_name("c"), a.shape)
+            self.param_arrays[v.name] = np.ascontiguousarray(a, np.float32)
+            self.frozen.add(v.name)
+            return v
         return self.g.const(None, a.astype(np.float32))
+
+    def weight(self, t: Tensor, key, arrange):
+        """The value of initializer-or-constant `t` rearranged for graphcnn (`arrange(array)`, e.g. OIHW ->
+        HWIO): a constant, or with weights=True and `t` an initializer, a param holding the rearranged
+        array (one per initializer; `key` names the rearrangement, so a second, different use is refused
+        rather than silently untying the weight)."""
+        if t.init is None:
+            return self.const_value(arrange(t.const))
+        have = self._params.get(t.init)
+        if have is not None:
+            if have[0] != key:
+                self.fail(f"initializer {t.init!r} is used in two layouts ({have[0]} and {key}); import_model "
+                          f"keeps one trainable weight per initializer (use import_graph for inference)")
+            return have[1]
+        a = np.ascontiguousarray(arrange(t.const), np.float32)
+        name = t.init if t.init not in self.g._values else self.g.fresh_name("w")
+        v = self.g.param(name, a.shape)
+        self.param_arrays[name] = a
+        self._params[t.init] = (key, v)
+        return v
+
+    def freeze(self, t: Tensor | None):
+        """Mark initializer `t` (once it is a param) as a statistic that training leaves alone."""
+        if t is not None and t.init is not None and t.init in self._params:
+            self.frozen.add(self._params[t.init][1].name)
 
     def transpose(self, v, perm):
         """transpose(v, perm), as a reshape when only size-1 axes move, composed with a producing
@@ -139,12 +174,11 @@ class Importer:
     def value(self, t: Tensor, layout=PLAIN, rank=None):
         """The graphcnn value of `t` in `layout` (cached), first broadcast to `rank` by leading 1s."""
         if t.const is not None:
-            a = t.const
-            if rank is not None and a.ndim < rank:
-                a = a.reshape((1,) * (rank - a.ndim) + a.shape)
-            if layout == CHANNELS_LAST and a.ndim >= 3:
-                a = a.transpose(cl_perm(a.ndim))
-            return self.const_value(a)
+            def arrange(a):
+                if rank is not None and a.ndim < rank:
+                    a = a.reshape((1,) * (rank - a.ndim) + a.shape)
+                return a.transpose(cl_perm(a.ndim)) if layout == CHANNELS_LAST and a.ndim >= 3 else a
+            return self.weight(t, ("value", layout, rank), arrange)
         key = (id(t), layout, rank)
         if key in self._layouts:
             return self._layouts[key][1]
@@ -192,7 +226,8 @@ class Importer:
             self.g = Graph("onnx_model")
         inits = {i.name: numpy_helper.to_array(i) for i in gp.initializer}
         for name, arr in inits.items():
-            self.env[name] = Tensor(const=np.asarray(arr))
+            arr = np.asarray(arr)
+            self.env[name] = Tensor(const=arr, init=name if self.weights and arr.dtype.kind == "f" else None)
         for name, arr in self.static.items():
             self.env[name] = Tensor(const=arr)
         for vi in gp.input:
@@ -311,6 +346,8 @@ class Importer:
         new = Graph(g.name)
         for v in g.inputs:
             new.input(v.name, v.shape, v.dtype)
+        for v in g.params:
+            new.param(v.name, v.shape, v.dtype)
         for v in g.const_values:
             new.const(v.name, g.consts[v.name])
         for n in g.nodes:
@@ -391,9 +428,10 @@ def conv(imp, ins, attrs):
         imp.fail(f"kernel_shape {list(kernel)} does not match the weight shape {list(wshape)}")
     v, kernel, strides, dil, pads, lifted = _window(imp, x, attrs, kernel)
     if w.const is not None:      # OIHW -> HWIO (kh, kw, C/groups, F) once, at import
-        W = w.const.astype(np.float32)
-        W = W[:, :, None, :] if W.ndim == 3 else W
-        wv = imp.const_value(np.ascontiguousarray(W.transpose(2, 3, 1, 0)))
+        def hwio(W):
+            W = W.astype(np.float32)
+            return np.ascontiguousarray((W[:, :, None, :] if W.ndim == 3 else W).transpose(2, 3, 1, 0))
+        wv = imp.weight(w, "conv HWIO", hwio)
     else:                        # a weight fed at run time: transposed in the graph
         wv = imp.value(w, PLAIN)
         if len(wshape) == 3:
@@ -469,7 +507,7 @@ def conv_transpose(imp, ins, attrs):
     oh = strides[0] * (h - 1) + outpad[0] + ext[0] - p[0] - p[2]
     ow = strides[1] * (wd - 1) + outpad[1] + ext[1] - p[1] - p[3]
     if w.const is not None:
-        wv = imp.const_value(np.ascontiguousarray(w.const.astype(np.float32).transpose(2, 3, 1, 0)))
+        wv = imp.weight(w, "conv HWIO", lambda W: np.ascontiguousarray(W.astype(np.float32).transpose(2, 3, 1, 0)))
     else:
         wv = emit("transpose", imp.value(w, PLAIN), perm=(2, 3, 1, 0))
     # the gradient of a conv from (oh, ow) with these pads: output_padding < stride only adds rows the
@@ -502,6 +540,8 @@ def batch_normalization(imp, ins, attrs):
         imp.fail(f"input of rank {x.rank}: needs (N, C, ...)")
     layout = CHANNELS_LAST if x.rank >= 3 else PLAIN
     vals = [imp.value(t, PLAIN) for t in (scale, bias, mean, var)]
+    imp.freeze(mean)
+    imp.freeze(var)
     y = emit("batch_norm", imp.value(x, layout), *vals, epsilon=float(attrs.get("epsilon", 1e-5)))
     return [Tensor(y, layout)]
 
@@ -526,12 +566,14 @@ def _binary(op):
             # a constant vector along the last (channel) axis is a bias: the kernels fuse bias_add
             for x, c in ((a, b), (b, a)):
                 if op == "add" and c.const is not None and c.const.dtype.kind == "f" and x.rank == rank:
-                    cv = c.const.reshape((1,) * (rank - c.const.ndim) + c.const.shape)
-                    if layout == CHANNELS_LAST:
-                        cv = cv.transpose(cl_perm(rank))
+                    def arrange(a):
+                        a = a.reshape((1,) * (rank - a.ndim) + a.shape)
+                        return a.transpose(cl_perm(rank)) if layout == CHANNELS_LAST else a
+                    cv = arrange(c.const)
                     xv = imp.value(x, layout)
                     if all(d == 1 for d in cv.shape[:-1]) and cv.shape[-1] == xv.shape[-1]:
-                        return [Tensor(emit("bias_add", xv, imp.const_value(cv.reshape(-1))), layout)]
+                        bias = imp.weight(c, "bias vector", lambda a: arrange(a).reshape(-1))
+                        return [Tensor(emit("bias_add", xv, bias), layout)]
         av, bv = imp.value(a, layout, rank), imp.value(b, layout, rank)
         return [Tensor(emit(op, av, bv), layout)]
     return rule
@@ -633,24 +675,29 @@ def _matmul2d(imp, a, b, c, alpha, beta, ta, tb):
     if a.const is not None and ta:
         a, ta = Tensor(const=a.const.T), 0
     if b.const is not None:
-        B = b.const.astype(np.float32)
-        B = B.T if tb else B
-        if alpha != 1.0:
-            B = (B * np.float32(alpha)).astype(np.float32)
         k = a.shape[0] if ta else a.shape[1]
-        if B.ndim != 2 or B.shape[0] != k:
+        if b.const.ndim != 2 or (b.const.T if tb else b.const).shape[0] != k:
             imp.fail(f"B of shape {list(b.const.shape)} (transB={tb}) does not match A of shape "
                      f"{list(a.shape)} (transA={ta})")
+        order = None
         if a.flat_of is not None and not ta:      # a flattened channels-last tensor: permute B's rows
             src = a.flat_of.shape[1:]                 # (C, H, W): row j of the NHWC flatten is NCHW row order[j]
             order = np.arange(int(np.prod(src))).reshape(src).transpose(tuple(p - 1 for p in cl_perm(len(src) + 1)[1:]))
-            B = np.ascontiguousarray(B[order.ravel()])
+            order = order.ravel()
             av = a.value
         else:
             av = imp.value(a, PLAIN)
             if ta:
                 av = imp.transpose(av, (1, 0))
-        y = emit("dense", av, imp.const_value(B))
+
+        def dense_kernel(B):      # (in, out), alpha folded in, rows in the activations' order
+            B = B.astype(np.float32)
+            B = B.T if tb else B
+            if alpha != 1.0:
+                B = (B * np.float32(alpha)).astype(np.float32)
+            return np.ascontiguousarray(B if order is None else B[order])
+        key = ("dense kernel", tb, alpha, None if order is None else tuple(a.flat_of.shape[1:]))
+        y = emit("dense", av, imp.weight(b, key, dense_kernel))
     else:
         av = imp.value(a, PLAIN)
         bv = imp.value(b, PLAIN)
@@ -659,11 +706,13 @@ def _matmul2d(imp, a, b, c, alpha, beta, ta, tb):
             y = emit("scale", y, factor=alpha)
     if c is not None:
         if c.const is not None:
-            C = (c.const.astype(np.float32) * np.float32(beta)).astype(np.float32)
+            def scaled(C):
+                return (C.astype(np.float32) * np.float32(beta)).astype(np.float32)
+            C = c.const
             if C.size == y.shape[-1] and C.ndim <= 2 and (C.ndim < 2 or C.shape[0] == 1):
-                y = emit("bias_add", y, imp.const_value(C.reshape(-1)))
+                y = emit("bias_add", y, imp.weight(c, ("gemm bias", beta), lambda C: scaled(C).reshape(-1)))
             else:
-                y = emit("add", y, imp.const_value(C))
+                y = emit("add", y, imp.weight(c, ("gemm C", beta), scaled))
         else:
             cv = imp.value(c, PLAIN)
             y = emit("add", y, cv if beta == 1.0 else emit("scale", cv, factor=beta))
