@@ -88,8 +88,9 @@ def _perm_is_reshape(shape, perm) -> bool:
 class Importer:
     """Converts one ONNX model; `convert()` returns the ir.Graph."""
 
-    def __init__(self, model, static_inputs, source, weights=False):
+    def __init__(self, model, static_inputs, source, weights=False, input_layout=PLAIN):
         self.model, self.source = model, source
+        self.input_layout = input_layout  # CHANNELS_LAST: 3-D+ graph inputs arrive NHWC (import_model layout="nhwc")
         self.weights = weights            # float initializers become params (import_model), else constants
         self.param_arrays: dict[str, np.ndarray] = {}   # param name -> its array (in graphcnn's layout)
         self.frozen: set = set()          # params that are statistics, not trained (batch-norm mean/var)
@@ -119,18 +120,22 @@ class Importer:
             return v
         return self.g.const(None, a.astype(np.float32))
 
-    def weight(self, t: Tensor, key, arrange):
+    def weight(self, t: Tensor, arrange):
         """The value of initializer-or-constant `t` rearranged for graphcnn (`arrange(array)`, e.g. OIHW ->
         HWIO): a constant, or with weights=True and `t` an initializer, a param holding the rearranged
-        array (one per initializer; `key` names the rearrangement, so a second, different use is refused
-        rather than silently untying the weight)."""
+        array. One param per initializer: a second use must rearrange it the same way (same element
+        order and scale, checked on an index array), else it is refused rather than silently untied."""
         if t.init is None:
             return self.const_value(arrange(t.const))
+        index = np.arange(t.const.size, dtype=np.float32).reshape(t.const.shape)
+        order = np.asarray(arrange(index), np.float32)
+        key = (order.shape, order.tobytes())
         have = self._params.get(t.init)
         if have is not None:
             if have[0] != key:
-                self.fail(f"initializer {t.init!r} is used in two layouts ({have[0]} and {key}); import_model "
-                          f"keeps one trainable weight per initializer (use import_graph for inference)")
+                self.fail(f"initializer {t.init!r} is used in two layouts (as {list(have[1].shape)} and as "
+                          f"{list(order.shape)} rearranged differently); import_model keeps one trainable "
+                          f"weight per initializer (use import_graph for inference)")
             return have[1]
         a = np.ascontiguousarray(arrange(t.const), np.float32)
         name = t.init if t.init not in self.g._values else self.g.fresh_name("w")
@@ -178,7 +183,7 @@ class Importer:
                 if rank is not None and a.ndim < rank:
                     a = a.reshape((1,) * (rank - a.ndim) + a.shape)
                 return a.transpose(cl_perm(a.ndim)) if layout == CHANNELS_LAST and a.ndim >= 3 else a
-            return self.weight(t, ("value", layout, rank), arrange)
+            return self.weight(t, arrange)
         key = (id(t), layout, rank)
         if key in self._layouts:
             return self._layouts[key][1]
@@ -252,11 +257,14 @@ class Importer:
                 else:
                     self.fail(f"graph input {vi.name!r}: dimension {i} is not fixed ({d.dim_param or '?'}); "
                               f"only the first (batch) axis may be dynamic")
+            layout = self.input_layout if len(dims) >= 3 else PLAIN
+            if layout == CHANNELS_LAST:
+                dims = [dims[p] for p in cl_perm(len(dims))]
             try:
                 v = self.g.input(vi.name, tuple(dims))
             except IRError as e:
                 self.fail(f"graph input name: {e}")
-            self.env[vi.name] = Tensor(v)
+            self.env[vi.name] = Tensor(v, layout)
         for node in gp.node:
             self.node = node
             if node.domain not in ("", "ai.onnx"):
@@ -431,7 +439,7 @@ def conv(imp, ins, attrs):
         def hwio(W):
             W = W.astype(np.float32)
             return np.ascontiguousarray((W[:, :, None, :] if W.ndim == 3 else W).transpose(2, 3, 1, 0))
-        wv = imp.weight(w, "conv HWIO", hwio)
+        wv = imp.weight(w, hwio)
     else:                        # a weight fed at run time: transposed in the graph
         wv = imp.value(w, PLAIN)
         if len(wshape) == 3:
@@ -507,7 +515,7 @@ def conv_transpose(imp, ins, attrs):
     oh = strides[0] * (h - 1) + outpad[0] + ext[0] - p[0] - p[2]
     ow = strides[1] * (wd - 1) + outpad[1] + ext[1] - p[1] - p[3]
     if w.const is not None:
-        wv = imp.weight(w, "conv HWIO", lambda W: np.ascontiguousarray(W.astype(np.float32).transpose(2, 3, 1, 0)))
+        wv = imp.weight(w, lambda W: np.ascontiguousarray(W.astype(np.float32).transpose(2, 3, 1, 0)))
     else:
         wv = emit("transpose", imp.value(w, PLAIN), perm=(2, 3, 1, 0))
     # the gradient of a conv from (oh, ow) with these pads: output_padding < stride only adds rows the
@@ -572,7 +580,7 @@ def _binary(op):
                     cv = arrange(c.const)
                     xv = imp.value(x, layout)
                     if all(d == 1 for d in cv.shape[:-1]) and cv.shape[-1] == xv.shape[-1]:
-                        bias = imp.weight(c, "bias vector", lambda a: arrange(a).reshape(-1))
+                        bias = imp.weight(c, lambda a: arrange(a).reshape(-1))
                         return [Tensor(emit("bias_add", xv, bias), layout)]
         av, bv = imp.value(a, layout, rank), imp.value(b, layout, rank)
         return [Tensor(emit(op, av, bv), layout)]
@@ -696,8 +704,7 @@ def _matmul2d(imp, a, b, c, alpha, beta, ta, tb):
             if alpha != 1.0:
                 B = (B * np.float32(alpha)).astype(np.float32)
             return np.ascontiguousarray(B if order is None else B[order])
-        key = ("dense kernel", tb, alpha, None if order is None else tuple(a.flat_of.shape[1:]))
-        y = emit("dense", av, imp.weight(b, key, dense_kernel))
+        y = emit("dense", av, imp.weight(b, dense_kernel))
     else:
         av = imp.value(a, PLAIN)
         bv = imp.value(b, PLAIN)
@@ -710,9 +717,9 @@ def _matmul2d(imp, a, b, c, alpha, beta, ta, tb):
                 return (C.astype(np.float32) * np.float32(beta)).astype(np.float32)
             C = c.const
             if C.size == y.shape[-1] and C.ndim <= 2 and (C.ndim < 2 or C.shape[0] == 1):
-                y = emit("bias_add", y, imp.weight(c, ("gemm bias", beta), lambda C: scaled(C).reshape(-1)))
+                y = emit("bias_add", y, imp.weight(c, lambda C: scaled(C).reshape(-1)))
             else:
-                y = emit("add", y, imp.weight(c, ("gemm C", beta), scaled))
+                y = emit("add", y, imp.weight(c, scaled))
         else:
             cv = imp.value(c, PLAIN)
             y = emit("add", y, cv if beta == 1.0 else emit("scale", cv, factor=beta))

@@ -20,7 +20,7 @@ from ir.types import IRError
 from .. import layers as L
 from ..errors import LayerError
 from ..functional import WeightSpec
-from .importer import Importer, OnnxImportError, load_model_proto
+from .importer import CHANNELS_LAST, PLAIN, Importer, OnnxImportError, load_model_proto
 
 LAYER_NAME = "onnx"
 
@@ -88,14 +88,20 @@ def _model_name(name):
     return name if ok else "onnx_model"
 
 
-def import_model(path_or_bytes, static_inputs=None, name=None):
+def import_model(path_or_bytes, static_inputs=None, name=None, layout="nchw"):
     """Import an ONNX file as a trainable gc.Model: predicts like import_graph (NCHW inputs, as in the
     file), fine-tunes with compile + fit (float initializers are its weights; batch-norm statistics stay
     fixed), saves to .gcnn and compiles to .so like any model. Needs a dynamic first (batch) axis on
-    every input and exactly one output."""
+    every input and exactly one output.
+
+    layout="nhwc": image inputs (rank 3 and more) are taken channels last, graphcnn's convention (what
+    the CLI's image readers give); the importer's layout tracking then needs no input transpose at all."""
     from ..model import Model
+    if layout not in ("nchw", "nhwc"):
+        raise OnnxImportError(f"import_model: layout must be 'nchw' or 'nhwc', got {layout!r}")
     model, src = load_model_proto(path_or_bytes)
-    imp = Importer(model, static_inputs, src, weights=True)
+    imp = Importer(model, static_inputs, src, weights=True,
+                   input_layout=CHANNELS_LAST if layout == "nhwc" else PLAIN)
     g = imp.convert()
     if len(g.outputs) != 1:
         raise OnnxImportError(f"{src}: import_model needs a model with one output, this one has "
@@ -113,6 +119,7 @@ def import_model(path_or_bytes, static_inputs=None, name=None):
     m = Model([t.output for t in inputs] if len(inputs) > 1 else inputs[0].output, out,
               name=_model_name(name or g.name))
     m.build()
-    m.weights.update({f"{LAYER_NAME}/{k}": a for k, a in imp.param_arrays.items()})
+    # own, writable copies: the arrays may be read-only views of the file's bytes, and training updates in place
+    m.weights.update({f"{LAYER_NAME}/{k}": np.array(a, np.float32) for k, a in imp.param_arrays.items()})
     m._user_weights = True          # fit keeps the file's weights instead of initializing new ones
     return m
