@@ -21,7 +21,8 @@ from graphcnn.onnx import OnnxImportError, import_graph  # noqa: E402
 
 OPS = ("Conv ConvTranspose Relu MaxPool AveragePool GlobalAveragePool GlobalMaxPool BatchNormalization Gemm MatMul Add Sub Mul "
        "Div Flatten Reshape Transpose Concat Squeeze Unsqueeze Identity Dropout Constant Softmax LogSoftmax "
-       "LeakyRelu Sigmoid Tanh Clip HardSigmoid HardSwish PRelu Pad ReduceMean").split()
+       "LeakyRelu Sigmoid Tanh Clip HardSigmoid HardSwish PRelu Pad ReduceMean SoftmaxCrossEntropyLoss "
+       "NegativeLogLikelihoodLoss").split()
 
 # case name -> why it is left out: a substring of the importer's one error for it. Reasons: integer
 # element types (graphcnn computes float32); pooling dilations, 3-D windows, average pooling
@@ -128,14 +129,16 @@ RESULTS: dict = {}
 
 def _static_inputs(case, feeds):
     """Freeze the operands a graphcnn graph cannot take at run time: integer operands after the data
-    (shapes, axes, pads) and the operands after the first of Clip and Pad (bounds and pad values)."""
+    (shapes, axes, pads) and the operands after the first of Clip and Pad (bounds and pad values). The
+    integer targets of the loss ops stay run-time inputs (fed as numbers)."""
     g = case.model.graph
     init = {i.name for i in g.initializer}
     ops = {n.op_type for n in g.node}
+    targets = {n.input[1] for n in g.node if n.op_type in ("SoftmaxCrossEntropyLoss", "NegativeLogLikelihoodLoss")}
     static = {}
     for i, vi in enumerate(x for x in g.input if x.name not in init):
         a = feeds[vi.name]
-        if i > 0 and (a.dtype.kind != "f" or ops & {"Clip", "Pad"}):
+        if i > 0 and vi.name not in targets and (a.dtype.kind != "f" or ops & {"Clip", "Pad"}):
             static[vi.name] = a
     return static
 

@@ -95,6 +95,7 @@ class Importer:
         self.param_arrays: dict[str, np.ndarray] = {}   # param name -> its array (in graphcnn's layout)
         self.frozen: set = set()          # params that are statistics, not trained (batch-norm mean/var)
         self._params: dict = {}           # initializer name -> (layout key, param value)
+        self.labels: dict[str, str] = {}  # integer graph inputs (loss targets) -> ONNX element type name
         self.static = {k: np.asarray(v) for k, v in (static_inputs or {}).items()}
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
         self.env: dict[str, Tensor] = {}
@@ -239,7 +240,9 @@ class Importer:
             if vi.name in self.env:
                 continue
             tt = vi.type.tensor_type
-            if tt.elem_type != onnx.TensorProto.FLOAT:
+            if tt.elem_type in LABEL_TYPES:     # class labels of a loss op: fed as numbers, exact in float32
+                self.labels[vi.name] = onnx.TensorProto.DataType.Name(tt.elem_type)
+            elif tt.elem_type != onnx.TensorProto.FLOAT:
                 self.fail(f"graph input {vi.name!r} has element type "
                           f"{onnx.TensorProto.DataType.Name(tt.elem_type)}; graphcnn inputs are float32 "
                           f"(freeze integer inputs with static_inputs)")
@@ -280,7 +283,11 @@ class Importer:
                 self.fail(f"attribute(s) {', '.join(extra)} not supported (supported: "
                           f"{', '.join(sorted(known_attrs)) or 'none'})")
             ins = []
-            for name in node.input:
+            for k, name in enumerate(node.input):
+                if name in self.labels and (node.op_type, k) not in LABEL_USES:
+                    self.fail(f"graph input {name!r} has element type {self.labels[name]}; graphcnn inputs are "
+                              f"float32, and an integer input may only be the target of a loss op "
+                              f"(freeze it with static_inputs)")
                 if name == "":
                     ins.append(None)
                 elif name not in self.env:
@@ -915,6 +922,61 @@ def cast(imp, ins, attrs):
     return [ins[0]]
 
 
+def _loss(log_softmax_first):
+    """SoftmaxCrossEntropyLoss (log_softmax first) and NegativeLogLikelihoodLoss over (N, C, d1, ...) scores
+    and (N, d1, ...) integer targets, with class weights, ignore_index and reduction none/sum/mean, built
+    from registry ops: the target's one-hot row is relu(1 - |t - c|) for the class indices c (exact for
+    integer t), so targets may be constants or fed at run time (as numbers). mean divides by the summed
+    weights of the counted elements, as the ONNX spec does."""
+    def rule(imp, ins, attrs):
+        x, t = ins[0], ins[1]
+        w = ins[2] if len(ins) > 2 else None
+        red = attrs.get("reduction", b"mean")
+        red = red.decode() if isinstance(red, bytes) else red
+        if red not in ("none", "sum", "mean"):
+            imp.fail(f"reduction {red!r} is not one of none, sum, mean")
+        r = x.rank
+        if r < 2 or t.rank != r - 1:
+            imp.fail(f"needs scores (N, C, d1, ...) and targets (N, d1, ...), got ranks {r} and {t.rank}")
+        layout = x.layout if r >= 3 and x.const is None else PLAIN
+        ax = r - 1 if layout == CHANNELS_LAST else 1          # the class axis of the values built here
+        n_cls = x.shape[1]
+        xv = imp.value(x, layout)
+        logp = emit("log_softmax", xv, axis=ax) if log_softmax_first else xv
+        if t.const is not None:
+            tv = imp.const_value(np.asarray(t.const).astype(np.float32))
+        else:
+            tv = t.value
+        shape1 = list(tv.shape)
+        shape1.insert(ax, 1)
+        t1 = imp.reshape(tv, tuple(shape1))                 # the target with a size-1 class axis
+        col = [1] * r
+        col[ax] = n_cls
+        cls = imp.const_value(np.arange(n_cls, dtype=np.float32).reshape(col))
+        one = imp.const_value(np.float32(1.0))
+
+        def is_value(a, c):       # 1 where a == c (a integer-valued), else 0
+            d = emit("sub", a, c)
+            return emit("relu", emit("sub", one, emit("add", emit("relu", d), emit("relu", emit("neg", d)))))
+        pick = is_value(t1, cls)                             # (N, C, d...) one-hot of the target
+        if w is not None:
+            if w.rank != 1 or w.shape[0] != n_cls:
+                imp.fail(f"weight of shape {list(w.shape)} must be a ({n_cls},) vector")
+            pick = emit("mul", pick, imp.reshape(imp.value(w, PLAIN), tuple(col)))
+        if "ignore_index" in attrs:
+            ii = imp.const_value(np.float32(int(attrs["ignore_index"])))
+            pick = emit("mul", pick, emit("sub", one, is_value(t1, ii)))
+        loss = emit("neg", emit("reduce_sum", emit("mul", logp, pick), axis=(ax,), keepdims=False))
+        if red == "sum":
+            loss = emit("reduce_sum", loss, axis=None, keepdims=False)
+        elif red == "mean":
+            total = emit("reduce_sum", loss, axis=None, keepdims=False)
+            loss = emit("div", total, emit("reduce_sum", pick, axis=None, keepdims=False))
+        # the loss has the targets' axes (N, d...), in ONNX order either way (the class axis is gone)
+        return [Tensor(loss), Tensor(logp, layout)]
+    return rule
+
+
 # shape folding with the BATCH marker -------------------------------------------------------------------
 
 def _arr(t):
@@ -989,6 +1051,10 @@ SHAPE_FOLD = {"Shape": fold_shape, "Gather": fold_gather, "Concat": fold_concat,
               "Dropout": dropout}
 NEVER_FOLD = {"Constant"}
 
+# integer element types a graph input may have when it is only the target of a loss op
+LABEL_TYPES = (6, 7, 2, 3, 4, 5, 12, 13)      # INT32, INT64, UINT8, INT8, UINT16, INT16, UINT32, UINT64
+LABEL_USES = {("SoftmaxCrossEntropyLoss", 1), ("NegativeLogLikelihoodLoss", 1)}
+
 _POOL_ATTRS = {"kernel_shape", "strides", "pads", "auto_pad", "ceil_mode", "dilations"}
 
 # ONNX op -> (rule, attributes the rule reads). Any other attribute present is refused by name.
@@ -1029,6 +1095,8 @@ RULES = {
     "Pad": (pad, {"mode", "pads", "value"}),
     "ReduceMean": (reduce_mean, {"axes", "keepdims", "noop_with_empty_axes"}),
     "Cast": (cast, {"to", "saturate", "round_mode"}),
+    "SoftmaxCrossEntropyLoss": (_loss(True), {"reduction", "ignore_index"}),
+    "NegativeLogLikelihoodLoss": (_loss(False), {"reduction", "ignore_index"}),
     "Shape": (fold_shape, {"start", "end"}),      # shapes are known at import (BATCH for the batch)
     "Gather": (lambda imp, ins, attrs: imp.fail("Gather on computed data is not supported (only shape folding)"),
                {"axis"}),
