@@ -50,11 +50,6 @@ LEFT_OUT: dict[str, str] = {
     "test_clip_default_int8_min": "element type",
     "test_convtranspose_1d": "only 2-D ConvTranspose",
     "test_convtranspose_3d": "only 2-D ConvTranspose",
-    "test_convtranspose_autopad_same": "is not supported (NOTSET or VALID)",
-    "test_convtranspose_group_2": "group > 1",
-    "test_convtranspose_group_2_image_3": "group > 1",
-    "test_convtranspose_kernel_shape": "output_shape is not supported",
-    "test_convtranspose_output_shape": "output_shape is not supported",
     "test_div_int16": "element type",
     "test_div_int32_trunc": "element type",
     "test_div_int8": "element type",
@@ -65,12 +60,6 @@ LEFT_OUT: dict[str, str] = {
     "test_dropout_default_mask": "output 1",
     "test_dropout_default_mask_ratio": "output 1",
     "test_edge_pad": "element type",
-    "test_matmul_1d_1d": "only 2-D MatMul",
-    "test_matmul_1d_3d": "only 2-D MatMul",
-    "test_matmul_3d": "only 2-D MatMul",
-    "test_matmul_4d": "only 2-D MatMul",
-    "test_matmul_4d_1d": "only 2-D MatMul",
-    "test_matmul_bcast": "only 2-D MatMul",
     "test_maxpool_2d_dilations": "dilations",
     "test_maxpool_2d_uint8": "element type",
     "test_maxpool_3d_default": "only 1-D and 2-D windows",
@@ -102,6 +91,13 @@ LEFT_OUT: dict[str, str] = {
     "test_wrap_pad": "element type",
 }
 
+# (case, backend) -> a backend bug the case exposes (strict xfail: it fails until the bug is fixed, then
+# this entry must go). The importer's graph is right: the NumPy backend matches ONNX Runtime on it.
+BACKEND_BUGS: dict = {
+    ("test_convtranspose_group_2_image_3", "llvm"):
+        "LLVM backend: conv-family kernels loop over the call's dynamic batch n, so a graph whose first axis "
+        "is fixed at 3 (no dynamic batch) computes only sample 0 and leaves the rest garbage",
+}
 
 NOT_TENSORS: list = []
 
@@ -171,9 +167,17 @@ def test_node_case(name, backend):
     fn = gc.compile(graph, backend=backend)
     got = fn(**{k: v.astype(np.float32) for k, v in feeds.items() if k not in static})
     got = got if isinstance(got, tuple) else (got,)
-    assert len(got) == len(want)
-    for gv, wv in zip(got, want):
-        np.testing.assert_allclose(gv, wv, rtol=1e-5, atol=1e-6, equal_nan=True)
+    bug = BACKEND_BUGS.get((name, backend))
+    try:
+        assert len(got) == len(want)
+        for gv, wv in zip(got, want):
+            np.testing.assert_allclose(gv, wv, rtol=1e-5, atol=1e-6, equal_nan=True)
+    except AssertionError:
+        if bug is None:
+            raise
+        RESULTS[(name, backend)] = "backend bug (xfail)"
+        pytest.xfail(bug)
+    assert bug is None, f"{name} on {backend} now matches ONNX Runtime: remove its BACKEND_BUGS entry"
     RESULTS[(name, backend)] = "pass"
 
 

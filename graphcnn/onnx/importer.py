@@ -495,41 +495,65 @@ def _ceil_pads(imp, op, in_hw, kernel, strides, pads, attrs):
 
 
 def conv_transpose(imp, ins, attrs):
-    """ConvTranspose as the registry's conv2d_grad_input (the transposed convolution): W (C_in, C_out,
-    kh, kw) -> HWIO (kh, kw, C_out, C_in)."""
+    """ConvTranspose as the registry's conv2d_grad_input (the transposed convolution): W (C_in, C_out/g,
+    kh, kw) -> HWIO (kh, kw, C_out/g, C_in). Groups: one conv2d_grad_input per group on its slice of
+    the input channels and of the kernel, concatenated along the channels. output_shape and SAME
+    auto_pad become pads as the ONNX spec computes them."""
     x, w, b = (ins + [None, None])[:3]
-    if int(attrs.get("group", 1)) != 1:
-        imp.fail("group > 1 is not supported")
-    if "output_shape" in attrs:
-        imp.fail("output_shape is not supported (give pads and output_padding)")
+    groups = int(attrs.get("group", 1))
     auto = attrs.get("auto_pad", b"NOTSET")
-    if (auto.decode() if isinstance(auto, bytes) else auto) not in ("NOTSET", "VALID"):
-        imp.fail(f"auto_pad {auto!r} is not supported (NOTSET or VALID)")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        imp.fail(f"auto_pad {auto!r} is not one of NOTSET, SAME_UPPER, SAME_LOWER, VALID")
     if x.rank != 4:
         imp.fail(f"only 2-D ConvTranspose (rank-4 input) is supported, got rank {x.rank}")
     wshape = tuple(w.shape)
     if len(wshape) != 4 or None in wshape:
-        imp.fail(f"weight W of shape {list(wshape)} must be 4-D (C_in, C_out, kh, kw)")
+        imp.fail(f"weight W of shape {list(wshape)} must be 4-D (C_in, C_out/group, kh, kw)")
+    c_in = x.shape[1]
+    if groups < 1 or c_in % groups or wshape[0] != c_in:
+        imp.fail(f"group {groups} does not divide the {c_in} input channels of W {list(wshape)}")
     kernel = wshape[2:]
+    if "kernel_shape" in attrs and tuple(attrs["kernel_shape"]) != tuple(kernel):
+        imp.fail(f"kernel_shape {list(attrs['kernel_shape'])} does not match the weight shape {list(wshape)}")
     strides = tuple(attrs.get("strides", [1, 1]))
     dil = tuple(attrs.get("dilations", [1, 1]))
     p = list(attrs.get("pads", [0, 0, 0, 0]))
     outpad = list(attrs.get("output_padding", [0, 0]))
-    if any(o >= s for o, s in zip(outpad, strides)) or min(p + outpad) < 0:
-        imp.fail(f"output_padding {outpad} must be >= 0 and smaller than the strides {list(strides)}; pads >= 0")
     h, wd = x.shape[2:]
     ext = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
+    want = list(attrs["output_shape"])[-2:] if "output_shape" in attrs else \
+        ([h * strides[0], wd * strides[1]] if auto.startswith("SAME") else None)
+    if want is not None:              # the spec's total padding, split as auto_pad says
+        p = [0, 0, 0, 0]
+        for i, (size, s, e, o) in enumerate(zip((h, wd), strides, ext, want)):
+            total = s * (size - 1) + outpad[i] + e - int(o)
+            if total < 0:             # a larger output: extra end rows (as output_padding), as ONNX Runtime does
+                outpad[i] -= total
+                total = 0
+            small, big = total // 2, total - total // 2
+            p[i], p[i + 2] = (small, big) if auto == "SAME_UPPER" else (big, small)
+    elif auto == "VALID":
+        p = [0, 0, 0, 0]
+    if any(o >= s for o, s in zip(outpad, strides)) or min(p + outpad) < 0:
+        imp.fail(f"output_padding {outpad} must be >= 0 and smaller than the strides {list(strides)}; pads >= 0")
     oh = strides[0] * (h - 1) + outpad[0] + ext[0] - p[0] - p[2]
     ow = strides[1] * (wd - 1) + outpad[1] + ext[1] - p[1] - p[3]
     if w.const is not None:
         wv = imp.weight(w, lambda W: np.ascontiguousarray(W.astype(np.float32).transpose(2, 3, 1, 0)))
     else:
         wv = emit("transpose", imp.value(w, PLAIN), perm=(2, 3, 1, 0))
-    # the gradient of a conv from (oh, ow) with these pads: output_padding < stride only adds rows the
-    # forward conv's floor drops, exactly ONNX's extra end rows
-    y = emit("conv2d_grad_input", imp.value(x, CHANNELS_LAST), wv, stride=strides,
-             dilation=dil, padding=((p[0], p[2]), (p[1], p[3])),
-             input_shape=(oh, ow, wshape[1]))
+    xv = imp.value(x, CHANNELS_LAST)
+    cg = c_in // groups
+    outs = []
+    for gi in range(groups):
+        xg = xv if groups == 1 else emit("slice", xv, axis=3, start=gi * cg, stop=(gi + 1) * cg)
+        wg = wv if groups == 1 else emit("slice", wv, axis=3, start=gi * cg, stop=(gi + 1) * cg)
+        # the gradient of a conv from (oh, ow) with these pads: output_padding < stride only adds rows the
+        # forward conv's floor drops, exactly ONNX's extra end rows
+        outs.append(emit("conv2d_grad_input", xg, wg, stride=strides, dilation=dil,
+                         padding=((p[0], p[2]), (p[1], p[3])), input_shape=(oh, ow, wshape[1])))
+    y = outs[0] if groups == 1 else emit("concat", *outs, axis=3)
     if b is not None:
         y = emit("bias_add", y, imp.value(b, PLAIN))
     return [Tensor(y, CHANNELS_LAST)]
@@ -681,9 +705,45 @@ def gemm(imp, ins, attrs):
 
 def matmul(imp, ins, attrs):
     a, b = ins
-    if a.rank != 2 or b.rank != 2:
-        imp.fail(f"only 2-D MatMul is supported, got ranks {a.rank} and {b.rank}")
-    return _matmul2d(imp, a, b, None, 1.0, 1.0, 0, 0)
+    if a.rank == 2 and b.rank == 2:
+        return _matmul2d(imp, a, b, None, 1.0, 1.0, 0, 0)
+    return _matmul_nd(imp, a, b)
+
+
+def _matmul_nd(imp, a, b):
+    """MatMul of 1-D or N-D operands with NumPy's rules (a 1-D A is a row, a 1-D B a column, both removed
+    from the result; the axes before the last two broadcast). With A's leading axes fixed and B a 2-D
+    weight it is one dense on A reshaped to 2-D; otherwise A (..., M, K, 1) * B (..., 1, K, N) summed
+    over K: exact products, the sum in a different order than a GEMM."""
+    av, bv = imp.value(a, PLAIN), imp.value(b, PLAIN)
+    drop = []
+    if a.rank == 1:
+        av, drop = imp.reshape(av, (1,) + tuple(av.shape)), drop + [-2]
+    if b.rank == 1:
+        bv, drop = imp.reshape(bv, tuple(bv.shape) + (1,)), drop + [-1]
+    sa, sb = tuple(av.shape), tuple(bv.shape)
+    k, m, n = sa[-1], sa[-2], sb[-1]
+    if sb[-2] != k:
+        imp.fail(f"inner dimensions differ: {list(a.shape)} @ {list(b.shape)}")
+    if len(sb) == 2 and b.const is not None and None not in sa:
+        lead = sa[:-2]
+        flat = imp.reshape(av, (int(np.prod(lead + (m,))), k))
+        y = imp.reshape(emit("dense", flat, bv), lead + (m, n))
+    else:
+        r = max(len(sa), len(sb))
+        for v, s in ((av, sa), (bv, sb)):
+            if len(s) < r and s[0] is None:
+                imp.fail(f"the batched operand {list(s)} has fewer axes than the other; broadcasting would move "
+                         f"the dynamic batch")
+        av = imp.reshape(av, (1,) * (r - len(sa)) + sa + (1,))
+        bv = imp.reshape(bv, (1,) * (r - len(sb)) + sb[:-2] + (1, k, n))
+        y = emit("reduce_sum", emit("mul", av, bv), axis=(r - 1,), keepdims=False)
+    if drop:
+        shape = list(y.shape)
+        for ax in sorted((len(shape) + d for d in drop), reverse=True):
+            del shape[ax]
+        y = imp.reshape(y, tuple(shape))
+    return [Tensor(y)]
 
 
 def _matmul2d(imp, a, b, c, alpha, beta, ta, tb):
