@@ -461,3 +461,95 @@ def test_cli_onnx_model_errors(tmp_path, capsys):
     assert "not a valid ONNX model" in capsys.readouterr().err
     assert main(["train", os.path.join(DATA, "resnet_tiny.onnx"), "--epochs", "1"]) == 2
     assert "input shape is fixed by the file" in capsys.readouterr().err
+
+
+# -- importer coverage beyond the node cases: dilated/ceil pools, N-D MatMul, losses -----------------------
+
+def out_of_rank(name, rank):
+    """A float graph output of known rank and unknown sizes (shape inference fills them in)."""
+    return f32(name, [f"d{i}" for i in range(rank)])
+
+
+POOLS = [  # op, kernel, strides, dilations, pads (t, l, b, r), ceil_mode, count_include_pad
+    ("MaxPool", [3, 2], [2, 1], [2, 3], [1, 0, 2, 1], 1, 0),
+    ("MaxPool", [2, 2], [3, 2], [2, 2], [0, 0, 0, 0], 1, 0),
+    ("AveragePool", [3, 3], [2, 2], [2, 1], [1, 1, 1, 1], 0, 0),
+    ("AveragePool", [3, 2], [2, 3], [1, 2], [1, 1, 0, 1], 1, 1),
+    ("AveragePool", [2, 3], [2, 2], [1, 1], [1, 1, 1, 1], 1, 1),      # ceil window past the pads, counted
+    ("AveragePool", [3, 3], [3, 2], [2, 2], [2, 0, 1, 2], 1, 0),
+]
+
+
+@pytest.mark.parametrize("backend", ["numpy", "llvm"])
+@pytest.mark.parametrize("case", POOLS, ids=[f"{p[0]}{i}" for i, p in enumerate(POOLS)])
+def test_dilated_and_ceil_mode_pools_match_onnxruntime(case, backend):
+    op, kernel, strides, dil, pads, ceil, include = case
+    attrs = dict(kernel_shape=kernel, strides=strides, pads=pads, ceil_mode=ceil)
+    if dil != [1, 1]:
+        attrs["dilations"] = dil
+    if op == "AveragePool":
+        attrs["count_include_pad"] = include
+    m = make([helper.make_node(op, ["x"], ["y"], **attrs)], [f32("x", ["N", 3, 11, 10])],
+             [out_of_rank("y", 4)], opset=19)
+    x = np.random.default_rng(12).standard_normal((2, 3, 11, 10)).astype(np.float32)
+    x[0, 1, :4, :5] = -np.inf                    # a max window of -inf only stays -inf (pad is not a value)
+    want = ort_run(m, {"x": x})[0]
+    got = gc.compile(import_graph(m.SerializeToString()), backend=backend)(x=x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shapes", [((None, 3, 4), (4, 5), True), ((None, 2, 3, 4), (2, 4, 5), False),
+                                    ((None, 3, 4), (None, 4, 2), False), ((None, 4), (4,), True),
+                                    ((2, 3, 4), (4, 5), True), ((4,), (3, 4, 2), True)])
+def test_nd_matmul_batched_and_with_weights(shapes):
+    sa, sb, b_is_weight = shapes
+    rng = np.random.default_rng(13)
+    concrete = lambda s: tuple(3 if d is None else d for d in s)  # noqa: E731
+    a = rng.standard_normal(concrete(sa)).astype(np.float32)
+    b = rng.standard_normal(concrete(sb)).astype(np.float32)
+    inits = [onnx.numpy_helper.from_array(b, "b")] if b_is_weight else []
+    ins = [f32("a", ["N" if d is None else d for d in sa])] + ([] if b_is_weight else
+                                                             [f32("b", ["N" if d is None else d for d in sb])])
+    rank = len(np.matmul(a, b).shape)
+    m = make([helper.make_node("MatMul", ["a", "b"], ["y"])], ins, [out_of_rank("y", rank)], inits)
+    feeds = {"a": a} if b_is_weight else {"a": a, "b": b}
+    want = ort_run(m, feeds)[0]
+    for backend in ("numpy", "llvm"):
+        got = gc.compile(import_graph(m.SerializeToString()), backend=backend)(**feeds)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    if sa[0] is None and b_is_weight:       # the weight of a batched N-D MatMul is a trainable model weight
+        model = gc.onnx.import_model(m.SerializeToString())
+        assert list(model.weights) == ["onnx/b"]
+        np.testing.assert_allclose(model.predict(a), want, rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_broadcast_that_would_move_the_batch_is_refused():
+    m = make([helper.make_node("MatMul", ["a", "b"], ["y"])], [f32("a", ["N", 4]), f32("b", [2, 4, 3])],
+             [out_of_rank("y", 2)])
+    with pytest.raises(OnnxImportError, match="would move the dynamic batch"):
+        import_graph(m.SerializeToString())
+
+
+@pytest.mark.parametrize("op", ["SoftmaxCrossEntropyLoss", "NegativeLogLikelihoodLoss"])
+def test_losses_with_constant_targets_after_a_conv_and_integer_input_misuse(op):
+    """A loss over a conv's channels-last scores (the class axis is the channels), with targets as an
+    initializer; an integer graph input used as anything but a loss target is refused."""
+    rng = np.random.default_rng(14)
+    w = onnx.numpy_helper.from_array(rng.standard_normal((5, 2, 3, 3)).astype(np.float32), "w")
+    t = onnx.numpy_helper.from_array(rng.integers(0, 5, (1, 4, 4)).astype(np.int64), "t")
+    cw = onnx.numpy_helper.from_array(rng.uniform(0.5, 2, 5).astype(np.float32), "cw")
+    m = make([helper.make_node("Conv", ["x", "w"], ["s"]),
+              helper.make_node(op, ["s", "t", "cw"], ["loss"], reduction="mean", ignore_index=3)],
+             [f32("x", [1, 2, 6, 6])], [f32("loss", [])],
+             [w, t, cw], opset=13)
+    x = rng.standard_normal((1, 2, 6, 6)).astype(np.float32)
+    want = ort_run(m, {"x": x})[0]
+    for backend in ("numpy", "llvm"):
+        got = gc.compile(import_graph(m.SerializeToString()), backend=backend)(x=x)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    bad = make([helper.make_node("Cast", ["i"], ["f"], to=TensorProto.FLOAT),
+                helper.make_node("Add", ["x", "f"], ["y"])],
+               [f32("x", ["N", 3]), helper.make_tensor_value_info("i", TensorProto.INT64, ["N", 3])],
+               [f32("y", ["N", 3])])
+    with pytest.raises(OnnxImportError, match="'i' has element type INT64.*only be the target of a loss"):
+        import_graph(bad.SerializeToString())

@@ -463,35 +463,76 @@ def _pool(op):
     def rule(imp, ins, attrs):
         x = ins[0]
         kernel = attrs["kernel_shape"]
-        if any(d != 1 for d in attrs.get("dilations", [])):
-            imp.fail(f"dilations {list(attrs['dilations'])} are not supported for pooling")
         if int(attrs.get("storage_order", 0)) != 0:
             imp.fail("storage_order=1 is not supported")
-        v, kernel, strides, _, pads, lifted = _window(imp, x, attrs, kernel)
-        if int(attrs.get("ceil_mode", 0)):
-            pads = _ceil_pads(imp, op, v.shape[1:3], kernel, strides, pads, attrs)
-        kw = dict(pool=kernel, stride=strides, padding=pads)
+        v, kernel, strides, dil, pads, lifted = _window(imp, x, attrs, kernel)
+        include = bool(int(attrs.get("count_include_pad", 0))) if op == "avg_pool2d" else False
+        ceil_pads = _ceil_pads(v.shape[1:3], kernel, strides, dil, pads) if int(attrs.get("ceil_mode", 0)) else pads
+        partial = ceil_pads != pads and include     # a ceil window past the explicit pads: its own divisor
+        if any(d != 1 for d in dil) or partial:
+            return [_window_out(imp, _pool_by_taps(imp, op, v, kernel, strides, dil, pads, ceil_pads, include),
+                                lifted)]
+        kw = dict(pool=kernel, stride=strides, padding=ceil_pads)
         if op == "avg_pool2d":
-            kw["count_include_pad"] = bool(attrs.get("count_include_pad", 0))
+            kw["count_include_pad"] = include
         return [_window_out(imp, emit(op, v, **kw), lifted)]
     return rule
 
 
-def _ceil_pads(imp, op, in_hw, kernel, strides, pads, attrs):
+def _ceil_pads(in_hw, kernel, strides, dil, pads):
     """ceil_mode=1 as extra end padding: the output gains a last, partial window when one starts inside
-    the input or its begin/end padding (ONNX drops a window that would start in the extra part only).
-    Max pooling ignores padding; average pooling without count_include_pad divides by the real
-    elements, as ONNX Runtime does; with count_include_pad the partial window's divisor differs, refused."""
+    the input or its begin/end padding (ONNX drops a window that would start in the extra part only)."""
     out = []
-    for size, k, s, (p0, p1) in zip(in_hw, kernel, strides, pads):
-        n = -(-(size + p0 + p1 - k) // s) + 1
+    for size, k, s, d, (p0, p1) in zip(in_hw, kernel, strides, dil, pads):
+        e = (k - 1) * d + 1
+        n = -(-(size + p0 + p1 - e) // s) + 1
         if (n - 1) * s >= size + p0:
             n -= 1
-        extra = max((n - 1) * s + k - (size + p0 + p1), 0)
-        if extra and op == "avg_pool2d" and int(attrs.get("count_include_pad", 0)):
-            imp.fail("ceil_mode=1 with count_include_pad=1 and a partial last window is not supported")
+        extra = max((n - 1) * s + e - (size + p0 + p1), 0)
         out.append((p0, p1 + extra))
     return tuple(out)
+
+
+def _pool_by_taps(imp, op, v, kernel, strides, dil, pads, ceil_pads, include):
+    """A dilated pool (or an average with count_include_pad whose ceil_mode window passes the explicit
+    pads) from registry ops: the input padded (-inf for max, 0 for average), one strided view per
+    kernel tap (slice, then a 1x1 max pool with the stride to subsample), the taps side by side as
+    (N, oh*ow, taps, C), then a (1, taps) max pool, or a sum divided by each window's count of
+    counted taps (inside the input, or with count_include_pad inside input + explicit pads), computed
+    at import as ONNX Runtime counts them."""
+    n, h, w, c = v.shape
+    (t0, t1), (l0, l1) = ceil_pads
+    fill = float("-inf") if op == "max_pool2d" else 0.0
+    xp = emit("pad", v, padding=ceil_pads, value=fill) if (t0, t1, l0, l1) != (0, 0, 0, 0) else v
+    hp, wp = h + t0 + t1, w + l0 + l1
+    ext = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
+    oh, ow = (hp - ext[0]) // strides[0] + 1, (wp - ext[1]) // strides[1] + 1
+    taps = []
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            y = xp
+            for ax, start, size, out, s in ((1, i * dil[0], hp, oh, strides[0]), (2, j * dil[1], wp, ow, strides[1])):
+                stop = start + (out - 1) * s + 1
+                if (start, stop) != (0, size):
+                    y = emit("slice", y, axis=ax, start=start, stop=stop)
+            if strides != (1, 1):
+                y = emit("max_pool2d", y, pool=(1, 1), stride=strides, padding=((0, 0), (0, 0)))
+            taps.append(imp.reshape(y, (n, oh * ow, 1, c)))
+    kk = len(taps)
+    stacked = taps[0] if kk == 1 else emit("concat", *taps, axis=2)
+    if op == "max_pool2d":
+        y = emit("max_pool2d", stacked, pool=(1, kk), stride=(1, kk), padding=((0, 0), (0, 0)))
+        return imp.reshape(y, (n, oh, ow, c))
+    total = imp.reshape(emit("reduce_sum", stacked, axis=(2,), keepdims=False), (n, oh, ow, c))
+    # counted taps per output position: rows/cols inside [lo, hi) of the padded input
+    lo = (0, 0) if include else (t0, l0)
+    hi = (t0 + h + pads[0][1], l0 + w + pads[1][1]) if include else (t0 + h, l0 + w)
+    counts = []
+    for ax in range(2):
+        pos = np.arange(oh if ax == 0 else ow)[:, None] * strides[ax] + np.arange(kernel[ax])[None, :] * dil[ax]
+        counts.append(((pos >= lo[ax]) & (pos < hi[ax])).sum(axis=1))
+    count = (counts[0][:, None] * counts[1][None, :]).astype(np.float32)
+    return emit("div", total, imp.const_value(count.reshape(1, oh, ow, 1)))
 
 
 def conv_transpose(imp, ins, attrs):
@@ -712,9 +753,10 @@ def matmul(imp, ins, attrs):
 
 def _matmul_nd(imp, a, b):
     """MatMul of 1-D or N-D operands with NumPy's rules (a 1-D A is a row, a 1-D B a column, both removed
-    from the result; the axes before the last two broadcast). With A's leading axes fixed and B a 2-D
-    weight it is one dense on A reshaped to 2-D; otherwise A (..., M, K, 1) * B (..., 1, K, N) summed
-    over K: exact products, the sum in a different order than a GEMM."""
+    from the result; the axes before the last two broadcast) as A (..., M, K, 1) * B (..., 1, K, N)
+    summed over K: exact products, the sum in a different order than a GEMM. (Not a dense on A
+    reshaped to 2-D: that needs A's leading axes fixed, and the LLVM backend's dense is wrong on a
+    fixed first axis > 1, see tests/test_onnx_node_cases.py BACKEND_BUGS.)"""
     av, bv = imp.value(a, PLAIN), imp.value(b, PLAIN)
     drop = []
     if a.rank == 1:
@@ -722,22 +764,17 @@ def _matmul_nd(imp, a, b):
     if b.rank == 1:
         bv, drop = imp.reshape(bv, tuple(bv.shape) + (1,)), drop + [-1]
     sa, sb = tuple(av.shape), tuple(bv.shape)
-    k, m, n = sa[-1], sa[-2], sb[-1]
+    k, n = sa[-1], sb[-1]
     if sb[-2] != k:
         imp.fail(f"inner dimensions differ: {list(a.shape)} @ {list(b.shape)}")
-    if len(sb) == 2 and b.const is not None and None not in sa:
-        lead = sa[:-2]
-        flat = imp.reshape(av, (int(np.prod(lead + (m,))), k))
-        y = imp.reshape(emit("dense", flat, bv), lead + (m, n))
-    else:
-        r = max(len(sa), len(sb))
-        for v, s in ((av, sa), (bv, sb)):
-            if len(s) < r and s[0] is None:
-                imp.fail(f"the batched operand {list(s)} has fewer axes than the other; broadcasting would move "
-                         f"the dynamic batch")
-        av = imp.reshape(av, (1,) * (r - len(sa)) + sa + (1,))
-        bv = imp.reshape(bv, (1,) * (r - len(sb)) + sb[:-2] + (1, k, n))
-        y = emit("reduce_sum", emit("mul", av, bv), axis=(r - 1,), keepdims=False)
+    r = max(len(sa), len(sb))
+    for s in (sa, sb):
+        if len(s) < r and s[0] is None:
+            imp.fail(f"the batched operand {list(s)} has fewer axes than the other; broadcasting would move "
+                     f"the dynamic batch")
+    av = imp.reshape(av, (1,) * (r - len(sa)) + sa + (1,))
+    bv = imp.reshape(bv, (1,) * (r - len(sb)) + sb[:-2] + (1, k, n))
+    y = emit("reduce_sum", emit("mul", av, bv), axis=(r - 1,), keepdims=False)
     if drop:
         shape = list(y.shape)
         for ax in sorted((len(shape) + d for d in drop), reverse=True):
