@@ -164,7 +164,7 @@ def test_cnn_examples_export_and_ort_matches_graphcnn(example, backend, tmp_path
 
 def test_activation_table_slice_reduce_sum_and_transposed_conv_export(tmp_path):
     """leaky_relu and clip fused into conv/dense and standalone, a channel slice, reduce_sum (kept and
-    not), rsqrt, and conv2d_grad_input (ONNX ConvTranspose) through ONNX Runtime."""
+    not), rsqrt, div, and conv2d_grad_input (ONNX ConvTranspose) through ONNX Runtime."""
     rng = np.random.default_rng(11)
     g = gc.Graph("acts")
     x = g.input("x", (None, 8, 6, 3))
@@ -180,15 +180,17 @@ def test_activation_table_slice_reduce_sum_and_transposed_conv_export(tmp_path):
     h = gc.ops.flatten(gc.ops.mul(up, r))
     d = gc.ops.clip(gc.ops.dense(h, c(rng.standard_normal((h.shape[1], 5)) * 0.1), c(rng.standard_normal(5))),
                     None, 0.5)                                           # fused, upper bound only
-    g.output(d, gc.ops.reduce_sum(z, axis=(1, 2)), up)
+    q = emit("div", up, gc.ops.add(gc.ops.mul(s, s), c(1.0)))              # 4-D div, broadcast (N,1,1,C)
+    g.output(d, gc.ops.reduce_sum(z, axis=(1, 2)), up, q)
     xs = rng.standard_normal((3, 8, 6, 3)).astype(np.float32)
     path = str(tmp_path / "acts.onnx")
     export(g, path)
     ops = [n.op_type for n in onnx.load(path).graph.node]
-    assert {"LeakyRelu", "Clip", "Slice", "ReduceSum", "ConvTranspose", "Reciprocal"} <= set(ops)
+    assert {"LeakyRelu", "Clip", "Slice", "ReduceSum", "ConvTranspose", "Reciprocal", "Div"} <= set(ops)
     got = run_ort(path, {"x": xs.transpose(0, 3, 1, 2)})
     for backend in ("numpy", "llvm"):
         want = gc.compile(g, backend=backend)(x=xs)
         np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(got[2], want[2].transpose(0, 3, 1, 2), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got[3], want[3].transpose(0, 3, 1, 2), rtol=1e-5, atol=1e-6)
