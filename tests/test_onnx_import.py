@@ -553,3 +553,22 @@ def test_losses_with_constant_targets_after_a_conv_and_integer_input_misuse(op):
                [f32("y", ["N", 3])])
     with pytest.raises(OnnxImportError, match="'i' has element type INT64.*only be the target of a loss"):
         import_graph(bad.SerializeToString())
+
+
+def test_import_model_freezes_weights_that_would_get_no_gradient():
+    """ConvTranspose is conv2d_grad_input, which has no gradient rule: its weight is non-trainable
+    (visible in the model) rather than a trainable weight that fit silently never changes."""
+    w = onnx.numpy_helper.from_array(np.ones((2, 3, 3, 3), np.float32), "w")
+    b = onnx.numpy_helper.from_array(np.zeros(108, np.float32), "b")
+    m = make([helper.make_node("ConvTranspose", ["x", "w"], ["t"]), helper.make_node("Flatten", ["t"], ["f"]),
+              helper.make_node("Add", ["f", "b"], ["y"])],
+             [f32("x", ["N", 2, 4, 4])], [f32("y", ["N", 108])], [w, b])
+    model = gc.onnx.import_model(m.SerializeToString())
+    assert model._trainable == ["onnx/b"]
+    model.compile(loss="mse", backend="numpy")
+    x = np.random.default_rng(15).standard_normal((4, 2, 4, 4)).astype(np.float32)
+    before = model.get_weights()
+    model.fit(x, np.ones((4, 108), np.float32), epochs=1, verbose=0)
+    after = model.get_weights()
+    np.testing.assert_array_equal(after["onnx/w"], before["onnx/w"])
+    assert not np.array_equal(after["onnx/b"], before["onnx/b"])

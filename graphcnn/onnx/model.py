@@ -6,8 +6,9 @@ layer's config holds the imported graph's IR JSON (params only, no data), so a s
 same layer from meta.json and takes the weights from weights.npz like any other model; loading
 re-validates every op and shape through the registry (ir.serialize.graph_from_json).
 
-Batch-normalization statistics and the constants the importer made (folded shapes, composed
-activations' slopes) are non-trainable weights: fine-tuning keeps inference-mode batch norm (the moving
+Batch-normalization statistics, the constants the importer made (folded shapes, composed activations'
+slopes) and weights used only through ops without a gradient rule (ConvTranspose) are non-trainable
+weights: fine-tuning keeps inference-mode batch norm (the moving
 statistics are used and left unchanged), which is what fine-tuning an imported classifier usually wants.
 """
 from __future__ import annotations
@@ -83,6 +84,18 @@ class OnnxGraph(L.Layer):
 L.LAYER_TYPES.setdefault("OnnxGraph", OnnxGraph)     # so .gcnn files holding one load (model_from_config)
 
 
+def _reach_outputs_differentiably(g) -> set:
+    """Names of the values with a path to an output through ops that have a gradient rule: a weight
+    used only through others (ConvTranspose's conv2d_grad_input) would get no gradient, so it is frozen
+    instead of silently never changing."""
+    from ir.ops import get_op
+    live = {v.name for v in g.outputs}
+    for n in reversed(g.nodes):
+        if get_op(n.op).differentiable and any(o.name in live for o in n.outputs):
+            live.update(v.name for v in n.inputs)
+    return live
+
+
 def _model_name(name):
     ok = name and name.replace("_", "a").isascii() and name.replace("_", "a").isalnum()
     return name if ok else "onnx_model"
@@ -111,7 +124,8 @@ def import_model(path_or_bytes, static_inputs=None, name=None, layout="nchw"):
             raise OnnxImportError(f"{src}: input {v.name!r} has the fixed first axis {v.shape[0]}; import_model "
                                   f"needs a dynamic batch (torch.onnx.export(..., dynamic_axes={{{v.name!r}: "
                                   f"{{0: 'N'}}}})) or use import_graph")
-    frozen = sorted(p.name for p in g.params if p.name in imp.frozen)
+    learnable = _reach_outputs_differentiably(g)
+    frozen = sorted(p.name for p in g.params if p.name in imp.frozen or p.name not in learnable)
     layer = OnnxGraph(graph_to_json(g), frozen=frozen, name=LAYER_NAME)
     inputs = [L.Input(tuple(v.shape[1:]), name=f"input_{i}" if len(g.inputs) > 1 else "input")
               for i, v in enumerate(g.inputs)]
