@@ -539,8 +539,20 @@ def conv_transpose(imp, ins, attrs):
     """ConvTranspose as the registry's conv2d_grad_input (the transposed convolution): W (C_in, C_out/g,
     kh, kw) -> HWIO (kh, kw, C_out/g, C_in). Groups: one conv2d_grad_input per group on its slice of
     the input channels and of the kernel, concatenated along the channels. output_shape and SAME
-    auto_pad become pads as the ONNX spec computes them."""
+    auto_pad become pads as the ONNX spec computes them. 1-D is lifted to 2-D (a height-1 image), as Conv."""
     x, w, b = (ins + [None, None])[:3]
+    if x.rank == 3 and w.rank == 3:
+        lift = {k: [1] + list(attrs[k]) for k in ("kernel_shape", "strides", "dilations", "output_padding",
+                                                  "output_shape") if k in attrs}
+        if "pads" in attrs:
+            p = list(attrs["pads"])
+            lift["pads"] = [0] + p[:1] + [0] + p[1:]
+        x4 = Tensor(imp.reshape(imp.value(x, PLAIN), (x.shape[0], x.shape[1], 1, x.shape[2])))
+        w4 = Tensor(const=w.const[:, :, None, :], init=w.init) if w.const is not None else \
+            Tensor(imp.reshape(imp.value(w, PLAIN), tuple(w.shape[:2]) + (1, w.shape[2])))
+        y = conv_transpose(imp, [x4, w4, b], {**attrs, **lift})[0]
+        v = y.value                                        # (N, 1, L, C) channels last -> (N, L, C)
+        return [Tensor(imp.reshape(v, (v.shape[0],) + tuple(v.shape[2:])), CHANNELS_LAST)]
     groups = int(attrs.get("group", 1))
     auto = attrs.get("auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
@@ -611,9 +623,20 @@ def _global_pool(op):
 
 
 def batch_normalization(imp, ins, attrs):
+    """Inference: the registry's batch_norm with the given statistics. training_mode=1: batch_norm_train
+    (the batch's statistics, biased variance, as ONNX) and the running statistics' update
+    input * momentum + batch * (1 - momentum) as outputs 1 and 2."""
     x, scale, bias, mean, var = ins[:5]
     if int(attrs.get("training_mode", 0)):
-        imp.fail("training_mode=1 is not supported (import inference models)")
+        if x.rank < 2:
+            imp.fail(f"input of rank {x.rank}: needs (N, C, ...)")
+        layout = CHANNELS_LAST if x.rank >= 3 else PLAIN
+        eps, mom = float(attrs.get("epsilon", 1e-5)), float(attrs.get("momentum", 0.9))
+        y, bm, bv = emit("batch_norm_train", imp.value(x, layout), imp.value(scale, PLAIN), imp.value(bias, PLAIN),
+                         epsilon=eps)
+        run = [emit("add", emit("scale", imp.value(t, PLAIN), factor=mom), emit("scale", b, factor=1.0 - mom))
+               for t, b in ((mean, bm), (var, bv))]
+        return [Tensor(y, layout), Tensor(run[0]), Tensor(run[1])]
     if not int(attrs.get("spatial", 1)):
         imp.fail("spatial=0 (per-element statistics, opsets before 9) is not supported")
     if x.rank < 2:
