@@ -628,6 +628,9 @@ def batch_normalization(imp, ins, attrs):
     input * momentum + batch * (1 - momentum) as outputs 1 and 2."""
     x, scale, bias, mean, var = ins[:5]
     if int(attrs.get("training_mode", 0)):
+        if len(imp.node.output) != 3:
+            imp.fail(f"training_mode=1 needs the 3 outputs Y, running_mean, running_var (as the spec and ONNX "
+                     f"Runtime require), this node has {len(imp.node.output)}")
         if x.rank < 2:
             imp.fail(f"input of rank {x.rank}: needs (N, C, ...)")
         layout = CHANNELS_LAST if x.rank >= 3 else PLAIN
