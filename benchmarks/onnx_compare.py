@@ -11,23 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
-
-import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
-
-def timed(fn, repeats):
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def main(argv=None):
@@ -37,43 +24,12 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--batches", default="1,64")
+    p.add_argument("--backends", default="llvm")
     a = p.parse_args(argv)
-
-    import onnxruntime as ort
-    import graphcnn as gc
     from backends.llvm import compile_llvm  # noqa: F401  (fails early when LLVM is unavailable)
-
-    print(f"load average before: {os.getloadavg()}")
-    g = gc.onnx.import_graph(a.model)
-    name = g.inputs[0].name
-    fn = gc.compile(g, backend="llvm", threads=a.threads)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = a.threads
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(a.model, so, providers=["CPUExecutionProvider"])
-    shape = g.inputs[0].shape[1:]
-    rng = np.random.default_rng(0)
-    for batch in [int(b) for b in a.batches.split(",")]:
-        x = rng.standard_normal((batch,) + tuple(shape)).astype(np.float32)
-        want = sess.run(None, {name: x})[0]
-        got = fn(**{name: x})
-        err = float(np.max(np.abs(got - want)) / max(1e-30, float(np.max(np.abs(want)))))
-        runs = {"graphcnn-llvm": lambda: fn(**{name: x}), "onnxruntime": lambda: sess.run(None, {name: x})}
-        for f in runs.values():          # warm-up
-            f()
-            f()
-        times = {k: [] for k in runs}
-        for _ in range(a.rounds):
-            for k, f in runs.items():
-                times[k].append(timed(f, a.repeats))
-        med = {k: statistics.median(v) for k, v in times.items()}
-        print(f"batch {batch} (max rel. difference {err:.1e}, {a.threads} threads, {a.rounds} rounds x "
-              f"{a.repeats} calls):")
-        for k, t in med.items():
-            rate = f"{batch / t:,.0f} images/s" if batch > 1 else f"{t * 1e6:,.1f} µs"
-            print(f"  {k:14s} {rate}   (median {t * 1e3:.3f} ms per call)")
-        print(f"  graphcnn / onnxruntime time: {med['graphcnn-llvm'] / med['onnxruntime']:.2f}")
-    print(f"load average after: {os.getloadavg()}")
+    from graphcnn.onnx.compare import compare
+    compare(a.model, threads=a.threads, batches=[int(b) for b in a.batches.split(",")], rounds=a.rounds,
+            repeats=a.repeats, backends=a.backends.split(","))
 
 
 if __name__ == "__main__":

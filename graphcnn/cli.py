@@ -28,8 +28,10 @@ def load_model_source(spec: str, input_shape=None):
     if spec.endswith(".gcnn"):
         return load_model(spec)
     if spec.lower().endswith(".onnx"):
-        raise UsageError(f"{spec}: an .onnx MODEL is an inference graph here (show, compile, export); "
-                         f"training an ONNX model is not supported yet")
+        if input_shape is not None:
+            raise UsageError(f"{spec}: an ONNX model's input shape is fixed by the file; it cannot be rebuilt "
+                             f"for {'x'.join(map(str, input_shape))} images")
+        return load_onnx_model(spec)
     path, _, name = spec.partition(":")
     name = name or "model"
     if not os.path.isfile(path):
@@ -58,6 +60,23 @@ def load_model_source(spec: str, input_shape=None):
         raise UsageError(f"{spec}: {name!r} is a {type(obj).__name__}, not a graphcnn model (gc.Model or gc.Sequential)")
     obj.train_config = dict(getattr(mod, "TRAIN", {}) or {})
     return obj
+
+
+def load_onnx_model(path):
+    """An .onnx MODEL as a trainable gc.Model taking images channels last (NHWC, what the image readers
+    give), compiled with sparse cross-entropy on logits unless the graph ends in a softmax."""
+    from ir.ops import view_ops
+    from .onnx import import_model
+    if not os.path.isfile(path):
+        raise UsageError(f"model file {path!r} not found")
+    model = import_model(path, layout="nhwc")
+    out = model.inference_graph().outputs[0]
+    while out.producer is not None and out.producer.op in view_ops():
+        out = out.producer.inputs[0]
+    probabilities = out.producer is not None and out.producer.op == "softmax"
+    model.compile(loss={"name": "sparse_categorical_crossentropy", "from_logits": not probabilities},
+                  metrics=["accuracy"])
+    return model
 
 
 def load_graph_for(spec):
@@ -266,8 +285,12 @@ def _train(a, root):
 
 
 def cmd_run(a):
-    from .artifact import load
-    rt = load(a.artifact, backend=a.backend)
+    from .artifact import Runtime, load
+    if a.artifact.lower().endswith(".onnx"):       # images in channels last, like a .gcnn of the same net
+        m = load_onnx_model(a.artifact)
+        rt = Runtime(m.inference_graph(), m.weights, {}, backend=a.backend)
+    else:
+        rt = load(a.artifact, backend=a.backend)
     x = preprocess(read_inputs(a.inputs), rt.meta)
     probs = rt.predict(x)
     for c in probs.argmax(-1):
@@ -392,6 +415,10 @@ def cmd_export(a):
 
 
 def cmd_bench(a):
+    if a.model.lower().endswith(".onnx"):        # the peer is ONNX Runtime on the same file
+        from .onnx.compare import run_cli
+        run_cli(a)
+        return EXIT_OK
     from .bench import run
     run(a)            # bad options are a GraphcnnError (exit 2) before any model is built
     return EXIT_OK

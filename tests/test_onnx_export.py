@@ -13,6 +13,7 @@ import pytest
 import graphcnn as gc
 from graphcnn.cli import main
 from graphcnn.onnx import OnnxExportError, export, import_graph
+from ir.ops import emit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -132,3 +133,64 @@ def test_cli_export(tmp_path, capsys):
     assert main(["export", src, "-o", again]) == 0
     x = np.random.default_rng(5).standard_normal((2, 3, 16, 16)).astype(np.float32)
     np.testing.assert_allclose(run_ort(again, {"input": x})[0], run_ort(src, {"input": x})[0], rtol=1e-5, atol=1e-6)
+
+
+def randomized(model, seed):
+    """The model with every 1-D weight (biases, batch-norm gamma/beta/mean/var) random, so a misplaced
+    bias or statistic cannot hide behind Keras's zero/one initial values."""
+    model.build()
+    rng = np.random.default_rng(seed)
+    model.set_weights({k: (rng.uniform(0.5, 2.0, v.shape) if k.endswith(("variance", "var", "gamma")) else
+                           rng.uniform(-0.3, 0.3, v.shape)) for k, v in model.get_weights().items() if v.ndim == 1})
+    return model
+
+
+@pytest.mark.parametrize("backend", ["numpy", "llvm"])
+@pytest.mark.parametrize("example", ["resnet8", "mobilenet_tiny"])
+def test_cnn_examples_export_and_ort_matches_graphcnn(example, backend, tmp_path):
+    """batch norm, depthwise conv, residual adds, clip (relu6) fused into convs, global pooling."""
+    m = randomized(load_example(example), 7)
+    m.compile(backend=backend)
+    path = str(tmp_path / f"{example}.onnx")
+    export(m, path)
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto, full_check=True)
+    assert "Transpose" not in [n.op_type for n in proto.graph.node]       # NCHW from input to output
+    x = np.random.default_rng(8).random((4,) + m.input_shape, np.float32)
+    want = m.predict(x)
+    got = run_ort(path, {proto.graph.input[0].name: x.transpose(0, 3, 1, 2)})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_activation_table_slice_reduce_sum_and_transposed_conv_export(tmp_path):
+    """leaky_relu and clip fused into conv/dense and standalone, a channel slice, reduce_sum (kept and
+    not), rsqrt, div, and conv2d_grad_input (ONNX ConvTranspose) through ONNX Runtime."""
+    rng = np.random.default_rng(11)
+    g = gc.Graph("acts")
+    x = g.input("x", (None, 8, 6, 3))
+    c = lambda a: g.const(None, np.asarray(a, np.float32))  # noqa: E731
+    y = gc.ops.conv2d(x, c(rng.standard_normal((3, 3, 3, 6))), c(rng.standard_normal(6)), padding="same")
+    y = gc.ops.leaky_relu(y, alpha=0.2)                                  # fused into the conv
+    z = gc.ops.clip(emit("slice", y, axis=-1, start=1, stop=5), 0.0, 0.8)  # standalone (slice between)
+    z = gc.ops.leaky_relu(gc.ops.mul(z, z), alpha=0.05)                   # standalone
+    up = emit("conv2d_grad_input", z, c(rng.standard_normal((3, 3, 2, 4))), stride=(2, 2),
+              padding=((1, 1), (0, 1)), dilation=(1, 1), input_shape=(15, 12, 2))
+    s = gc.ops.reduce_sum(up, axis=(1, 2), keepdims=True)
+    r = emit("rsqrt", gc.ops.add(gc.ops.mul(s, s), c(1.0)))
+    h = gc.ops.flatten(gc.ops.mul(up, r))
+    d = gc.ops.clip(gc.ops.dense(h, c(rng.standard_normal((h.shape[1], 5)) * 0.1), c(rng.standard_normal(5))),
+                    None, 0.5)                                           # fused, upper bound only
+    q = emit("div", up, gc.ops.add(gc.ops.mul(s, s), c(1.0)))              # 4-D div, broadcast (N,1,1,C)
+    g.output(d, gc.ops.reduce_sum(z, axis=(1, 2)), up, q)
+    xs = rng.standard_normal((3, 8, 6, 3)).astype(np.float32)
+    path = str(tmp_path / "acts.onnx")
+    export(g, path)
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert {"LeakyRelu", "Clip", "Slice", "ReduceSum", "ConvTranspose", "Reciprocal", "Div"} <= set(ops)
+    got = run_ort(path, {"x": xs.transpose(0, 3, 1, 2)})
+    for backend in ("numpy", "llvm"):
+        want = gc.compile(g, backend=backend)(x=xs)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got[2], want[2].transpose(0, 3, 1, 2), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got[3], want[3].transpose(0, 3, 1, 2), rtol=1e-5, atol=1e-6)

@@ -21,7 +21,8 @@ from graphcnn.onnx import OnnxImportError, import_graph  # noqa: E402
 
 OPS = ("Conv ConvTranspose Relu MaxPool AveragePool GlobalAveragePool GlobalMaxPool BatchNormalization Gemm MatMul Add Sub Mul "
        "Div Flatten Reshape Transpose Concat Squeeze Unsqueeze Identity Dropout Constant Softmax LogSoftmax "
-       "LeakyRelu Sigmoid Tanh Clip HardSigmoid HardSwish PRelu Pad ReduceMean").split()
+       "LeakyRelu Sigmoid Tanh Clip HardSigmoid HardSwish PRelu Pad ReduceMean SoftmaxCrossEntropyLoss "
+       "NegativeLogLikelihoodLoss").split()
 
 # case name -> why it is left out: a substring of the importer's one error for it. Reasons: integer
 # element types (graphcnn computes float32); pooling dilations, 3-D windows, average pooling
@@ -35,25 +36,16 @@ LEFT_OUT: dict[str, str] = {
     "test_add_uint32": "element type",
     "test_add_uint64": "element type",
     "test_add_uint8": "element type",
-    "test_averagepool_2d_dilations": "dilations",
     "test_averagepool_3d_default": "only 1-D and 2-D windows",
-    "test_averagepool_3d_dilations_large_count_include_pad_is_0_ceil_mode_is_False": "dilations",
-    "test_averagepool_3d_dilations_large_count_include_pad_is_0_ceil_mode_is_True": "dilations",
-    "test_averagepool_3d_dilations_large_count_include_pad_is_1_ceil_mode_is_False": "dilations",
-    "test_averagepool_3d_dilations_large_count_include_pad_is_1_ceil_mode_is_True": "dilations",
-    "test_averagepool_3d_dilations_small": "dilations",
-    "test_batchnorm_epsilon_training_mode": "training_mode",
-    "test_batchnorm_example_training_mode": "training_mode",
+    "test_averagepool_3d_dilations_large_count_include_pad_is_0_ceil_mode_is_False": "only 1-D and 2-D windows",
+    "test_averagepool_3d_dilations_large_count_include_pad_is_0_ceil_mode_is_True": "only 1-D and 2-D windows",
+    "test_averagepool_3d_dilations_large_count_include_pad_is_1_ceil_mode_is_False": "only 1-D and 2-D windows",
+    "test_averagepool_3d_dilations_large_count_include_pad_is_1_ceil_mode_is_True": "only 1-D and 2-D windows",
+    "test_averagepool_3d_dilations_small": "only 1-D and 2-D windows",
     "test_clip_default_int8_inbounds": "element type",
     "test_clip_default_int8_max": "element type",
     "test_clip_default_int8_min": "element type",
-    "test_convtranspose_1d": "only 2-D ConvTranspose",
     "test_convtranspose_3d": "only 2-D ConvTranspose",
-    "test_convtranspose_autopad_same": "is not supported (NOTSET or VALID)",
-    "test_convtranspose_group_2": "group > 1",
-    "test_convtranspose_group_2_image_3": "group > 1",
-    "test_convtranspose_kernel_shape": "output_shape is not supported",
-    "test_convtranspose_output_shape": "output_shape is not supported",
     "test_div_int16": "element type",
     "test_div_int32_trunc": "element type",
     "test_div_int8": "element type",
@@ -64,18 +56,11 @@ LEFT_OUT: dict[str, str] = {
     "test_dropout_default_mask": "output 1",
     "test_dropout_default_mask_ratio": "output 1",
     "test_edge_pad": "element type",
-    "test_matmul_1d_1d": "only 2-D MatMul",
-    "test_matmul_1d_3d": "only 2-D MatMul",
-    "test_matmul_3d": "only 2-D MatMul",
-    "test_matmul_4d": "only 2-D MatMul",
-    "test_matmul_4d_1d": "only 2-D MatMul",
-    "test_matmul_bcast": "only 2-D MatMul",
-    "test_maxpool_2d_dilations": "dilations",
     "test_maxpool_2d_uint8": "element type",
     "test_maxpool_3d_default": "only 1-D and 2-D windows",
-    "test_maxpool_3d_dilations": "dilations",
-    "test_maxpool_3d_dilations_use_ref_impl": "dilations",
-    "test_maxpool_3d_dilations_use_ref_impl_large": "dilations",
+    "test_maxpool_3d_dilations": "only 1-D and 2-D windows",
+    "test_maxpool_3d_dilations_use_ref_impl": "only 1-D and 2-D windows",
+    "test_maxpool_3d_dilations_use_ref_impl_large": "only 1-D and 2-D windows",
     "test_maxpool_with_argmax_2d_precomputed_pads": "output 1",
     "test_maxpool_with_argmax_2d_precomputed_strides": "storage_order",
     "test_mul_int16": "element type",
@@ -101,6 +86,13 @@ LEFT_OUT: dict[str, str] = {
     "test_wrap_pad": "element type",
 }
 
+# (case, backend) -> a backend bug the case exposes (strict xfail: it fails until the bug is fixed, then
+# this entry must go). The importer's graph is right: the NumPy backend matches ONNX Runtime on it.
+BACKEND_BUGS: dict = {
+    ("test_convtranspose_group_2_image_3", "llvm"):
+        "LLVM backend: conv-family kernels loop over the call's dynamic batch n, so a graph whose first axis "
+        "is fixed at 3 (no dynamic batch) computes only sample 0 and leaves the rest garbage",
+}
 
 NOT_TENSORS: list = []
 
@@ -128,14 +120,16 @@ RESULTS: dict = {}
 
 def _static_inputs(case, feeds):
     """Freeze the operands a graphcnn graph cannot take at run time: integer operands after the data
-    (shapes, axes, pads) and the operands after the first of Clip and Pad (bounds and pad values)."""
+    (shapes, axes, pads) and the operands after the first of Clip and Pad (bounds and pad values). The
+    integer targets of the loss ops stay run-time inputs (fed as numbers)."""
     g = case.model.graph
     init = {i.name for i in g.initializer}
     ops = {n.op_type for n in g.node}
+    targets = {n.input[1] for n in g.node if n.op_type in ("SoftmaxCrossEntropyLoss", "NegativeLogLikelihoodLoss")}
     static = {}
     for i, vi in enumerate(x for x in g.input if x.name not in init):
         a = feeds[vi.name]
-        if i > 0 and (a.dtype.kind != "f" or ops & {"Clip", "Pad"}):
+        if i > 0 and vi.name not in targets and (a.dtype.kind != "f" or ops & {"Clip", "Pad"}):
             static[vi.name] = a
     return static
 
@@ -168,9 +162,17 @@ def test_node_case(name, backend):
     fn = gc.compile(graph, backend=backend)
     got = fn(**{k: v.astype(np.float32) for k, v in feeds.items() if k not in static})
     got = got if isinstance(got, tuple) else (got,)
-    assert len(got) == len(want)
-    for gv, wv in zip(got, want):
-        np.testing.assert_allclose(gv, wv, rtol=1e-5, atol=1e-6, equal_nan=True)
+    bug = BACKEND_BUGS.get((name, backend))
+    try:
+        assert len(got) == len(want)
+        for gv, wv in zip(got, want):
+            np.testing.assert_allclose(gv, wv, rtol=1e-5, atol=1e-6, equal_nan=True)
+    except AssertionError:
+        if bug is None:
+            raise
+        RESULTS[(name, backend)] = "backend bug (xfail)"
+        pytest.xfail(bug)
+    assert bug is None, f"{name} on {backend} now matches ONNX Runtime: remove its BACKEND_BUGS entry"
     RESULTS[(name, backend)] = "pass"
 
 

@@ -157,13 +157,28 @@ class Exporter:
 # -- rules ------------------------------------------------------------------------------------------------
 
 def _activation(ex, node, name, form):
+    """The fused activation of a conv/dense (any entry of the activation table) applied to `name`."""
     act = node.attrs.get("activation", "linear")
     if act == "linear":
         return name
-    op = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh"}.get(act)
-    if op is None:
-        ex.fail(f"fused activation {act!r} has no ONNX export rule")
-    return ex.add(op, [name], hint=node.name)
+    return _table_activation(ex, act, dict(node.attrs.get("activation_params") or ()), name, node.name)
+
+
+def _table_activation(ex, act, params, name, hint):
+    """One activation-table entry as ONNX: Relu, Sigmoid, Tanh, LeakyRelu(alpha), Clip(min, max) with
+    its bounds as float scalar inputs (a None bound is an omitted input)."""
+    simple = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh"}
+    if act in simple:
+        return ex.add(simple[act], [name], hint=hint)
+    if act == "leaky_relu":
+        return ex.add("LeakyRelu", [name], hint=hint, alpha=float(params["alpha"]))
+    if act == "clip":
+        bounds = ["" if params.get(k) is None else ex.init(np.asarray(params[k], np.float32), k)
+                  for k in ("min_value", "max_value")]
+        while bounds and bounds[-1] == "":
+            bounds.pop()
+        return ex.add("Clip", [name] + bounds, hint=hint)
+    ex.fail(f"activation {act!r} has no ONNX export rule")
 
 
 def _pads(p):
@@ -236,6 +251,39 @@ def _unary(op):
         form = ex.preferred(x)
         ex.put(node.outputs[0], ex.add(op, [ex.get(x, form)], hint=node.name), form)
     return rule
+
+
+def table_activation(ex, node):
+    """A standalone activation-table op (leaky_relu, clip): same form in as out."""
+    x = node.inputs[0]
+    form = ex.preferred(x)
+    ex.put(node.outputs[0], _table_activation(ex, node.op, dict(node.attrs), ex.get(x, form), node.name), form)
+
+
+def conv2d_grad_input(ex, node):
+    """The transposed convolution (what the importer makes of ConvTranspose): W HWIO (kh, kw, C_out,
+    C_in) -> ONNX (C_in, C_out, kh, kw); output_padding gives the end rows the forward conv's floor drops."""
+    x, w = node.inputs
+    W = ex.const_of(w)
+    if W is None:
+        ex.fail("the kernel must be a param or constant")
+    a = node.attrs
+    (t, b), (l, r) = a["padding"]
+    s, d = a["stride"], a["dilation"]
+    kh, kw = W.shape[:2]
+    oh, ow = a["input_shape"][:2]
+    ih, iw = x.shape[1:3]
+    outpad = [oh - (s[0] * (ih - 1) + (kh - 1) * d[0] + 1 - t - b), ow - (s[1] * (iw - 1) + (kw - 1) * d[1] + 1 - l - r)]
+    ins = [ex.get(x, NCHW), ex.init(np.ascontiguousarray(W.transpose(3, 2, 0, 1)), f"{w.name}_iokk")]
+    ex.put(node.outputs[0], ex.add("ConvTranspose", ins, hint=node.name, kernel_shape=[kh, kw], strides=list(s),
+                                   dilations=list(d), pads=_pads(a["padding"]), output_padding=outpad), NCHW)
+
+
+def rsqrt(ex, node):
+    x = node.inputs[0]
+    form = ex.preferred(x)
+    ex.put(node.outputs[0], ex.add("Reciprocal", [ex.add("Sqrt", [ex.get(x, form)], hint=node.name)],
+                                   hint=node.name), form)
 
 
 def _binary(op):
@@ -338,14 +386,29 @@ def pad(ex, node):
 
 def _reduce(op):
     def rule(ex, node):
-        axes = list(node.attrs["axis"])
+        v = node.inputs[0]
+        rank = len(v.shape)
+        axes = sorted(a + rank if a < 0 else a for a in node.attrs["axis"])
         keep = int(node.attrs["keepdims"])
-        x = ex.get(node.inputs[0])
+        # a 4-D value already NCHW is reduced in that form; the result is NCHW when kept 4-D, and in
+        # graphcnn's order when the remaining axes come out in the same order either way (e.g. over H, W)
+        in_form = NCHW if rank == 4 and ex.preferred(v) == NCHW else NHWC
+        out_form = NHWC
+        if in_form == NCHW:
+            kept_nhwc = [a for a in range(4) if a not in axes]
+            kept_nchw = [a for a in TO_NCHW if a not in axes]
+            if keep:
+                out_form = NCHW
+            elif kept_nhwc != kept_nchw:
+                in_form = NHWC
+            if in_form == NCHW:
+                axes = sorted(TO_NCHW.index(a) for a in axes)
+        x = ex.get(v, in_form)
         if op == "ReduceSum" or ex.opset >= 18:
             y = ex.add(op, [x, ex.int64s(axes, "axes")], hint=node.name, keepdims=keep)
         else:
             y = ex.add(op, [x], hint=node.name, axes=axes, keepdims=keep)
-        ex.put(node.outputs[0], y)
+        ex.put(node.outputs[0], y, out_form)
     return rule
 
 
@@ -358,9 +421,15 @@ def scale(ex, node):
 
 def slice_(ex, node):
     a = node.attrs
-    ins = [ex.get(node.inputs[0]), ex.int64s([a["start"]], "starts"), ex.int64s([a["stop"]], "ends"),
-           ex.int64s([a["axis"]], "axes")]
-    ex.put(node.outputs[0], ex.add("Slice", ins, hint=node.name))
+    x = node.inputs[0]
+    rank = len(x.shape)
+    axis = a["axis"] + rank if a["axis"] < 0 else a["axis"]
+    form = ex.preferred(x)            # a 4-D NCHW value is sliced in place (channel slices stay NCHW)
+    if form == NCHW:
+        axis = TO_NCHW.index(axis)
+    ins = [ex.get(x, form), ex.int64s([a["start"]], "starts"), ex.int64s([a["stop"]], "ends"),
+           ex.int64s([axis], "axes")]
+    ex.put(node.outputs[0], ex.add("Slice", ins, hint=node.name), form)
 
 
 def identity(ex, node):
@@ -380,6 +449,8 @@ RULES = {
     "transpose": transpose, "softmax": _softmax("Softmax"), "log_softmax": _softmax("LogSoftmax"),
     "concat": concat, "pad": pad, "reduce_mean": _reduce("ReduceMean"), "reduce_sum": _reduce("ReduceSum"),
     "scale": scale, "slice": slice_, "dropout": identity,
+    "leaky_relu": table_activation, "clip": table_activation, "conv2d_grad_input": conv2d_grad_input,
+    "rsqrt": rsqrt,
 }
 
 

@@ -59,11 +59,12 @@ def inverse(perm) -> tuple:
 
 class Tensor:
     """What the importer knows about one ONNX value: its graphcnn value and layout, or its constant
-    array (`const`, known at import), and its ONNX (logical) shape."""
-    __slots__ = ("value", "layout", "const", "flat_of")
+    array (`const`, known at import), and its ONNX (logical) shape. `init`: the initializer's name when
+    the importer turns initializers into weights (import_model) and this tensor is one."""
+    __slots__ = ("value", "layout", "const", "flat_of", "init")
 
-    def __init__(self, value=None, layout=PLAIN, const=None, flat_of=None):
-        self.value, self.layout, self.const, self.flat_of = value, layout, const, flat_of
+    def __init__(self, value=None, layout=PLAIN, const=None, flat_of=None, init=None):
+        self.value, self.layout, self.const, self.flat_of, self.init = value, layout, const, flat_of, init
 
     @property
     def shape(self) -> tuple:
@@ -87,8 +88,14 @@ def _perm_is_reshape(shape, perm) -> bool:
 class Importer:
     """Converts one ONNX model; `convert()` returns the ir.Graph."""
 
-    def __init__(self, model, static_inputs, source):
+    def __init__(self, model, static_inputs, source, weights=False, input_layout=PLAIN):
         self.model, self.source = model, source
+        self.input_layout = input_layout  # CHANNELS_LAST: 3-D+ graph inputs arrive NHWC (import_model layout="nhwc")
+        self.weights = weights            # float initializers become params (import_model), else constants
+        self.param_arrays: dict[str, np.ndarray] = {}   # param name -> its array (in graphcnn's layout)
+        self.frozen: set = set()          # params that are statistics, not trained (batch-norm mean/var)
+        self._params: dict = {}           # initializer name -> (layout key, param value)
+        self.labels: dict[str, str] = {}  # integer graph inputs (loss targets) -> ONNX element type name
         self.static = {k: np.asarray(v) for k, v in (static_inputs or {}).items()}
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
         self.env: dict[str, Tensor] = {}
@@ -107,7 +114,41 @@ class Importer:
         a = np.asarray(arr)
         if a.dtype.kind not in "f":
             self.fail(f"a constant of dtype {a.dtype} is used as data; graphcnn computes in float32")
+        if self.weights:       # import_model: every array is a weight of the model (frozen: not trained)
+            v = self.g.param(self.g.fresh_name("c"), a.shape)
+            self.param_arrays[v.name] = np.ascontiguousarray(a, np.float32)
+            self.frozen.add(v.name)
+            return v
         return self.g.const(None, a.astype(np.float32))
+
+    def weight(self, t: Tensor, arrange):
+        """The value of initializer-or-constant `t` rearranged for graphcnn (`arrange(array)`, e.g. OIHW ->
+        HWIO): a constant, or with weights=True and `t` an initializer, a param holding the rearranged
+        array. One param per initializer: a second use must rearrange it the same way (same element
+        order and scale, checked on an index array), else it is refused rather than silently untied."""
+        if t.init is None:
+            return self.const_value(arrange(t.const))
+        index = np.arange(t.const.size, dtype=np.float32).reshape(t.const.shape)
+        order = np.asarray(arrange(index), np.float32)
+        key = (order.shape, order.tobytes())
+        have = self._params.get(t.init)
+        if have is not None:
+            if have[0] != key:
+                self.fail(f"initializer {t.init!r} is used in two layouts (as {list(have[1].shape)} and as "
+                          f"{list(order.shape)} rearranged differently); import_model keeps one trainable "
+                          f"weight per initializer (use import_graph for inference)")
+            return have[1]
+        a = np.ascontiguousarray(arrange(t.const), np.float32)
+        name = t.init if t.init not in self.g._values else self.g.fresh_name("w")
+        v = self.g.param(name, a.shape)
+        self.param_arrays[name] = a
+        self._params[t.init] = (key, v)
+        return v
+
+    def freeze(self, t: Tensor | None):
+        """Mark initializer `t` (once it is a param) as a statistic that training leaves alone."""
+        if t is not None and t.init is not None and t.init in self._params:
+            self.frozen.add(self._params[t.init][1].name)
 
     def transpose(self, v, perm):
         """transpose(v, perm), as a reshape when only size-1 axes move, composed with a producing
@@ -139,12 +180,11 @@ class Importer:
     def value(self, t: Tensor, layout=PLAIN, rank=None):
         """The graphcnn value of `t` in `layout` (cached), first broadcast to `rank` by leading 1s."""
         if t.const is not None:
-            a = t.const
-            if rank is not None and a.ndim < rank:
-                a = a.reshape((1,) * (rank - a.ndim) + a.shape)
-            if layout == CHANNELS_LAST and a.ndim >= 3:
-                a = a.transpose(cl_perm(a.ndim))
-            return self.const_value(a)
+            def arrange(a):
+                if rank is not None and a.ndim < rank:
+                    a = a.reshape((1,) * (rank - a.ndim) + a.shape)
+                return a.transpose(cl_perm(a.ndim)) if layout == CHANNELS_LAST and a.ndim >= 3 else a
+            return self.weight(t, arrange)
         key = (id(t), layout, rank)
         if key in self._layouts:
             return self._layouts[key][1]
@@ -192,14 +232,17 @@ class Importer:
             self.g = Graph("onnx_model")
         inits = {i.name: numpy_helper.to_array(i) for i in gp.initializer}
         for name, arr in inits.items():
-            self.env[name] = Tensor(const=np.asarray(arr))
+            arr = np.asarray(arr)
+            self.env[name] = Tensor(const=arr, init=name if self.weights and arr.dtype.kind == "f" else None)
         for name, arr in self.static.items():
             self.env[name] = Tensor(const=arr)
         for vi in gp.input:
             if vi.name in self.env:
                 continue
             tt = vi.type.tensor_type
-            if tt.elem_type != onnx.TensorProto.FLOAT:
+            if tt.elem_type in LABEL_TYPES:     # class labels of a loss op: fed as numbers, exact in float32
+                self.labels[vi.name] = onnx.TensorProto.DataType.Name(tt.elem_type)
+            elif tt.elem_type != onnx.TensorProto.FLOAT:
                 self.fail(f"graph input {vi.name!r} has element type "
                           f"{onnx.TensorProto.DataType.Name(tt.elem_type)}; graphcnn inputs are float32 "
                           f"(freeze integer inputs with static_inputs)")
@@ -217,11 +260,14 @@ class Importer:
                 else:
                     self.fail(f"graph input {vi.name!r}: dimension {i} is not fixed ({d.dim_param or '?'}); "
                               f"only the first (batch) axis may be dynamic")
+            layout = self.input_layout if len(dims) >= 3 else PLAIN
+            if layout == CHANNELS_LAST:
+                dims = [dims[p] for p in cl_perm(len(dims))]
             try:
                 v = self.g.input(vi.name, tuple(dims))
             except IRError as e:
                 self.fail(f"graph input name: {e}")
-            self.env[vi.name] = Tensor(v)
+            self.env[vi.name] = Tensor(v, layout)
         for node in gp.node:
             self.node = node
             if node.domain not in ("", "ai.onnx"):
@@ -237,7 +283,11 @@ class Importer:
                 self.fail(f"attribute(s) {', '.join(extra)} not supported (supported: "
                           f"{', '.join(sorted(known_attrs)) or 'none'})")
             ins = []
-            for name in node.input:
+            for k, name in enumerate(node.input):
+                if name in self.labels and (node.op_type, k) not in LABEL_USES:
+                    self.fail(f"graph input {name!r} has element type {self.labels[name]}; graphcnn inputs are "
+                              f"float32, and an integer input may only be the target of a loss op "
+                              f"(freeze it with static_inputs)")
                 if name == "":
                     ins.append(None)
                 elif name not in self.env:
@@ -311,6 +361,8 @@ class Importer:
         new = Graph(g.name)
         for v in g.inputs:
             new.input(v.name, v.shape, v.dtype)
+        for v in g.params:
+            new.param(v.name, v.shape, v.dtype)
         for v in g.const_values:
             new.const(v.name, g.consts[v.name])
         for n in g.nodes:
@@ -391,9 +443,10 @@ def conv(imp, ins, attrs):
         imp.fail(f"kernel_shape {list(kernel)} does not match the weight shape {list(wshape)}")
     v, kernel, strides, dil, pads, lifted = _window(imp, x, attrs, kernel)
     if w.const is not None:      # OIHW -> HWIO (kh, kw, C/groups, F) once, at import
-        W = w.const.astype(np.float32)
-        W = W[:, :, None, :] if W.ndim == 3 else W
-        wv = imp.const_value(np.ascontiguousarray(W.transpose(2, 3, 1, 0)))
+        def hwio(W):
+            W = W.astype(np.float32)
+            return np.ascontiguousarray((W[:, :, None, :] if W.ndim == 3 else W).transpose(2, 3, 1, 0))
+        wv = imp.weight(w, hwio)
     else:                        # a weight fed at run time: transposed in the graph
         wv = imp.value(w, PLAIN)
         if len(wshape) == 3:
@@ -410,73 +463,150 @@ def _pool(op):
     def rule(imp, ins, attrs):
         x = ins[0]
         kernel = attrs["kernel_shape"]
-        if any(d != 1 for d in attrs.get("dilations", [])):
-            imp.fail(f"dilations {list(attrs['dilations'])} are not supported for pooling")
         if int(attrs.get("storage_order", 0)) != 0:
             imp.fail("storage_order=1 is not supported")
-        v, kernel, strides, _, pads, lifted = _window(imp, x, attrs, kernel)
-        if int(attrs.get("ceil_mode", 0)):
-            pads = _ceil_pads(imp, op, v.shape[1:3], kernel, strides, pads, attrs)
-        kw = dict(pool=kernel, stride=strides, padding=pads)
+        v, kernel, strides, dil, pads, lifted = _window(imp, x, attrs, kernel)
+        include = bool(int(attrs.get("count_include_pad", 0))) if op == "avg_pool2d" else False
+        ceil_pads = _ceil_pads(v.shape[1:3], kernel, strides, dil, pads) if int(attrs.get("ceil_mode", 0)) else pads
+        partial = ceil_pads != pads and include     # a ceil window past the explicit pads: its own divisor
+        if any(d != 1 for d in dil) or partial:
+            return [_window_out(imp, _pool_by_taps(imp, op, v, kernel, strides, dil, pads, ceil_pads, include),
+                                lifted)]
+        kw = dict(pool=kernel, stride=strides, padding=ceil_pads)
         if op == "avg_pool2d":
-            kw["count_include_pad"] = bool(attrs.get("count_include_pad", 0))
+            kw["count_include_pad"] = include
         return [_window_out(imp, emit(op, v, **kw), lifted)]
     return rule
 
 
-def _ceil_pads(imp, op, in_hw, kernel, strides, pads, attrs):
+def _ceil_pads(in_hw, kernel, strides, dil, pads):
     """ceil_mode=1 as extra end padding: the output gains a last, partial window when one starts inside
-    the input or its begin/end padding (ONNX drops a window that would start in the extra part only).
-    Max pooling ignores padding; average pooling without count_include_pad divides by the real
-    elements, as ONNX Runtime does; with count_include_pad the partial window's divisor differs, refused."""
+    the input or its begin/end padding (ONNX drops a window that would start in the extra part only)."""
     out = []
-    for size, k, s, (p0, p1) in zip(in_hw, kernel, strides, pads):
-        n = -(-(size + p0 + p1 - k) // s) + 1
+    for size, k, s, d, (p0, p1) in zip(in_hw, kernel, strides, dil, pads):
+        e = (k - 1) * d + 1
+        n = -(-(size + p0 + p1 - e) // s) + 1
         if (n - 1) * s >= size + p0:
             n -= 1
-        extra = max((n - 1) * s + k - (size + p0 + p1), 0)
-        if extra and op == "avg_pool2d" and int(attrs.get("count_include_pad", 0)):
-            imp.fail("ceil_mode=1 with count_include_pad=1 and a partial last window is not supported")
+        extra = max((n - 1) * s + e - (size + p0 + p1), 0)
         out.append((p0, p1 + extra))
     return tuple(out)
 
 
+def _pool_by_taps(imp, op, v, kernel, strides, dil, pads, ceil_pads, include):
+    """A dilated pool (or an average with count_include_pad whose ceil_mode window passes the explicit
+    pads) from registry ops: the input padded (-inf for max, 0 for average), one strided view per
+    kernel tap (slice, then a 1x1 max pool with the stride to subsample), the taps side by side as
+    (N, oh*ow, taps, C), then a (1, taps) max pool, or a sum divided by each window's count of
+    counted taps (inside the input, or with count_include_pad inside input + explicit pads), computed
+    at import as ONNX Runtime counts them."""
+    n, h, w, c = v.shape
+    (t0, t1), (l0, l1) = ceil_pads
+    fill = float("-inf") if op == "max_pool2d" else 0.0
+    xp = emit("pad", v, padding=ceil_pads, value=fill) if (t0, t1, l0, l1) != (0, 0, 0, 0) else v
+    hp, wp = h + t0 + t1, w + l0 + l1
+    ext = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
+    oh, ow = (hp - ext[0]) // strides[0] + 1, (wp - ext[1]) // strides[1] + 1
+    taps = []
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            y = xp
+            for ax, start, size, out, s in ((1, i * dil[0], hp, oh, strides[0]), (2, j * dil[1], wp, ow, strides[1])):
+                stop = start + (out - 1) * s + 1
+                if (start, stop) != (0, size):
+                    y = emit("slice", y, axis=ax, start=start, stop=stop)
+            if strides != (1, 1):
+                y = emit("max_pool2d", y, pool=(1, 1), stride=strides, padding=((0, 0), (0, 0)))
+            taps.append(imp.reshape(y, (n, oh * ow, 1, c)))
+    kk = len(taps)
+    stacked = taps[0] if kk == 1 else emit("concat", *taps, axis=2)
+    if op == "max_pool2d":
+        y = emit("max_pool2d", stacked, pool=(1, kk), stride=(1, kk), padding=((0, 0), (0, 0)))
+        return imp.reshape(y, (n, oh, ow, c))
+    total = imp.reshape(emit("reduce_sum", stacked, axis=(2,), keepdims=False), (n, oh, ow, c))
+    # counted taps per output position: rows/cols inside [lo, hi) of the padded input
+    lo = (0, 0) if include else (t0, l0)
+    hi = (t0 + h + pads[0][1], l0 + w + pads[1][1]) if include else (t0 + h, l0 + w)
+    counts = []
+    for ax in range(2):
+        pos = np.arange(oh if ax == 0 else ow)[:, None] * strides[ax] + np.arange(kernel[ax])[None, :] * dil[ax]
+        counts.append(((pos >= lo[ax]) & (pos < hi[ax])).sum(axis=1))
+    count = (counts[0][:, None] * counts[1][None, :]).astype(np.float32)
+    return emit("div", total, imp.const_value(count.reshape(1, oh, ow, 1)))
+
+
 def conv_transpose(imp, ins, attrs):
-    """ConvTranspose as the registry's conv2d_grad_input (the transposed convolution): W (C_in, C_out,
-    kh, kw) -> HWIO (kh, kw, C_out, C_in)."""
+    """ConvTranspose as the registry's conv2d_grad_input (the transposed convolution): W (C_in, C_out/g,
+    kh, kw) -> HWIO (kh, kw, C_out/g, C_in). Groups: one conv2d_grad_input per group on its slice of
+    the input channels and of the kernel, concatenated along the channels. output_shape and SAME
+    auto_pad become pads as the ONNX spec computes them. 1-D is lifted to 2-D (a height-1 image), as Conv."""
     x, w, b = (ins + [None, None])[:3]
-    if int(attrs.get("group", 1)) != 1:
-        imp.fail("group > 1 is not supported")
-    if "output_shape" in attrs:
-        imp.fail("output_shape is not supported (give pads and output_padding)")
+    if x.rank == 3 and w.rank == 3:
+        lift = {k: [1] + list(attrs[k]) for k in ("kernel_shape", "strides", "dilations", "output_padding",
+                                                  "output_shape") if k in attrs}
+        if "pads" in attrs:
+            p = list(attrs["pads"])
+            lift["pads"] = [0] + p[:1] + [0] + p[1:]
+        x4 = Tensor(imp.reshape(imp.value(x, PLAIN), (x.shape[0], x.shape[1], 1, x.shape[2])))
+        w4 = Tensor(const=w.const[:, :, None, :], init=w.init) if w.const is not None else \
+            Tensor(imp.reshape(imp.value(w, PLAIN), tuple(w.shape[:2]) + (1, w.shape[2])))
+        y = conv_transpose(imp, [x4, w4, b], {**attrs, **lift})[0]
+        v = y.value                                        # (N, 1, L, C) channels last -> (N, L, C)
+        return [Tensor(imp.reshape(v, (v.shape[0],) + tuple(v.shape[2:])), CHANNELS_LAST)]
+    groups = int(attrs.get("group", 1))
     auto = attrs.get("auto_pad", b"NOTSET")
-    if (auto.decode() if isinstance(auto, bytes) else auto) not in ("NOTSET", "VALID"):
-        imp.fail(f"auto_pad {auto!r} is not supported (NOTSET or VALID)")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        imp.fail(f"auto_pad {auto!r} is not one of NOTSET, SAME_UPPER, SAME_LOWER, VALID")
     if x.rank != 4:
         imp.fail(f"only 2-D ConvTranspose (rank-4 input) is supported, got rank {x.rank}")
     wshape = tuple(w.shape)
     if len(wshape) != 4 or None in wshape:
-        imp.fail(f"weight W of shape {list(wshape)} must be 4-D (C_in, C_out, kh, kw)")
+        imp.fail(f"weight W of shape {list(wshape)} must be 4-D (C_in, C_out/group, kh, kw)")
+    c_in = x.shape[1]
+    if groups < 1 or c_in % groups or wshape[0] != c_in:
+        imp.fail(f"group {groups} does not divide the {c_in} input channels of W {list(wshape)}")
     kernel = wshape[2:]
+    if "kernel_shape" in attrs and tuple(attrs["kernel_shape"]) != tuple(kernel):
+        imp.fail(f"kernel_shape {list(attrs['kernel_shape'])} does not match the weight shape {list(wshape)}")
     strides = tuple(attrs.get("strides", [1, 1]))
     dil = tuple(attrs.get("dilations", [1, 1]))
     p = list(attrs.get("pads", [0, 0, 0, 0]))
     outpad = list(attrs.get("output_padding", [0, 0]))
-    if any(o >= s for o, s in zip(outpad, strides)) or min(p + outpad) < 0:
-        imp.fail(f"output_padding {outpad} must be >= 0 and smaller than the strides {list(strides)}; pads >= 0")
     h, wd = x.shape[2:]
     ext = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
+    want = list(attrs["output_shape"])[-2:] if "output_shape" in attrs else \
+        ([h * strides[0], wd * strides[1]] if auto.startswith("SAME") else None)
+    if want is not None:              # the spec's total padding, split as auto_pad says
+        p = [0, 0, 0, 0]
+        for i, (size, s, e, o) in enumerate(zip((h, wd), strides, ext, want)):
+            total = s * (size - 1) + outpad[i] + e - int(o)
+            if total < 0:             # a larger output: extra end rows (as output_padding), as ONNX Runtime does
+                outpad[i] -= total
+                total = 0
+            small, big = total // 2, total - total // 2
+            p[i], p[i + 2] = (small, big) if auto == "SAME_UPPER" else (big, small)
+    elif auto == "VALID":
+        p = [0, 0, 0, 0]
+    if any(o >= s for o, s in zip(outpad, strides)) or min(p + outpad) < 0:
+        imp.fail(f"output_padding {outpad} must be >= 0 and smaller than the strides {list(strides)}; pads >= 0")
     oh = strides[0] * (h - 1) + outpad[0] + ext[0] - p[0] - p[2]
     ow = strides[1] * (wd - 1) + outpad[1] + ext[1] - p[1] - p[3]
     if w.const is not None:
-        wv = imp.const_value(np.ascontiguousarray(w.const.astype(np.float32).transpose(2, 3, 1, 0)))
+        wv = imp.weight(w, lambda W: np.ascontiguousarray(W.astype(np.float32).transpose(2, 3, 1, 0)))
     else:
         wv = emit("transpose", imp.value(w, PLAIN), perm=(2, 3, 1, 0))
-    # the gradient of a conv from (oh, ow) with these pads: output_padding < stride only adds rows the
-    # forward conv's floor drops, exactly ONNX's extra end rows
-    y = emit("conv2d_grad_input", imp.value(x, CHANNELS_LAST), wv, stride=strides,
-             dilation=dil, padding=((p[0], p[2]), (p[1], p[3])),
-             input_shape=(oh, ow, wshape[1]))
+    xv = imp.value(x, CHANNELS_LAST)
+    cg = c_in // groups
+    outs = []
+    for gi in range(groups):
+        xg = xv if groups == 1 else emit("slice", xv, axis=3, start=gi * cg, stop=(gi + 1) * cg)
+        wg = wv if groups == 1 else emit("slice", wv, axis=3, start=gi * cg, stop=(gi + 1) * cg)
+        # the gradient of a conv from (oh, ow) with these pads: output_padding < stride only adds rows the
+        # forward conv's floor drops, exactly ONNX's extra end rows
+        outs.append(emit("conv2d_grad_input", xg, wg, stride=strides, dilation=dil,
+                         padding=((p[0], p[2]), (p[1], p[3])), input_shape=(oh, ow, wshape[1])))
+    y = outs[0] if groups == 1 else emit("concat", *outs, axis=3)
     if b is not None:
         y = emit("bias_add", y, imp.value(b, PLAIN))
     return [Tensor(y, CHANNELS_LAST)]
@@ -493,15 +623,31 @@ def _global_pool(op):
 
 
 def batch_normalization(imp, ins, attrs):
+    """Inference: the registry's batch_norm with the given statistics. training_mode=1: batch_norm_train
+    (the batch's statistics, biased variance, as ONNX) and the running statistics' update
+    input * momentum + batch * (1 - momentum) as outputs 1 and 2."""
     x, scale, bias, mean, var = ins[:5]
     if int(attrs.get("training_mode", 0)):
-        imp.fail("training_mode=1 is not supported (import inference models)")
+        if len(imp.node.output) != 3:
+            imp.fail(f"training_mode=1 needs the 3 outputs Y, running_mean, running_var (as the spec and ONNX "
+                     f"Runtime require), this node has {len(imp.node.output)}")
+        if x.rank < 2:
+            imp.fail(f"input of rank {x.rank}: needs (N, C, ...)")
+        layout = CHANNELS_LAST if x.rank >= 3 else PLAIN
+        eps, mom = float(attrs.get("epsilon", 1e-5)), float(attrs.get("momentum", 0.9))
+        y, bm, bv = emit("batch_norm_train", imp.value(x, layout), imp.value(scale, PLAIN), imp.value(bias, PLAIN),
+                         epsilon=eps)
+        run = [emit("add", emit("scale", imp.value(t, PLAIN), factor=mom), emit("scale", b, factor=1.0 - mom))
+               for t, b in ((mean, bm), (var, bv))]
+        return [Tensor(y, layout), Tensor(run[0]), Tensor(run[1])]
     if not int(attrs.get("spatial", 1)):
         imp.fail("spatial=0 (per-element statistics, opsets before 9) is not supported")
     if x.rank < 2:
         imp.fail(f"input of rank {x.rank}: needs (N, C, ...)")
     layout = CHANNELS_LAST if x.rank >= 3 else PLAIN
     vals = [imp.value(t, PLAIN) for t in (scale, bias, mean, var)]
+    imp.freeze(mean)
+    imp.freeze(var)
     y = emit("batch_norm", imp.value(x, layout), *vals, epsilon=float(attrs.get("epsilon", 1e-5)))
     return [Tensor(y, layout)]
 
@@ -526,12 +672,14 @@ def _binary(op):
             # a constant vector along the last (channel) axis is a bias: the kernels fuse bias_add
             for x, c in ((a, b), (b, a)):
                 if op == "add" and c.const is not None and c.const.dtype.kind == "f" and x.rank == rank:
-                    cv = c.const.reshape((1,) * (rank - c.const.ndim) + c.const.shape)
-                    if layout == CHANNELS_LAST:
-                        cv = cv.transpose(cl_perm(rank))
+                    def arrange(a):
+                        a = a.reshape((1,) * (rank - a.ndim) + a.shape)
+                        return a.transpose(cl_perm(rank)) if layout == CHANNELS_LAST else a
+                    cv = arrange(c.const)
                     xv = imp.value(x, layout)
                     if all(d == 1 for d in cv.shape[:-1]) and cv.shape[-1] == xv.shape[-1]:
-                        return [Tensor(emit("bias_add", xv, imp.const_value(cv.reshape(-1))), layout)]
+                        bias = imp.weight(c, lambda a: arrange(a).reshape(-1))
+                        return [Tensor(emit("bias_add", xv, bias), layout)]
         av, bv = imp.value(a, layout, rank), imp.value(b, layout, rank)
         return [Tensor(emit(op, av, bv), layout)]
     return rule
@@ -624,33 +772,69 @@ def gemm(imp, ins, attrs):
 
 def matmul(imp, ins, attrs):
     a, b = ins
-    if a.rank != 2 or b.rank != 2:
-        imp.fail(f"only 2-D MatMul is supported, got ranks {a.rank} and {b.rank}")
-    return _matmul2d(imp, a, b, None, 1.0, 1.0, 0, 0)
+    if a.rank == 2 and b.rank == 2:
+        return _matmul2d(imp, a, b, None, 1.0, 1.0, 0, 0)
+    return _matmul_nd(imp, a, b)
+
+
+def _matmul_nd(imp, a, b):
+    """MatMul of 1-D or N-D operands with NumPy's rules (a 1-D A is a row, a 1-D B a column, both removed
+    from the result; the axes before the last two broadcast) as A (..., M, K, 1) * B (..., 1, K, N)
+    summed over K: exact products, the sum in a different order than a GEMM. (Not a dense on A
+    reshaped to 2-D: that needs A's leading axes fixed, and the LLVM backend's dense is wrong on a
+    fixed first axis > 1, see tests/test_onnx_node_cases.py BACKEND_BUGS.)"""
+    av, bv = imp.value(a, PLAIN), imp.value(b, PLAIN)
+    drop = []
+    if a.rank == 1:
+        av, drop = imp.reshape(av, (1,) + tuple(av.shape)), drop + [-2]
+    if b.rank == 1:
+        bv, drop = imp.reshape(bv, tuple(bv.shape) + (1,)), drop + [-1]
+    sa, sb = tuple(av.shape), tuple(bv.shape)
+    k, n = sa[-1], sb[-1]
+    if sb[-2] != k:
+        imp.fail(f"inner dimensions differ: {list(a.shape)} @ {list(b.shape)}")
+    r = max(len(sa), len(sb))
+    for s in (sa, sb):
+        if len(s) < r and s[0] is None:
+            imp.fail(f"the batched operand {list(s)} has fewer axes than the other; broadcasting would move "
+                     f"the dynamic batch")
+    av = imp.reshape(av, (1,) * (r - len(sa)) + sa + (1,))
+    bv = imp.reshape(bv, (1,) * (r - len(sb)) + sb[:-2] + (1, k, n))
+    y = emit("reduce_sum", emit("mul", av, bv), axis=(r - 1,), keepdims=False)
+    if drop:
+        shape = list(y.shape)
+        for ax in sorted((len(shape) + d for d in drop), reverse=True):
+            del shape[ax]
+        y = imp.reshape(y, tuple(shape))
+    return [Tensor(y)]
 
 
 def _matmul2d(imp, a, b, c, alpha, beta, ta, tb):
     if a.const is not None and ta:
         a, ta = Tensor(const=a.const.T), 0
     if b.const is not None:
-        B = b.const.astype(np.float32)
-        B = B.T if tb else B
-        if alpha != 1.0:
-            B = (B * np.float32(alpha)).astype(np.float32)
         k = a.shape[0] if ta else a.shape[1]
-        if B.ndim != 2 or B.shape[0] != k:
+        if b.const.ndim != 2 or (b.const.T if tb else b.const).shape[0] != k:
             imp.fail(f"B of shape {list(b.const.shape)} (transB={tb}) does not match A of shape "
                      f"{list(a.shape)} (transA={ta})")
+        order = None
         if a.flat_of is not None and not ta:      # a flattened channels-last tensor: permute B's rows
             src = a.flat_of.shape[1:]                 # (C, H, W): row j of the NHWC flatten is NCHW row order[j]
             order = np.arange(int(np.prod(src))).reshape(src).transpose(tuple(p - 1 for p in cl_perm(len(src) + 1)[1:]))
-            B = np.ascontiguousarray(B[order.ravel()])
+            order = order.ravel()
             av = a.value
         else:
             av = imp.value(a, PLAIN)
             if ta:
                 av = imp.transpose(av, (1, 0))
-        y = emit("dense", av, imp.const_value(B))
+
+        def dense_kernel(B):      # (in, out), alpha folded in, rows in the activations' order
+            B = B.astype(np.float32)
+            B = B.T if tb else B
+            if alpha != 1.0:
+                B = (B * np.float32(alpha)).astype(np.float32)
+            return np.ascontiguousarray(B if order is None else B[order])
+        y = emit("dense", av, imp.weight(b, dense_kernel))
     else:
         av = imp.value(a, PLAIN)
         bv = imp.value(b, PLAIN)
@@ -659,11 +843,13 @@ def _matmul2d(imp, a, b, c, alpha, beta, ta, tb):
             y = emit("scale", y, factor=alpha)
     if c is not None:
         if c.const is not None:
-            C = (c.const.astype(np.float32) * np.float32(beta)).astype(np.float32)
+            def scaled(C):
+                return (C.astype(np.float32) * np.float32(beta)).astype(np.float32)
+            C = c.const
             if C.size == y.shape[-1] and C.ndim <= 2 and (C.ndim < 2 or C.shape[0] == 1):
-                y = emit("bias_add", y, imp.const_value(C.reshape(-1)))
+                y = emit("bias_add", y, imp.weight(c, lambda C: scaled(C).reshape(-1)))
             else:
-                y = emit("add", y, imp.const_value(C))
+                y = emit("add", y, imp.weight(c, scaled))
         else:
             cv = imp.value(c, PLAIN)
             y = emit("add", y, cv if beta == 1.0 else emit("scale", cv, factor=beta))
@@ -859,6 +1045,61 @@ def cast(imp, ins, attrs):
     return [ins[0]]
 
 
+def _loss(log_softmax_first):
+    """SoftmaxCrossEntropyLoss (log_softmax first) and NegativeLogLikelihoodLoss over (N, C, d1, ...) scores
+    and (N, d1, ...) integer targets, with class weights, ignore_index and reduction none/sum/mean, built
+    from registry ops: the target's one-hot row is relu(1 - |t - c|) for the class indices c (exact for
+    integer t), so targets may be constants or fed at run time (as numbers). mean divides by the summed
+    weights of the counted elements, as the ONNX spec does."""
+    def rule(imp, ins, attrs):
+        x, t = ins[0], ins[1]
+        w = ins[2] if len(ins) > 2 else None
+        red = attrs.get("reduction", b"mean")
+        red = red.decode() if isinstance(red, bytes) else red
+        if red not in ("none", "sum", "mean"):
+            imp.fail(f"reduction {red!r} is not one of none, sum, mean")
+        r = x.rank
+        if r < 2 or t.rank != r - 1:
+            imp.fail(f"needs scores (N, C, d1, ...) and targets (N, d1, ...), got ranks {r} and {t.rank}")
+        layout = x.layout if r >= 3 and x.const is None else PLAIN
+        ax = r - 1 if layout == CHANNELS_LAST else 1          # the class axis of the values built here
+        n_cls = x.shape[1]
+        xv = imp.value(x, layout)
+        logp = emit("log_softmax", xv, axis=ax) if log_softmax_first else xv
+        if t.const is not None:
+            tv = imp.const_value(np.asarray(t.const).astype(np.float32))
+        else:
+            tv = t.value
+        shape1 = list(tv.shape)
+        shape1.insert(ax, 1)
+        t1 = imp.reshape(tv, tuple(shape1))                 # the target with a size-1 class axis
+        col = [1] * r
+        col[ax] = n_cls
+        cls = imp.const_value(np.arange(n_cls, dtype=np.float32).reshape(col))
+        one = imp.const_value(np.float32(1.0))
+
+        def is_value(a, c):       # 1 where a == c (a integer-valued), else 0
+            d = emit("sub", a, c)
+            return emit("relu", emit("sub", one, emit("add", emit("relu", d), emit("relu", emit("neg", d)))))
+        pick = is_value(t1, cls)                             # (N, C, d...) one-hot of the target
+        if w is not None:
+            if w.rank != 1 or w.shape[0] != n_cls:
+                imp.fail(f"weight of shape {list(w.shape)} must be a ({n_cls},) vector")
+            pick = emit("mul", pick, imp.reshape(imp.value(w, PLAIN), tuple(col)))
+        if "ignore_index" in attrs:
+            ii = imp.const_value(np.float32(int(attrs["ignore_index"])))
+            pick = emit("mul", pick, emit("sub", one, is_value(t1, ii)))
+        loss = emit("neg", emit("reduce_sum", emit("mul", logp, pick), axis=(ax,), keepdims=False))
+        if red == "sum":
+            loss = emit("reduce_sum", loss, axis=None, keepdims=False)
+        elif red == "mean":
+            total = emit("reduce_sum", loss, axis=None, keepdims=False)
+            loss = emit("div", total, emit("reduce_sum", pick, axis=None, keepdims=False))
+        # the loss has the targets' axes (N, d...), in ONNX order either way (the class axis is gone)
+        return [Tensor(loss), Tensor(logp, layout)]
+    return rule
+
+
 # shape folding with the BATCH marker -------------------------------------------------------------------
 
 def _arr(t):
@@ -933,6 +1174,10 @@ SHAPE_FOLD = {"Shape": fold_shape, "Gather": fold_gather, "Concat": fold_concat,
               "Dropout": dropout}
 NEVER_FOLD = {"Constant"}
 
+# integer element types a graph input may have when it is only the target of a loss op
+LABEL_TYPES = (6, 7, 2, 3, 4, 5, 12, 13)      # INT32, INT64, UINT8, INT8, UINT16, INT16, UINT32, UINT64
+LABEL_USES = {("SoftmaxCrossEntropyLoss", 1), ("NegativeLogLikelihoodLoss", 1)}
+
 _POOL_ATTRS = {"kernel_shape", "strides", "pads", "auto_pad", "ceil_mode", "dilations"}
 
 # ONNX op -> (rule, attributes the rule reads). Any other attribute present is refused by name.
@@ -973,6 +1218,8 @@ RULES = {
     "Pad": (pad, {"mode", "pads", "value"}),
     "ReduceMean": (reduce_mean, {"axes", "keepdims", "noop_with_empty_axes"}),
     "Cast": (cast, {"to", "saturate", "round_mode"}),
+    "SoftmaxCrossEntropyLoss": (_loss(True), {"reduction", "ignore_index"}),
+    "NegativeLogLikelihoodLoss": (_loss(False), {"reduction", "ignore_index"}),
     "Shape": (fold_shape, {"start", "end"}),      # shapes are known at import (BATCH for the batch)
     "Gather": (lambda imp, ins, attrs: imp.fail("Gather on computed data is not supported (only shape folding)"),
                {"axis"}),
