@@ -574,9 +574,7 @@ def test_import_model_freezes_weights_that_would_get_no_gradient():
     assert not np.array_equal(after["onnx/b"], before["onnx/b"])
 
 
-@pytest.mark.parametrize("backend", ["numpy", pytest.param("llvm", marks=pytest.mark.xfail(
-    strict=True, reason="LLVM backend bug: conv/pool/dense/pad kernels loop over the call's dynamic batch n, so "
-                        "a graph whose first axis is fixed > 1 computes only sample 0 (report for the lead)"))])
+@pytest.mark.parametrize("backend", ["numpy", "llvm"])
 def test_fixed_batch_file_matches_onnxruntime(backend):
     """An ONNX file exported with a fixed batch of 2 (no dynamic axis): a plain conv + pool + Gemm net."""
     rng = np.random.default_rng(16)

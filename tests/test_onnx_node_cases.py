@@ -88,11 +88,7 @@ LEFT_OUT: dict[str, str] = {
 
 # (case, backend) -> a backend bug the case exposes (strict xfail: it fails until the bug is fixed, then
 # this entry must go). The importer's graph is right: the NumPy backend matches ONNX Runtime on it.
-BACKEND_BUGS: dict = {
-    ("test_convtranspose_group_2_image_3", "llvm"):
-        "LLVM backend: conv-family kernels loop over the call's dynamic batch n, so a graph whose first axis "
-        "is fixed at 3 (no dynamic batch) computes only sample 0 and leaves the rest garbage",
-}
+BACKEND_BUGS: dict = {}       # (case, backend) -> reason, for a known backend bug (none now)
 
 NOT_TENSORS: list = []
 

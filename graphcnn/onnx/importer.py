@@ -781,8 +781,8 @@ def _matmul_nd(imp, a, b):
     """MatMul of 1-D or N-D operands with NumPy's rules (a 1-D A is a row, a 1-D B a column, both removed
     from the result; the axes before the last two broadcast) as A (..., M, K, 1) * B (..., 1, K, N)
     summed over K: exact products, the sum in a different order than a GEMM. (Not a dense on A
-    reshaped to 2-D: that needs A's leading axes fixed, and the LLVM backend's dense is wrong on a
-    fixed first axis > 1, see tests/test_onnx_node_cases.py BACKEND_BUGS.)"""
+    reshaped to 2-D: that needs A's leading axes fixed. Memory-bound; a batched GEMM kernel would be
+    the fast form.)"""
     av, bv = imp.value(a, PLAIN), imp.value(b, PLAIN)
     drop = []
     if a.rank == 1:
