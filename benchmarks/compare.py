@@ -1,11 +1,10 @@
-"""Time graphcnn (llvm, numpy) against PyTorch eager (and ONNX Runtime when installed) in ONE run:
-same network, same data, same thread count. Prints medians and ratios.
+"""graphcnn (Python runtime, model, .so) against every installed peer (torch, onnxruntime, tflite, keras)
+in ONE run, interleaved round by round: medians, ratios to the fastest peer, % of the measured FMA peak,
+peak RSS. The code is graphcnn/bench.py (`graphcnn bench`); this script runs it from a source checkout.
 
-    python benchmarks/compare.py examples/mnist_cnn.py --threads 2
-    graphcnn bench examples/mnist_cnn.py --vs torch          (the same code: graphcnn/bench.py)
-
-Measures: training seconds per epoch on the bundled subset (8,000 images, batch 128, Adam), inference
-latency at batch 1, throughput at batch 256."""
+    python benchmarks/compare.py examples/mnist_cnn.py --threads 2 --rounds 5
+    python benchmarks/compare.py examples/resnet8.py --vs torch,onnxruntime --rounds 3
+"""
 import os
 import sys
 
@@ -15,4 +14,4 @@ sys.path.insert(0, ROOT)
 from graphcnn.bench import main  # noqa: E402
 
 if __name__ == "__main__":
-    main(default_model=os.path.join(ROOT, "examples", "mnist_cnn.py"))
+    sys.exit(main(default_model=os.path.join(ROOT, "examples", "mnist_cnn.py")))

@@ -480,7 +480,7 @@ def build_parser():
     b = sub.add_parser("bench", help="time graphcnn against peers")
     from .bench import add_arguments as add_bench_arguments
     add_bench_arguments(b)
-    b.set_defaults(fn=cmd_bench, vs="torch")
+    b.set_defaults(fn=cmd_bench)
     x = sub.add_parser("export", help="write a model as ONNX")
     x.add_argument("model")
     x.add_argument("-o", "--output", required=True, help="the .onnx file to write")

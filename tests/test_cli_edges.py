@@ -67,12 +67,12 @@ def test_bench_runs_from_an_installed_copy_without_the_source_tree(work, tmp_pat
     for pkg in ("graphcnn", "ir", "backends"):
         shutil.copytree(os.path.join(ROOT, pkg), site / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     assert not (site / "benchmarks").exists()
-    rc, out, err = cli("bench", work / "tiny.py", "--vs", "", "--backends", "numpy", "--epochs", "1",
-                       "--repeats", "1", "--batch", "1", cwd=tmp_path, pythonpath=site)
+    rc, out, err = cli("bench", work / "tiny.py", "--vs", "", "--rounds", "1", "--repeats", "1", "--batch", "1",
+                       "--images", "128", "--threads", "1", "--no-rss", cwd=tmp_path, pythonpath=site)
     assert rc == 0, err
-    row = next(line for line in out.splitlines() if line.startswith("graphcnn-numpy"))
-    train_s, b1_us = (float(v) for v in row.split()[1:])
-    assert train_s > 0 and b1_us > 0
+    row = next(line for line in out.splitlines() if line.startswith("batch-1 latency, us"))
+    runtime_us, model_us, so_us = (float(v) for v in row.split()[3:6])
+    assert runtime_us > 0 and model_us > 0 and so_us > 0
     one_line_error(*cli("bench", work / "tiny.py", "--vs", "tensorflow", cwd=tmp_path, pythonpath=site),
                    "--vs: unknown tensorflow")
     one_line_error(*cli("bench", work / "tiny.py", "--batch", "1,x"), "--batch '1,x'")
