@@ -237,32 +237,42 @@ def unbroadcast(g, shape):
 
 # -- depthwise convolution ---------------------------------------------------------------------------
 
+def _inside(x, pads):
+    """1.0 on the image, 0.0 on the padding of _pad(x, pads), as an (1, H', W', 1) mask."""
+    return _pad(np.ones((1,) + x.shape[1:3] + (1,)), pads)
+
+
 def depthwise_conv2d(x, w, b, stride, pads, dil):
-    """y[..., c*M + m] = sum over taps of x[..., c] * w[i, j, c, m] (+ b)."""
+    """y[..., c*M + m] = sum over taps inside the image of x[..., c] * w[i, j, c, m] (+ b). Taps on the
+    padding are skipped, not multiplied by 0 (both backends' documented kernel semantic: an inf weight
+    facing the padding gives no NaN; conv2d, as TensorFlow, multiplies the zero padding instead)."""
     n, h, wd, c = x.shape
     kh, kw, _, m = w.shape
     oh = _out_size(h, pads[0], (kh - 1) * dil[0] + 1, stride[0])
     ow = _out_size(wd, pads[1], (kw - 1) * dil[1] + 1, stride[1])
-    xp = _pad(x, pads)
+    xp, inside = _pad(x, pads), _inside(x, pads)
     y = np.zeros((n, oh, ow, c, m))
     for i, j, di, dj in _taps(kh, kw, dil):
-        y += np.einsum("nabc,cm->nabcm", _window(xp, di, dj, oh, ow, stride), w[i, j])
+        on_image = _window(inside, di, dj, oh, ow, stride)[..., None] > 0
+        y += np.where(on_image, np.einsum("nabc,cm->nabcm", _window(xp, di, dj, oh, ow, stride), w[i, j]), 0.0)
     y = y.reshape(n, oh, ow, c * m)
     return y if b is None else y + b
 
 
 def vjp_depthwise_conv2d(x, w, dy, stride, pads, dil):
-    """-> (dx, dw, db)."""
+    """-> (dx, dw, db); padding taps contribute nothing (as in depthwise_conv2d)."""
     n, h, wd, c = x.shape
     kh, kw, _, m = w.shape
     oh, ow = dy.shape[1:3]
     dy5 = dy.reshape(n, oh, ow, c, m)
-    xp = _pad(x, pads)
+    xp, inside = _pad(x, pads), _inside(x, pads)
     dxp = np.zeros_like(xp)
     dw = np.zeros_like(w)
     for i, j, di, dj in _taps(kh, kw, dil):
-        _window(dxp, di, dj, oh, ow, stride)[...] += np.einsum("nabcm,cm->nabc", dy5, w[i, j])
-        dw[i, j] = np.einsum("nabc,nabcm->cm", _window(xp, di, dj, oh, ow, stride), dy5)
+        on_image = _window(inside, di, dj, oh, ow, stride)[..., None] > 0
+        _window(dxp, di, dj, oh, ow, stride)[...] += np.einsum("nabcm,cm->nabc", dy5, w[i, j])  # padding: cropped
+        dw[i, j] = np.einsum("nabcm->cm", np.where(on_image, _window(xp, di, dj, oh, ow, stride)[..., None] * dy5,
+                                                    0.0))
     return _crop(dxp, pads, h, wd), dw, dy.sum(axis=(0, 1, 2))
 
 
