@@ -116,6 +116,10 @@ class Conv2D(Family):
         if isinstance(padding, tuple):    # a pad is at most the dilated kernel extent (conv2d refuses more);
             # clamping keeps the padded size >= the extent: a clamped side alone already covers it
             padding = tuple(tuple(min(p, (kk - 1) * d + 1) for p in side) for side, kk, d in zip(padding, k, dil))
+            # and the output at most an undilated kernel's full size: pads total <= extent + k (the bottom /
+            # right side gives way; the total stays >= extent, so the window still fits)
+            padding = tuple((p0, min(p1, (kk - 1) * d + 1 + kk - p0))
+                            for (p0, p1), kk, d in zip(padding, k, dil))
         return dict(h=h, w=w, c=draw(st.sampled_from(DIMS)), f=draw(st.sampled_from(DIMS + (8,))), k=tuple(k),
                     stride=stride, dil=dil, padding=padding, bias=draw(st.booleans()),
                     activation=draw(st.sampled_from(ACTS)))
