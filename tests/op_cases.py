@@ -16,6 +16,21 @@ from ir.ops import emit
 DIMS = (1, 2, 3, 5, 7)              # spatial sizes, channels, features: 1 and primes
 WIDE = (1, 2, 3, 5, 7, 8, 16, 17)   # elementwise lengths around vector widths (masked tails)
 ACTS = ("linear", "relu", "sigmoid", "tanh")
+# the activation table's parameterized entries: slopes stay <= 1 (the linear-family bound assumes it);
+# clip bounds include min = max and one-sided bounds
+LEAKY_ALPHAS = (0.0, 0.01, 0.3, 1.0)
+CLIP_BOUNDS = ((0.0, 6.0), (-1.0, 1.0), (None, 0.5), (-0.5, None), (None, None), (0.25, 0.25))
+
+
+def _table_activation(draw):
+    """(name, params dict) drawn from the whole activation table (ir/ops/activations.py)."""
+    name = draw(st.sampled_from(("linear", "relu", "sigmoid", "tanh", "leaky_relu", "clip")))
+    if name == "leaky_relu":
+        return name, {"alpha": draw(st.sampled_from(LEAKY_ALPHAS))}
+    if name == "clip":
+        lo, hi = draw(st.sampled_from(CLIP_BOUNDS))
+        return name, {"min_value": lo, "max_value": hi}
+    return name, {}
 
 
 class Family:
@@ -30,7 +45,8 @@ class Family:
         raise NotImplementedError
 
     def inputs(self, cfg) -> dict:
-        """key -> (shape with None for the batch, kind): kind 'f' (normal), 'logits', 'prob', 'label'."""
+        """key -> (shape with None for the batch, kind): kind 'f' (normal), 'logits', 'prob', 'label',
+        'positive' (in [0.1, 4]), 'nonzero' (|v| in [0.5, 2]); see make_array."""
         raise NotImplementedError
 
     def emit(self, cfg, v: dict):
@@ -100,6 +116,10 @@ class Conv2D(Family):
         if isinstance(padding, tuple):    # a pad is at most the dilated kernel extent (conv2d refuses more);
             # clamping keeps the padded size >= the extent: a clamped side alone already covers it
             padding = tuple(tuple(min(p, (kk - 1) * d + 1) for p in side) for side, kk, d in zip(padding, k, dil))
+            # and the output at most an undilated kernel's full size: pads total <= extent + k (the bottom /
+            # right side gives way; the total stays >= extent, so the window still fits)
+            padding = tuple((p0, min(p1, (kk - 1) * d + 1 + kk - p0))
+                            for (p0, p1), kk, d in zip(padding, k, dil))
         return dict(h=h, w=w, c=draw(st.sampled_from(DIMS)), f=draw(st.sampled_from(DIMS + (8,))), k=tuple(k),
                     stride=stride, dil=dil, padding=padding, bias=draw(st.booleans()),
                     activation=draw(st.sampled_from(ACTS)))
@@ -291,33 +311,48 @@ def _batched_shape(draw, rank_min=2, rank_max=4, dims=WIDE):
 
 
 class Unary(Family):
+    """Elementwise ops: the activation table (with its parameters), neg, scale, rsqrt (of positive x)."""
     name = "unary"
-    ops = ("relu", "sigmoid", "tanh", "neg", "scale", "relu_grad", "sigmoid_grad", "tanh_grad")
+    ops = ("relu", "sigmoid", "tanh", "leaky_relu", "clip", "neg", "scale", "rsqrt", "relu_grad", "sigmoid_grad",
+           "tanh_grad", "leaky_relu_grad", "clip_grad")
 
     def draw(self, draw):
-        op = draw(st.sampled_from(("relu", "sigmoid", "tanh", "neg", "scale")))
-        return dict(op=op, shape=_batched_shape(draw, 1, 4),
+        op = draw(st.sampled_from(("relu", "sigmoid", "tanh", "leaky_relu", "clip", "neg", "scale", "rsqrt")))
+        params = {}
+        if op == "leaky_relu":
+            params = {"alpha": draw(st.sampled_from(LEAKY_ALPHAS))}
+        elif op == "clip":
+            lo, hi = draw(st.sampled_from(CLIP_BOUNDS))
+            params = {"min_value": lo, "max_value": hi}
+        return dict(op=op, shape=_batched_shape(draw, 1, 4), params=params,
                     factor=draw(st.sampled_from((0.0, -1.5, 0.5, 3.0))) if op == "scale" else None)
 
     def inputs(self, cfg):
-        return {"x": (cfg["shape"], "logits")}
+        return {"x": (cfg["shape"], "positive" if cfg["op"] == "rsqrt" else "logits")}
 
     def emit(self, cfg, v):
-        return emit("scale", v["x"], factor=cfg["factor"]) if cfg["op"] == "scale" else emit(cfg["op"], v["x"])
+        if cfg["op"] == "scale":
+            return emit("scale", v["x"], factor=cfg["factor"])
+        return emit(cfg["op"], v["x"], **cfg.get("params", {}))
 
     def ref(self, cfg, a):
         if cfg["op"] == "neg":
             return -a["x"]
         if cfg["op"] == "scale":
             return a["x"] * cfg["factor"]
-        return R.activation(cfg["op"], a["x"])
+        if cfg["op"] == "rsqrt":
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return 1.0 / np.sqrt(a["x"])
+        return R.activation(cfg["op"], a["x"], **cfg.get("params", {}))
 
     def vjp(self, cfg, a, y, dy):
         if cfg["op"] == "neg":
             return {"x": -dy}
         if cfg["op"] == "scale":
             return {"x": dy * cfg["factor"]}
-        return {"x": R.activation_vjp(cfg["op"], y, dy)}
+        if cfg["op"] == "rsqrt":                 # d/dx x^-1/2 = -1/2 x^-3/2 = -y^3 / 2
+            return {"x": -0.5 * dy * y ** 3}
+        return {"x": R.activation_vjp(cfg["op"], y, dy, **cfg.get("params", {}))}
 
 
 class Softmax(Family):
@@ -348,7 +383,7 @@ class Softmax(Family):
 
 class Binary(Family):
     name = "binary"
-    ops = ("add", "sub", "mul", "sum_to", "neg")
+    ops = ("add", "sub", "mul", "div", "sum_to", "neg")
     linear = True
 
     def draw(self, draw):
@@ -358,10 +393,12 @@ class Binary(Family):
         b = tuple(d if draw(st.booleans()) else 1 for d in out[len(out) - rank_b:])
         if rank_b == len(out) and draw(st.booleans()):
             b = (None,) + b[1:]
-        return dict(op=draw(st.sampled_from(("add", "sub", "mul"))), a=a, b=b, swap=draw(st.booleans()))
+        return dict(op=draw(st.sampled_from(("add", "sub", "mul", "div"))), a=a, b=b, swap=draw(st.booleans()))
 
     def inputs(self, cfg):
-        return {"a": (cfg["a"], "f"), "b": (cfg["b"], "f")}
+        # div: the divisor (the second operand after the swap) is kept away from 0
+        divisor = ("a" if cfg["swap"] else "b") if cfg["op"] == "div" else None
+        return {k: (cfg[k], "nonzero" if k == divisor else "f") for k in ("a", "b")}
 
     def _order(self, cfg, p, q):
         return (q, p) if cfg["swap"] else (p, q)
@@ -371,12 +408,14 @@ class Binary(Family):
 
     def ref(self, cfg, a):
         p, q = self._order(cfg, a["a"], a["b"])
-        return {"add": np.add, "sub": np.subtract, "mul": np.multiply}[cfg["op"]](p, q)
+        return {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide}[cfg["op"]](p, q)
 
     def vjp(self, cfg, a, y, dy):
         p, q = self._order(cfg, "a", "b")
         if cfg["op"] == "mul":
             dp, dq = dy * a[q], dy * a[p]
+        elif cfg["op"] == "div":                 # d(p/q) = dp / q - p dq / q^2
+            dp, dq = dy / a[q], -dy * a[p] / (a[q] * a[q])
         else:
             dp, dq = dy, (dy if cfg["op"] == "add" else -dy)
         return {p: R.unbroadcast(dp, a[p].shape), q: R.unbroadcast(dq, a[q].shape)}
@@ -451,11 +490,12 @@ class Shape(Family):
 class Loss(Family):
     name = "loss"
     ops = ("sparse_categorical_crossentropy", "sparse_categorical_crossentropy_grad",
-           "categorical_crossentropy", "categorical_crossentropy_grad", "mse", "mse_grad")
+           "categorical_crossentropy", "categorical_crossentropy_grad", "binary_crossentropy",
+           "binary_crossentropy_grad", "mse", "mse_grad")
 
     def draw(self, draw):
         return dict(op=draw(st.sampled_from(("sparse_categorical_crossentropy", "categorical_crossentropy",
-                                             "mse"))),
+                                             "binary_crossentropy", "mse"))),
                     classes=draw(st.sampled_from(WIDE + (10,))), from_logits=draw(st.booleans()))
 
     def inputs(self, cfg):
@@ -476,19 +516,332 @@ class Loss(Family):
     def ref(self, cfg, a):
         if cfg["op"] == "mse":
             return np.float64(R.mse(a["p"], a["t"]))
+        if cfg["op"] == "binary_crossentropy":
+            return np.float64(R.binary_crossentropy(a["p"], a["t"], cfg["from_logits"]))
         return np.float64(R.crossentropy(a["p"], a["t"], cfg["from_logits"], cfg["op"].startswith("sparse")))
 
     def vjp(self, cfg, a, y, dy):
         if cfg["op"] == "mse":
             return {"p": dy * R.vjp_mse(a["p"], a["t"])}
+        if cfg["op"] == "binary_crossentropy":
+            return {"p": dy * R.vjp_binary_crossentropy(a["p"], a["t"], cfg["from_logits"])}
         return {"p": dy * R.vjp_crossentropy(a["p"], a["t"], cfg["from_logits"], cfg["op"].startswith("sparse"))}
 
     def length(self, cfg):
         return 8 * (cfg["classes"] + 4)
 
 
+class DepthwiseConv(Family):
+    """depthwise_conv2d with stride, dilation, asymmetric explicit padding (each pad at most the dilated
+    kernel extent), depth multipliers 1..3, a bias and any activation of the table, fused into the op's
+    attribute or emitted as separate ops (which the fusion pass fuses)."""
+    name = "depthwise_conv2d"
+    ops = ("depthwise_conv2d", "depthwise_conv2d_grad_input", "depthwise_conv2d_grad_filter", "bias_add",
+           "bias_add_grad", "leaky_relu", "clip", "leaky_relu_grad", "clip_grad")
+    linear = True
+
+    def draw(self, draw):
+        cfg = Conv2D().draw(draw)        # the same geometry rules (and clamped explicit pads) as conv2d
+        act, params = _table_activation(draw)
+        return dict(h=cfg["h"], w=cfg["w"], c=cfg["c"], mult=draw(st.integers(1, 3)), k=cfg["k"],
+                    stride=cfg["stride"], dil=cfg["dil"], padding=cfg["padding"], bias=cfg["bias"],
+                    activation=act, params=params, in_attr=draw(st.booleans()))
+
+    def _pads(self, cfg):
+        ext = tuple((k - 1) * d + 1 for k, d in zip(cfg["k"], cfg["dil"]))
+        return resolve_padding(cfg["padding"], (cfg["h"], cfg["w"]), ext, cfg["stride"])
+
+    def inputs(self, cfg):
+        ins = {"x": ((None, cfg["h"], cfg["w"], cfg["c"]), "f"), "w": (cfg["k"] + (cfg["c"], cfg["mult"]), "f")}
+        if cfg["bias"]:
+            ins["b"] = ((cfg["c"] * cfg["mult"],), "f")
+        return ins
+
+    def emit(self, cfg, v):
+        geom = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dil"])
+        if cfg["in_attr"]:
+            return emit("depthwise_conv2d", v["x"], v["w"], *([v["b"]] if cfg["bias"] else []), **geom,
+                        activation=cfg["activation"], activation_params=cfg["params"])
+        y = emit("depthwise_conv2d", v["x"], v["w"], **geom)
+        if cfg["bias"]:
+            y = emit("bias_add", y, v["b"])
+        return y if cfg["activation"] == "linear" else emit(cfg["activation"], y, **cfg["params"])
+
+    def ref(self, cfg, a, activation=None):
+        z = R.depthwise_conv2d(a["x"], a["w"], a.get("b"), cfg["stride"], self._pads(cfg), cfg["dil"])
+        return R.activation(activation or cfg["activation"], z, **({} if activation else cfg["params"]))
+
+    def vjp(self, cfg, a, y, dy, activation=None):
+        dz = R.activation_vjp(activation or cfg["activation"], y, dy, **({} if activation else cfg["params"]))
+        dx, dw, db = R.vjp_depthwise_conv2d(a["x"], a["w"], dz, cfg["stride"], self._pads(cfg), cfg["dil"])
+        return dict(x=dx, w=dw, **({"b": db} if cfg["bias"] else {}))
+
+    def length(self, cfg):      # forward: taps; weight gradient: batch x output pixels
+        return cfg["k"][0] * cfg["k"][1] + 8 * cfg["h"] * cfg["w"]
+
+
+class BatchNorm(Family):
+    """batch_norm (given statistics), batch_norm_train (y, batch mean / variance, and the Keras moving
+    average momentum * moving + (1 - momentum) * batch, as layers.BatchNormalization emits it), and the
+    inference fold of dense + batch_norm (batch_norm_scale: forward only, the fold needs dense's output to
+    have no other reader)."""
+    name = "batch_norm"
+    ops = ("batch_norm", "batch_norm_train", "batch_norm_train_grad", "batch_norm_scale", "rsqrt", "sum_to",
+           "dense")
+
+    def draw(self, draw):
+        mode = draw(st.sampled_from(("inference", "train", "fold")))
+        cfg = dict(mode=mode, eps=draw(st.sampled_from((1e-3, 1e-5, 0.5))))
+        if mode == "fold":
+            cfg.update(shape=(None, draw(st.sampled_from(DIMS + (16,)))), c=draw(st.sampled_from(DIMS)),
+                       bias=draw(st.booleans()))
+        else:
+            cfg["shape"] = _batched_shape(draw, 2, 4, DIMS)
+            cfg["c"] = cfg["shape"][-1]
+        if mode == "train":
+            cfg["output"] = draw(st.sampled_from(("y", "y", "mean", "var", "moving_mean", "moving_var")))
+            cfg["momentum"] = draw(st.sampled_from((0.0, 0.9, 0.99)))
+        return cfg
+
+    def inputs(self, cfg):
+        c = (cfg["c"],)
+        ins = {"x": (cfg["shape"], "f"), "gamma": (c, "f"), "beta": (c, "f")}
+        if cfg["mode"] == "fold":
+            ins["w"] = ((cfg["shape"][1], cfg["c"]), "f")
+            if cfg["bias"]:
+                ins["b"] = (c, "f")
+        if cfg["mode"] != "train":
+            ins.update(mean=(c, "f"), var=(c, "positive"))
+        elif cfg["output"].startswith("moving"):
+            ins["moving"] = (c, "positive" if cfg["output"] == "moving_var" else "f")
+        return ins
+
+    def wrt(self, cfg):
+        if cfg["mode"] == "fold" or (cfg["mode"] == "train" and cfg["output"] != "y"):
+            return []            # the fold is forward-only; batch statistics are not differentiated (Keras)
+        return super().wrt(cfg)
+
+    def emit(self, cfg, v):
+        if cfg["mode"] == "train":
+            y, mean, var = emit("batch_norm_train", v["x"], v["gamma"], v["beta"], epsilon=cfg["eps"])
+            out = cfg["output"]
+            if out.startswith("moving"):
+                batch = mean if out == "moving_mean" else var
+                return emit("add", emit("scale", v["moving"], factor=cfg["momentum"]),
+                            emit("scale", batch, factor=1.0 - cfg["momentum"]))
+            return {"y": y, "mean": mean, "var": var}[out]
+        x = v["x"]
+        if cfg["mode"] == "fold":
+            x = emit("dense", x, v["w"])
+            if cfg["bias"]:
+                x = emit("bias_add", x, v["b"])
+        return emit("batch_norm", x, v["gamma"], v["beta"], v["mean"], v["var"], epsilon=cfg["eps"])
+
+    def _pre(self, cfg, a):
+        if cfg["mode"] != "fold":
+            return a["x"]
+        z = R.matmul(a["x"], a["w"], False, False)
+        return z + a["b"] if cfg["bias"] else z
+
+    def ref(self, cfg, a):
+        x = self._pre(cfg, a)
+        if cfg["mode"] != "train":
+            return R.batch_norm(x, a["gamma"], a["beta"], a["mean"], a["var"], cfg["eps"])
+        mean, var = R.batch_statistics(x)
+        out = cfg["output"]
+        if out.startswith("moving"):
+            m = cfg["momentum"]
+            return m * a["moving"] + (1 - m) * (mean if out == "moving_mean" else var)
+        if out == "y":
+            return R.batch_norm(x, a["gamma"], a["beta"], mean, var, cfg["eps"])
+        return mean if out == "mean" else var
+
+    def vjp(self, cfg, a, y, dy):
+        if not self.wrt(cfg):
+            return {}
+        if cfg["mode"] == "train":
+            return R.vjp_batch_norm_train(a["x"], a["gamma"], cfg["eps"], dy)
+        return R.vjp_batch_norm(a["x"], a["gamma"], a["mean"], a["var"], cfg["eps"], dy)
+
+    def length(self, cfg):
+        # the statistics and the gamma / beta / mean / var gradients sum over every element of a channel
+        # (batch counted as 8); the fold adds dense's k
+        return 8 * int(np.prod(cfg["shape"][1:-1], dtype=np.int64)) + cfg["shape"][1] + 4
+
+    def magnitudes(self, cfg, a, y, dy, grads):
+        """x - mean rounds relative to |x| + |mean| (not the small |x - mean|), and each gradient sums
+        products of those sizes: the bounds are the same expressions on absolute values."""
+        x = np.abs(self._pre(cfg, {k: np.abs(v) for k, v in a.items()}))
+        axes = tuple(range(x.ndim - 1))
+        if cfg["mode"] == "train":
+            mean, var = R.batch_statistics(self._pre(cfg, a))
+        else:
+            mean, var = a["mean"], a["var"]
+        inv = 1.0 / np.sqrt(var + cfg["eps"])
+        spread = (x + np.abs(mean)) * inv
+        gamma = np.abs(a["gamma"])
+        y_mag = spread * gamma + np.abs(a["beta"])
+        if cfg["mode"] == "train" and cfg["output"] != "y":       # the statistics: sums of |x|, (|x| + |mean|)^2
+            stat = x.mean(axis=axes) if cfg["output"].endswith("mean") else ((x + np.abs(mean)) ** 2).mean(axis=axes)
+            m = cfg["momentum"]
+            y_mag = m * np.abs(a["moving"]) + (1 - m) * stat if "moving" in a else stat
+        if not grads:
+            return y_mag, {}
+        ady = np.abs(np.broadcast_to(dy, x.shape))
+        dot = (ady * spread).sum(axis=axes)
+        g_mag = {"gamma": dot, "beta": ady.sum(axis=axes)}
+        if cfg["mode"] == "train":
+            g_mag["x"] = gamma * inv * (ady + ady.mean(axis=axes) + spread * (ady * spread).mean(axis=axes))
+        else:
+            g_mag.update(x=ady * gamma * inv, mean=(ady * gamma * inv).sum(axis=axes), var=0.5 * gamma * dot * inv ** 2)
+        return y_mag, g_mag
+
+
+def _axis_sets(rank):
+    return [tuple(i for i in range(rank) if mask >> i & 1) for mask in range(1 << rank)]
+
+
+class Reduce(Family):
+    """reduce_sum / reduce_mean over every axis set (the batch included, None = all, negative axes) with
+    and without keepdims; reduce_grad broadcasts the gradient back."""
+    name = "reduce"
+    ops = ("reduce_sum", "reduce_mean", "reduce_grad")
+    linear = True
+
+    def draw(self, draw):
+        shape = _batched_shape(draw, 1, 4, DIMS)
+        axes = draw(st.sampled_from(_axis_sets(len(shape))))
+        form = draw(st.sampled_from(("tuple", "negative", "none" if len(axes) == len(shape) else "tuple")))
+        if form == "none":
+            axis = None
+        elif form == "negative":
+            axis = tuple(a - len(shape) for a in axes)
+        else:
+            axis = axes
+        if isinstance(axis, tuple) and len(axis) == 1 and draw(st.booleans()):
+            axis = axis[0]                      # a plain int
+        return dict(op=draw(st.sampled_from(("reduce_sum", "reduce_mean"))), shape=shape, axis=axis, axes=axes,
+                    keepdims=draw(st.booleans()))
+
+    def inputs(self, cfg):
+        return {"x": (cfg["shape"], "f")}
+
+    def emit(self, cfg, v):
+        return emit(cfg["op"], v["x"], axis=cfg["axis"], keepdims=cfg["keepdims"])
+
+    def _count(self, cfg, x):
+        return int(np.prod([x.shape[i] for i in cfg["axes"]], dtype=np.int64))
+
+    def ref(self, cfg, a):
+        x = a["x"]
+        y = x.sum(axis=cfg["axes"], keepdims=cfg["keepdims"])
+        return y / max(1, self._count(cfg, x)) if cfg["op"] == "reduce_mean" else y
+
+    def vjp(self, cfg, a, y, dy):
+        x = a["x"]
+        dy = np.reshape(dy, tuple(1 if i in cfg["axes"] else d for i, d in enumerate(x.shape)))
+        g = np.broadcast_to(dy, x.shape).copy()
+        return {"x": g / max(1, self._count(cfg, x)) if cfg["op"] == "reduce_mean" else g}
+
+    def length(self, cfg):
+        return int(np.prod([8 if cfg["shape"][i] is None else cfg["shape"][i] for i in cfg["axes"]],
+                           dtype=np.int64)) + 4
+
+
+class Layout(Family):
+    """concat (1..3 values) and slice along any non-batch axis; pad of the NHWC spatial axes with a
+    constant; their gradients (slices, slice_grad, pad_grad)."""
+    name = "layout"
+    ops = ("concat", "slice", "slice_grad", "pad", "pad_grad")
+    linear = True
+
+    def draw(self, draw):
+        op = draw(st.sampled_from(("concat", "slice", "pad")))
+        shape = _batched_shape(draw, 4 if op == "pad" else 2, 4, DIMS)
+        cfg = dict(op=op, shape=shape)
+        if op == "pad":
+            pads = tuple(tuple(draw(st.integers(0, 3)) for _ in range(2)) for _ in range(2))
+            cfg.update(padding=pads, value=draw(st.sampled_from((0.0, -1.5, 2.0))))
+            return cfg
+        axis = draw(st.integers(1, len(shape) - 1))
+        cfg["axis"] = axis if draw(st.booleans()) else axis - len(shape)
+        if op == "concat":
+            cfg["sizes"] = tuple(draw(st.sampled_from(DIMS)) for _ in range(draw(st.integers(1, 3))))
+        else:
+            size = shape[axis]
+            start = draw(st.integers(0, size - 1))
+            cfg.update(start=start, stop=draw(st.integers(start + 1, size)))
+        return cfg
+
+    def _part_shape(self, cfg, size):
+        shape = list(cfg["shape"])
+        shape[cfg["axis"]] = size
+        return tuple(shape)
+
+    def inputs(self, cfg):
+        if cfg["op"] == "concat":
+            return {f"v{i}": (self._part_shape(cfg, s), "f") for i, s in enumerate(cfg["sizes"])}
+        return {"x": (cfg["shape"], "f")}
+
+    def emit(self, cfg, v):
+        if cfg["op"] == "concat":
+            return emit("concat", *[v[f"v{i}"] for i in range(len(cfg["sizes"]))], axis=cfg["axis"])
+        if cfg["op"] == "slice":
+            return emit("slice", v["x"], axis=cfg["axis"], start=cfg["start"], stop=cfg["stop"])
+        return emit("pad", v["x"], padding=cfg["padding"], value=cfg["value"])
+
+    def ref(self, cfg, a):
+        if cfg["op"] == "concat":
+            return np.concatenate([a[f"v{i}"] for i in range(len(cfg["sizes"]))], axis=cfg["axis"])
+        x = a["x"]
+        if cfg["op"] == "slice":
+            index = [slice(None)] * x.ndim
+            index[cfg["axis"]] = slice(cfg["start"], cfg["stop"])
+            return x[tuple(index)]
+        (t, b), (l, r) = cfg["padding"]
+        y = np.full((x.shape[0], x.shape[1] + t + b, x.shape[2] + l + r, x.shape[3]), cfg["value"])
+        y[:, t:t + x.shape[1], l:l + x.shape[2], :] = x
+        return y
+
+    def vjp(self, cfg, a, y, dy):
+        if cfg["op"] == "concat":
+            bounds = np.cumsum((0,) + cfg["sizes"])
+            ax = cfg["axis"] % dy.ndim
+            return {f"v{i}": dy[(slice(None),) * ax + (slice(bounds[i], bounds[i + 1]),)]
+                    for i in range(len(cfg["sizes"]))}
+        x = a["x"]
+        if cfg["op"] == "slice":
+            g = np.zeros(x.shape)
+            ax = cfg["axis"] % x.ndim
+            g[(slice(None),) * ax + (slice(cfg["start"], cfg["stop"]),)] = dy
+            return {"x": g}
+        (t, _), (l, _) = cfg["padding"]
+        return {"x": dy[:, t:t + x.shape[1], l:l + x.shape[2], :].copy()}
+
+
+class GlobalMaxPool(Family):
+    name = "global_max_pool2d"
+    ops = ("global_max_pool2d", "global_max_pool2d_grad")
+
+    def draw(self, draw):
+        return dict(h=draw(st.sampled_from(DIMS)), w=draw(st.sampled_from(DIMS)), c=draw(st.sampled_from(WIDE)))
+
+    def inputs(self, cfg):
+        return {"x": ((None, cfg["h"], cfg["w"], cfg["c"]), "f")}
+
+    def emit(self, cfg, v):
+        return emit("global_max_pool2d", v["x"])
+
+    def ref(self, cfg, a):
+        return R.global_max_pool2d(a["x"])
+
+    def vjp(self, cfg, a, y, dy):
+        return {"x": R.vjp_global_max_pool2d(a["x"], dy)}
+
+
 FAMILIES = {f.name: f for f in (Conv2D(), Dense(), MatMul(), MaxPool(), AvgPool(), GlobalAvgPool(), Unary(),
-                                Softmax(), Binary(), BiasAdd(), Shape(), Loss())}
+                                Softmax(), Binary(), BiasAdd(), Shape(), Loss(), DepthwiseConv(), BatchNorm(),
+                                Reduce(), Layout(), GlobalMaxPool())}
 
 
 @st.composite
@@ -506,6 +859,10 @@ def make_array(rng, shape, kind, classes=None):
         return rng.uniform(0.05, 0.95, shape).astype(np.float32)
     if kind == "logits":
         return (rng.standard_normal(shape) * 3).astype(np.float32)
+    if kind == "positive":                  # variances, rsqrt operands
+        return rng.uniform(0.1, 4.0, shape).astype(np.float32)
+    if kind == "nonzero":                   # divisors: |b| in [0.5, 2]
+        return (rng.choice(np.array([-1.0, 1.0]), shape) * rng.uniform(0.5, 2.0, shape)).astype(np.float32)
     return rng.standard_normal(shape).astype(np.float32)
 
 
