@@ -151,23 +151,8 @@ def test_random_ops_exercised_every_declared_op():
     assert declared - SEEN_OPS == set()
 
 
-# Ops checked against naive float64 references (central differences for their gradients) in the named
-# test files but not yet drawn by a hypothesis family here: each entry goes when its family lands.
-REFERENCE_TESTED_ELSEWHERE = {
-    **dict.fromkeys(("batch_norm", "batch_norm_scale", "batch_norm_train", "batch_norm_train_grad", "rsqrt",
-                     "concat", "slice", "slice_grad", "pad", "pad_grad", "global_max_pool2d",
-                     "global_max_pool2d_grad", "reduce_sum", "reduce_mean", "reduce_grad", "div",
-                     "depthwise_conv2d", "depthwise_conv2d_grad_input", "depthwise_conv2d_grad_filter"),
-                    "test_cnn_ops.py"),
-    **dict.fromkeys(("clip", "clip_grad", "leaky_relu", "leaky_relu_grad"), "test_activations.py"),
-    **dict.fromkeys(("binary_crossentropy", "binary_crossentropy_grad"), "test_losses.py"),
-    "rmsprop_update": "test_optimizers.py",
-    **dict.fromkeys(("random_flip", "random_translation", "random_translation_grad"), "test_augment.py"),
-}
-
-
 def test_every_registered_op_has_a_differential_family():
-    covered = set().union(*(f.ops for f in FAMILIES.values())) | SEPARATELY_TESTED | set(REFERENCE_TESTED_ELSEWHERE)
+    covered = set().union(*(f.ops for f in FAMILIES.values())) | SEPARATELY_TESTED
     missing = sorted(set(REGISTRY) - covered)
     assert not missing, f"registered ops without a differential test family in tests/op_cases.py: {missing}"
 
