@@ -162,8 +162,11 @@ def test_gc_compile_and_cli_compile_functional(tmp_path, rng):
                         "numpy", "--emit", "ir,py"], capture_output=True, text=True, cwd=ROOT,
                        env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.returncode == 0, r.stderr
-    text = (out / "netfile.ir").read_text()
-    assert "conv2d" in text and " add(" in text
+    from ir.text import parse_graph
+    emitted = parse_graph((out / "netfile.ir").read_text())
+    # the residual add is fused into the second conv (its 4th operand is the skip value a)
+    assert [len(n.inputs) for n in emitted.nodes if n.op == "conv2d"] == [3, 4]
+    assert not any(n.op == "add" for n in emitted.nodes)
 
 
 # -- build-time errors --------------------------------------------------------------------------------
