@@ -66,7 +66,6 @@ def ascii_identifier(name: str, max_len: int = 64) -> str:
 # i8/u8 hold quantized activations and weights, i32 the quantized biases (ir/ops/quant.py)
 DTYPES = {"f32": np.dtype(np.float32), "i32": np.dtype(np.int32), "f64": np.dtype(np.float64),
           "i8": np.dtype(np.int8), "u8": np.dtype(np.uint8)}
-INTEGER_DTYPES = ("i8", "u8", "i32")
 
 
 def dtype_name(dt) -> str:
