@@ -141,7 +141,9 @@ class Executable:
     def __call__(self, *args, **kwargs):
         arrays = self.check_inputs(args, kwargs)
         outs = self.run(arrays)
-        outs = tuple(np.array(o, dtype=self.compute_dtype, copy=True) for o in outs)
+        # float outputs in the compute dtype; int8 / int32 outputs keep their own
+        outs = tuple(np.array(o, dtype=self.compute_dtype if t.dtype == "f32" else t.np_dtype, copy=True)
+                     for o, (_, t) in zip(outs, self.outputs))
         return outs[0] if len(outs) == 1 else outs
 
     def run(self, arrays: list) -> tuple:

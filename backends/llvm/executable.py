@@ -56,7 +56,7 @@ class NativeGraph:
         until this thread's next call; Executable.__call__ copies them once."""
         ptrs = (ctypes.c_void_p * max(1, len(self.layout.arg_order)))(
             *[leaves[name].ctypes.data for name in self.layout.arg_order])
-        arena = self.arenas.get(n).buffer.view(np.float32)
+        arena = self.arenas.get(n).buffer.view(np.uint8)
         try:
             self.fn(ptrs, n, arena.ctypes.data, first)
         finally:
@@ -67,9 +67,9 @@ class NativeGraph:
             if s.kind == "arg":     # an output that is a leaf or a view of one (flatten(x)): its own shape
                 outs.append(np.array(leaves[self.layout.arg_order[s.index]]).reshape(v.type.concrete(n)))
             else:
-                off = (n * s.per_sample + s.fixed) // 4
+                off = n * s.per_sample + s.fixed        # bytes; the value's own dtype (f32, u8, ...)
                 shape = v.type.concrete(n)
-                outs.append(arena[off:off + int(np.prod(shape, dtype=np.int64))].reshape(shape))
+                outs.append(arena[off:off + v.type.nbytes(n)].view(v.type.np_dtype).reshape(shape))
         return outs
 
 

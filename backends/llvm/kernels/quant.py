@@ -1,0 +1,317 @@
+"""int8 inference kernels of the LLVM backend: quantize, dequantize, conv2d_q, dense_q, with the exact
+arithmetic of ir/ops/quant.py (bit-identical to backends/numpy/kernels.py's int8 section).
+
+Portable integer path (plain LLVM vector IR, no target intrinsics):
+
+- accumulation in i32: u8/i8 activations are zero/sign-extended, i8 weights are sign-extended once into a
+  packed i32 copy (matmul.pack_b), and the GEMM microkernel (matmul.emit_tile) runs with an integer
+  multiply-accumulate. Integer addition wraps modulo 2**32 in any order, so tiling and unrolling cannot
+  change the result (the op's two's-complement accumulator);
+- the activation zero point leaves the inner loop: sum_k (x_k - zp) w_kc = sum_k x_k w_kc - zp * sum_k w_kc,
+  exact modulo 2**32, so each call first folds `b[c] - zp * sum_k w[k, c]` into one i32 per output
+  channel. Padding cells hold zp (the padded image is filled with it), so they contribute exactly 0;
+- requantization as the op defines it: sitofp (round to nearest even), one float32 multiply by the
+  compile-time multiplier m[c] (backends/numpy/kernels.requant_multiplier, the one definition), roundeven,
+  + y_zero_point, clamp to [y_min, y_max], convert.
+
+Signatures (n = runtime batch size; shapes are compile-time):
+    quantize(ptr x, ptr out, i64 n)                          f32 -> u8/i8
+    dequantize(ptr x, ptr out, i64 n)                        u8/i8 -> f32
+    dense_q(ptr x, ptr w, ptr b, ptr out, ptr scratch, i64 n)     b may be null (has_bias False)
+    conv2d_q(ptr x, ptr w, ptr b, ptr out, ptr scratch, i64 n)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from llvmlite import ir
+
+from backends.numpy.kernels import requant_multiplier
+
+from .builder import F32, I8, I32, I64, VOID, KernelBuilder
+from .conv import _pixel_offset, _tap_loops, conv_geometry
+from .elementwise import check_shape, numel
+from .matmul import (ReductionLevel, column_blocks, emit_tile, for_row_tiles, gemm_builder, pack_b, packed_block,
+                     packed_floats, plan_tile)
+
+# (signed, lo, hi) of each quantized activation dtype (ir/ops/quant.py QUANT_RANGES)
+QUANT_FORMATS = {"u8": (False, 0, 255), "i8": (True, -128, 127)}
+
+
+def _format(kernel: str, what: str, dtype) -> tuple[bool, int, int]:
+    if dtype not in QUANT_FORMATS:
+        raise ValueError(f"{kernel}: {what} must be one of {', '.join(QUANT_FORMATS)}, got {dtype!r}")
+    return QUANT_FORMATS[dtype]
+
+
+def _check_int(kernel: str, what: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{kernel}: {what} must be an int in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _check_scale(kernel: str, what: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{kernel}: {what} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _like(kb: KernelBuilder, v: ir.Value, etype: ir.Type) -> ir.Type:
+    """The scalar or vector type of v's shape with element type etype."""
+    return ir.VectorType(etype, v.type.count) if isinstance(v.type, ir.VectorType) else etype
+
+
+def _int_const(v: ir.Value, value: int, etype: ir.Type = I32) -> ir.Constant:
+    """An integer constant of v's shape."""
+    if isinstance(v.type, ir.VectorType):
+        return ir.Constant(ir.VectorType(etype, v.type.count), [value] * v.type.count)
+    return ir.Constant(etype, value)
+
+
+def widen(kb: KernelBuilder, q: ir.Value, signed: bool) -> ir.Value:
+    """u8 (zero-extended) or i8 (sign-extended) bytes as i32, scalar or vector."""
+    ty = _like(kb, q, I32)
+    return kb.b.sext(q, ty) if signed else kb.b.zext(q, ty)
+
+
+def saturate_to_bytes(kb: KernelBuilder, y: ir.Value, lo: int, hi: int) -> ir.Value:
+    """clamp(y, lo, hi) for an integer-valued, NaN-free float y, converted to u8/i8 bytes (through i32:
+    255 does not fit a signed byte)."""
+    y = kb.minnum(kb.maxnum(y, kb.const(lo, like=y)), kb.const(hi, like=y))
+    return kb.b.trunc(kb.b.fptosi(y, _like(kb, y, I32)), _like(kb, y, I8))
+
+
+def build_quantize(module: ir.Module, name: str, *, shape, scale, zero_point: int = 0, dtype: str = "u8",
+                   target) -> ir.Function:
+    """`void name(ptr x, ptr out, i64 n)`: out = clamp(roundeven(x / scale) + zero_point) as u8/i8, NaN
+    -> zero_point, +-inf saturate (ONNX QuantizeLinear; ir/ops/quant.py)."""
+    shape = check_shape("quantize", "shape", shape)
+    _, lo, hi = _format("quantize", "dtype", dtype)
+    scale = _check_scale("quantize", "scale", scale)
+    zero_point = _check_int("quantize", "zero_point", zero_point, lo, hi)
+    kb = KernelBuilder(module, name, 2, target, arg_names=("x", "out"))
+    x, out = kb.args
+    b = kb.b
+
+    def body(s, _):
+        q = kb.intrinsic("roundeven", b.fdiv(s.load(x), s.const(float(np.float32(scale)))))
+        q = b.select(b.fcmp_unordered("uno", q, q), s.const(0.0), q)       # NaN counts as 0
+        s.store(saturate_to_bytes(kb, b.fadd(q, s.const(zero_point)), lo, hi), out)
+        return []
+
+    kb.strips(numel(kb, shape), body)
+    return kb.finish()
+
+
+def build_dequantize(module: ir.Module, name: str, *, shape, scale, zero_point: int = 0, dtype: str = "u8",
+                     target) -> ir.Function:
+    """`void name(ptr x, ptr out, i64 n)`: out = f32(x - zero_point) * f32(scale) (ONNX DequantizeLinear)."""
+    shape = check_shape("dequantize", "shape", shape)
+    signed, lo, hi = _format("dequantize", "dtype", dtype)
+    scale = _check_scale("dequantize", "scale", scale)
+    zero_point = _check_int("dequantize", "zero_point", zero_point, lo, hi)
+    kb = KernelBuilder(module, name, 2, target, arg_names=("x", "out"))
+    x, out = kb.args
+    b = kb.b
+
+    def body(s, _):
+        q = b.sub(widen(kb, s.load(x, etype=I8), signed), _int_const(s.const(0.0), zero_point))
+        s.store(b.fmul(b.sitofp(q, s.float_type), s.const(float(np.float32(scale)))), out)
+        return []
+
+    kb.strips(numel(kb, shape), body)
+    return kb.finish()
+
+
+@dataclass(frozen=True)
+class IntegerMultiplyAccumulate:
+    """The arithmetic of an int8 GEMM tile (matmul.emit_tile's `mac`): A holds u8/i8 bytes, B the packed
+    i32 weights, acc += widen(a) * b in i32 (wrapping, so any summation order gives the same bits)."""
+    signed: bool
+
+    def zero(self, kb: KernelBuilder) -> ir.Value:
+        return ir.Constant(ir.VectorType(I32, kb.lanes), [0] * kb.lanes)
+
+    def load_a(self, kb: KernelBuilder, row: ir.Value, offset) -> ir.Value:
+        return kb.splat(widen(kb, kb.load(row, offset, I8), self.signed))
+
+    def load_b(self, kb: KernelBuilder, ptr: ir.Value, offset, width: int) -> ir.Value:
+        return kb.load_part(ptr, offset, width, etype=I32)
+
+    def accumulate(self, kb: KernelBuilder, a: ir.Value, b: ir.Value, acc: ir.Value) -> ir.Value:
+        return kb.b.add(kb.b.mul(a, b), acc)
+
+
+@dataclass(frozen=True)
+class Requantization:
+    """What a conv2d_q/dense_q output tile does with its i32 accumulators (all checked, compile-time)."""
+    x_signed: bool
+    x_zero_point: int
+    multipliers: tuple          # float32 m[c], one per output channel
+    y_zero_point: int
+    y_min: int
+    y_max: int
+
+
+def requantization(kernel: str, *, channels: int, x_dtype, x_scale, x_zero_point, w_scale, y_scale,
+                   y_zero_point, dtype, y_min, y_max) -> Requantization:
+    """Check the quantization attributes of conv2d_q/dense_q (ValueError naming the argument)."""
+    x_signed, xlo, xhi = _format(kernel, "x_dtype", x_dtype)
+    _, lo, hi = _format(kernel, "dtype", dtype)
+    if not isinstance(w_scale, (tuple, list)) or len(w_scale) != channels:
+        raise ValueError(f"{kernel}: w_scale must hold {channels} scales (one per output channel), got {w_scale!r:.80}")
+    scales = [_check_scale(kernel, f"w_scale[{i}]", s) for i, s in enumerate(w_scale)]
+    m = requant_multiplier(_check_scale(kernel, "x_scale", x_scale), scales, _check_scale(kernel, "y_scale", y_scale))
+    y_min = lo if y_min is None else _check_int(kernel, "y_min", y_min, lo, hi)
+    y_max = hi if y_max is None else _check_int(kernel, "y_max", y_max, lo, hi)
+    if y_min > y_max:
+        raise ValueError(f"{kernel}: y_min {y_min} is larger than y_max {y_max}")
+    return Requantization(x_signed, _check_int(kernel, "x_zero_point", x_zero_point, xlo, xhi),
+                          tuple(float(v) for v in m), _check_int(kernel, "y_zero_point", y_zero_point, lo, hi),
+                          y_min, y_max)
+
+
+def _multiplier_table(kb: KernelBuilder, rq: Requantization, padded: int) -> ir.GlobalVariable:
+    """m[c] as an internal constant array, zero-padded to `padded` entries so full vectors can be read."""
+    ty = ir.ArrayType(F32, padded)
+    table = ir.GlobalVariable(kb.module, ty, name=f"{kb.fn.name}.multipliers")
+    table.global_constant = True
+    table.linkage = "internal"
+    table.initializer = ir.Constant(ty, list(rq.multipliers) + [0.0] * (padded - len(rq.multipliers)))
+    return table
+
+
+def _fold_zero_point_into_bias(kb: KernelBuilder, rq: Requantization, w, bias, k: int, channels: int,
+                               comp) -> None:
+    """comp[c] = b[c] - x_zero_point * sum_k w[k, c] (i32, wrapping; b = 0 without a bias)."""
+    b = kb.b
+    with kb.for_range(channels, name="comp") as lc:
+        c = lc.index
+        start = kb.load(bias, c, I32) if bias is not None else ir.Constant(I32, 0)
+        if rq.x_zero_point:
+            with kb.for_range(k, name="comp.k") as lk:
+                acc = lk.carry(ir.Constant(I32, 0))
+                lk.next(acc, b.add(acc, b.sext(kb.load(w, kb.add(kb.mul(lk.index, channels), c), I8), I32)))
+            start = b.sub(start, b.mul(lk.result(acc), ir.Constant(I32, rq.x_zero_point)))
+        kb.store(start, comp, c)
+
+
+def _requantize_tile(kb: KernelBuilder, rq: Requantization, acc, out_rows, width: int, comp, table, col0) -> None:
+    """acc[m][v] (i32 vectors) -> out_rows[m][v*lanes ...] as u8/i8, only the first `width` columns."""
+    b = kb.b
+    lanes = kb.lanes
+    for m, row in enumerate(acc):
+        for v, value in enumerate(row):
+            col = kb.add(col0, v * lanes)
+            w = min(lanes, width - v * lanes)
+            total = b.add(value, kb.load_part(comp, col, w, etype=I32))
+            y = b.fmul(b.sitofp(total, kb.vec_type()), kb.load_part(table, col, w))
+            y = b.fadd(kb.intrinsic("roundeven", y), kb.const(rq.y_zero_point, like=y))
+            kb.store_part(saturate_to_bytes(kb, y, rq.y_min, rq.y_max), out_rows[m], v * lanes, w)
+
+
+def _int_gemm_setup(kb: KernelBuilder, rows_hint, k: int, channels: int):
+    """Column blocks and the scratch buffers (packed i32 weights, folded bias) of a conv2d_q/dense_q
+    kernel: (blocks, packed, comp, padded columns). Must run in the entry block (scratch)."""
+    plan = plan_tile(rows_hint, channels, kb.target, k)
+    blocks = column_blocks(rows_hint, channels, plan, kb.target, k)
+    padded = packed_floats(blocks, kb.lanes)
+    packed = kb.scratch(k * padded)            # i32 elements: 4 bytes, as the floats scratch counts
+    comp = kb.scratch(padded)
+    return blocks, packed, comp, padded
+
+
+def _emit_tiles(kb, rq, blocks, packed, comp, table, k, rows, a_row, loops, out_row):
+    """Every (row tile, column block) of an int8 GEMM: a_row(r) points at row r's first A byte, loops(nr)
+    is the reduction nest, out_row(r, col) the output byte of (row r, column col)."""
+    mac = IntegerMultiplyAccumulate(rq.x_signed)
+    lanes = kb.lanes
+    for which, blk in enumerate(blocks):
+        nr = blk.nv * lanes
+
+        def row_tile(r0, mr, which=which, blk=blk, nr=nr):
+            with kb.for_range(blk.count, name="cols") as lj:
+                col0 = kb.add(blk.start, kb.mul(lj.index, nr))
+                a_rows = [a_row(kb.add(r0, m)) for m in range(mr)]
+                acc = emit_tile(kb, a_rows, packed_block(kb, packed, k, blocks, which, lj.index), loops(nr),
+                                blk.nv, nr, mac=mac)
+                _requantize_tile(kb, rq, acc, [out_row(kb.add(r0, m), col0) for m in range(mr)], blk.width,
+                                 comp, table, col0)
+        for_row_tiles(kb, rows, blk.mr, row_tile)
+
+
+def build_dense_q(module: ir.Module, name: str, *, in_features: int, units: int, has_bias: bool, x_dtype: str,
+                  x_scale, w_scale, y_scale, x_zero_point: int = 0, y_zero_point: int = 0, dtype: str = "u8",
+                  y_min=None, y_max=None, target) -> ir.Function:
+    """`void name(ptr x, ptr w, ptr b, ptr out, ptr scratch, i64 n)`: out (n, units) u8/i8 = requantized
+    (x (n, in_features) u8/i8 - x_zero_point) @ w (in_features, units) i8 + b (units,) i32."""
+    for what, v in (("in_features", in_features), ("units", units)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"dense_q: {what} must be a positive int, got {v!r}")
+    rq = requantization("dense_q", channels=units, x_dtype=x_dtype, x_scale=x_scale, x_zero_point=x_zero_point,
+                        w_scale=w_scale, y_scale=y_scale, y_zero_point=y_zero_point, dtype=dtype, y_min=y_min,
+                        y_max=y_max)
+    kb = gemm_builder(module, name, 4, target)
+    x, w, bias, out = kb.args
+    blocks, packed, comp, padded = _int_gemm_setup(kb, None, in_features, units)
+    table = _multiplier_table(kb, rq, padded)
+    pack_b(kb, w, in_features, units, 1, blocks, packed, src_type=I8, dst_type=I32)
+    _fold_zero_point_into_bias(kb, rq, w, bias if has_bias else None, in_features, units, comp)
+    _emit_tiles(kb, rq, blocks, packed, comp, table, in_features, kb.n,
+                a_row=lambda r: kb.gep(x, kb.mul(r, in_features), I8),
+                loops=lambda nr: [ReductionLevel(in_features, 1, nr)],
+                out_row=lambda r, col: kb.gep(out, kb.add(kb.mul(r, units), col), I8))
+    return kb.finish()
+
+
+def _byte_intrinsics(kb: KernelBuilder):
+    memcpy = kb.declare("llvm.memcpy.p0.p0.i64", VOID, [ir.PointerType(), ir.PointerType(), I64, ir.IntType(1)])
+    memset = kb.declare("llvm.memset.p0.i64", VOID, [ir.PointerType(), I8, I64, ir.IntType(1)])
+    return memcpy, memset
+
+
+def build_conv2d_q(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, stride=(1, 1),
+                   padding=((0, 0), (0, 0)), dilation=(1, 1), has_bias: bool, x_dtype: str, x_scale, w_scale,
+                   y_scale, x_zero_point: int = 0, y_zero_point: int = 0, dtype: str = "u8", y_min=None,
+                   y_max=None, target) -> ir.Function:
+    """`void name(ptr x, ptr w, ptr b, ptr out, ptr scratch, i64 n)`: out (n, OH, OW, F) u8/i8 = requantized
+    conv2d of x (n, H, W, C) u8/i8 (padding cells = x_zero_point) with w (KH, KW, C, F) i8 plus b (F,) i32,
+    as an implicit GEMM (rows = output pixels, k = (kh, kw, c)) on the packed i32 weights."""
+    g = conv_geometry(in_hwc, kernel_hw, filters, stride, padding, dilation)
+    rq = requantization("conv2d_q", channels=g.f, x_dtype=x_dtype, x_scale=x_scale, x_zero_point=x_zero_point,
+                        w_scale=w_scale, y_scale=y_scale, y_zero_point=y_zero_point, dtype=dtype, y_min=y_min,
+                        y_max=y_max)
+    kb = gemm_builder(module, name, 4, target)
+    x, w, bias, out = kb.args
+    b = kb.b
+    k = g.taps
+    blocks, packed, comp, padded = _int_gemm_setup(kb, g.pixels, k, g.f)
+    image_bytes = g.hp * g.wp * g.c
+    xp = kb.scratch(-(-image_bytes // 4)) if g.padded else None
+    table = _multiplier_table(kb, rq, padded)
+    memcpy, memset = _byte_intrinsics(kb)
+    pack_b(kb, w, k, g.f, 1, blocks, packed, src_type=I8, dst_type=I32)
+    _fold_zero_point_into_bias(kb, rq, w, bias if has_bias else None, k, g.f, comp)
+    if xp is not None:
+        # the border keeps x_zero_point (a real 0) for the whole call; each image overwrites the interior
+        b.call(memset, [xp, ir.Constant(I8, rq.x_zero_point & 0xFF), kb.i64(image_bytes), ir.Constant(ir.IntType(1), 0)])
+
+    with kb.for_range(kb.n, name="image") as li:
+        x_img = kb.gep(x, kb.mul(li.index, g.h * g.w * g.c), I8)
+        if xp is not None:
+            with kb.for_range(g.h, name="pad.copy") as lr:
+                dst = kb.gep(xp, kb.mul(kb.add(kb.mul(lr.index, g.wp), g.pt * g.wp + g.pl), g.c), I8)
+                b.call(memcpy, [dst, kb.gep(x_img, kb.mul(lr.index, g.w * g.c), I8), kb.i64(g.w * g.c),
+                                ir.Constant(ir.IntType(1), 0)])
+            src = xp
+        else:
+            src = x_img
+        out_img = kb.gep(out, kb.mul(li.index, g.pixels * g.f), I8)
+        _emit_tiles(kb, rq, blocks, packed, comp, table, k, g.pixels,
+                    a_row=lambda p: kb.gep(src, _pixel_offset(kb, g, p), I8),
+                    loops=lambda nr: _tap_loops(g, nr),
+                    out_row=lambda p, col: kb.gep(out_img, kb.add(kb.mul(p, g.f), col), I8))
+    return kb.finish()
+
