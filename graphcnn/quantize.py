@@ -46,14 +46,14 @@ def calibrate(graph, weights, batches, names, method="minmax", percentile=99.99)
 
 
 def quantize(model, calibration_x, method="minmax", percentile=99.99, calibration_images=None, batch_size=256,
-             backend="numpy") -> QuantizedRuntime:
+             backend=None) -> QuantizedRuntime:
     """An int8 version of a trained single-input `model` (gc.Model / Sequential).
 
     calibration_x: representative inputs (any form model.predict accepts); the first `calibration_images`
     of them (all when None) are run through the float model. method: 'minmax' (observed extremes) or
     'percentile' (the `percentile`-th percentile at each end). Activations become per-tensor u8,
-    weights per-channel symmetric i8, biases i32. backend: where the quantized graph runs ('numpy': the
-    LLVM backend has no int8 kernels yet and would fall back)."""
+    weights per-channel symmetric i8, biases i32. backend: where the quantized graph runs ('llvm' by default:
+    native int8 kernels, bit-identical to 'numpy')."""
     if method not in METHODS:
         raise GraphcnnError(f"quantize: method must be one of {', '.join(METHODS)}, got {method!r}")
     if len(model.inputs) != 1:

@@ -1,7 +1,8 @@
 """int8 quantization (issue 15, first slice): the quantize / dequantize / conv2d_q / dense_q ops and int8
-max_pool2d on the NumPy backend against naive integer loops written from ir/ops/quant.py's definitions
-(Python ints, Python's round-half-even `round`), the IR text / JSON / .gcnn round trips, the LLVM
-backend's refusal, and mnist_cnn's accuracy after gc.quantize."""
+max_pool2d on both backends against naive integer loops written from ir/ops/quant.py's definitions
+(Python ints, Python's round-half-even `round`; every `run` also asserts LLVM == NumPy bit for bit), the IR
+text / JSON / .gcnn round trips, the LLVM backend's refusal of int8 values in float kernels, and mnist_cnn
+after gc.quantize (accuracy, both backends identical)."""
 import importlib.util
 import math
 import os
@@ -11,6 +12,7 @@ import pytest
 
 import graphcnn as gc
 from graphcnn.compiler import BackendFallbackWarning
+from graphcnn.quantize import QuantizedRuntime
 from ir.ops import emit
 from ir.passes.quantize import ValueRange, activation_params, quantize_weights, range_from_values
 from ir.serialize import graph_from_json, graph_to_json
@@ -84,7 +86,15 @@ def ref_dense_q(x, w, b, xs, xzp, ws, ys, yzp, dtype):
 
 
 def run(g, **feeds):
-    return gc.compile(g, backend="numpy", params=feeds.pop("params", None))(**feeds)
+    """The graph's outputs on the NumPy backend, after checking the LLVM backend gives the same bits and
+    dtypes (gc.compile falling back to NumPy is an error under this suite, see conftest.py)."""
+    params = feeds.pop("params", None)
+    want = gc.compile(g, backend="numpy", params=params)(**feeds)
+    got = gc.compile(g, backend="llvm", params=params)(**feeds)
+    for a, b in zip(*((o,) if not isinstance(o, tuple) else o for o in (got, want))):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    return want
 
 
 # -- quantize / dequantize ---------------------------------------------------------------------------
@@ -105,7 +115,7 @@ def test_quantize_matches_naive_rounding_and_saturation(dtype, zp):
     np.testing.assert_array_equal(got, want)
     lo, hi = RANGES[dtype]
     assert got.min() == lo and got.max() == hi                      # saturates at both ends
-    assert set(np.unique(got[0, :80] - zp)) <= set(range(-40, 41, 2)) | {lo - zp, hi - zp}   # ties to even
+    assert set(np.unique(got[0, :80].astype(int) - zp)) <= set(range(-40, 41, 2)) | {lo - zp, hi - zp}   # ties to even
 
 
 def test_quantize_with_an_inexact_scale_matches_naive():
@@ -289,18 +299,110 @@ def test_quantized_runtime_survives_gcnn_save_and_load(tmp_path, mnist_quantized
     _, q, (xs, _) = mnist_quantized
     path = os.fspath(tmp_path / "q.gcnn")
     q.save(path)
-    loaded = gc.load(path, backend="numpy")
+    loaded = gc.load(path, backend=q.backend)
     assert {p.name: p.dtype for p in loaded.graph.params} == {p.name: p.dtype for p in q.graph.params}
     np.testing.assert_array_equal(loaded.predict(xs[:64]), q.predict(xs[:64]))
 
 
-def test_llvm_backend_refuses_int8_values_instead_of_misreading_them():
-    with pytest.raises(BackendFallbackWarning, match="no lowering for op 'quantize'"):
-        gc.compile(_quantized_graph(), backend="llvm")
-    g = gc.Graph("pool")
-    g.output(emit("max_pool2d", g.input("x", (None, 4, 4, 1), "u8")))
-    with pytest.raises(BackendFallbackWarning, match="no u8 lowering for op 'max_pool2d'"):
+def test_llvm_backend_refuses_int8_values_in_float_kernels_instead_of_misreading_them():
+    g = gc.Graph("cat")
+    x = g.input("x", (None, 4, 4, 1), "u8")
+    g.output(emit("concat", x, x, axis=3))
+    with pytest.raises(BackendFallbackWarning, match="no u8 lowering for op 'concat'"):
         gc.compile(g, backend="llvm")
+
+
+def test_quantized_graph_runs_natively_and_matches_numpy():
+    g = _quantized_graph()
+    rng = np.random.default_rng(4)
+    params = {"w": rng.integers(-3, 4, (3, 3, 2, 4)).astype(np.int8),
+              "b": rng.integers(-200, 200, 4).astype(np.int32)}
+    x = rng.uniform(-0.1, 0.6, (9, 6, 6, 2)).astype(np.float32)
+    fn = gc.compile(g, backend="llvm", params=params)
+    assert fn.backend == "llvm"
+    y, offsets = run(g, x=x, params=params)
+    assert offsets.dtype == np.int8 and len(np.unique(y)) > 5
+
+
+# -- LLVM int8 kernels vs NumPy: awkward shapes, batches crossing tile sizes ------------------------------
+
+LLVM_CONV_CASES = [   # x shape, (kh, kw, f), stride, padding, dilation, x dtype, y dtype, x zero point
+    ((1, 1, 1, 1), (1, 1, 1), 1, "valid", 1, "u8", "u8", 0),
+    ((13, 1, 1, 1), (1, 1, 31), 1, "valid", 1, "u8", "i8", 255),         # 1x1 image, prime filters
+    ((3, 7, 11, 5), (3, 3, 17), 1, "same", 1, "u8", "u8", 131),          # padding holds the zero point
+    ((2, 13, 7, 3), (2, 5, 9), (3, 2), ((1, 1), (4, 0)), 1, "i8", "u8", -77),
+    ((5, 11, 11, 2), (3, 3, 23), 1, ((2, 2), (2, 2)), (2, 2), "i8", "i8", 127),
+    ((1, 29, 3, 1), (7, 1, 8), (2, 1), ((3, 3), (0, 0)), 1, "u8", "u8", 1),
+]
+
+
+@pytest.mark.parametrize("case", LLVM_CONV_CASES, ids=lambda c: f"x{c[0]}k{c[1]}zp{c[7]}")
+def test_llvm_conv2d_q_is_bit_identical_to_numpy_and_naive(case):
+    xshape, (kh, kw, f), stride, padding, dil, xdt, ydt, xzp = case
+    rng = np.random.default_rng(sum(xshape) * 7 + f)
+    lo, hi = RANGES[xdt]
+    x = rng.integers(lo, hi + 1, xshape).astype(NP[xdt])
+    w = rng.integers(-128, 128, (kh, kw, xshape[3], f)).astype(np.int8)
+    b = rng.integers(-20000, 20000, f).astype(np.int32)
+    ws = tuple(float(v) for v in rng.uniform(0.0005, 0.01, f).astype(np.float32))
+    yzp = 3 if ydt == "u8" else -4
+    g = gc.Graph("cq")
+    xv = g.input("x", (None,) + xshape[1:], xdt)
+    g.output(emit("conv2d_q", xv, g.param("w", w.shape, "i8"), g.param("b", b.shape, "i32"), stride=stride,
+                  padding=padding, dilation=dil, x_scale=0.03, x_zero_point=xzp, w_scale=ws, y_scale=0.2,
+                  y_zero_point=yzp, dtype=ydt))
+    a = g.nodes[-1].attrs
+    got = run(g, x=x, params={"w": w, "b": b})
+    want = ref_conv2d_q(x, w, b, a["stride"], a["padding"], a["dilation"], 0.03, xzp, ws, 0.2, yzp, ydt)
+    np.testing.assert_array_equal(got, want)
+    assert want.size < 40 or len(np.unique(want)) > 5
+
+
+@pytest.mark.parametrize("n,k,m,xdt", [(1, 1, 1, "u8"), (17, 3, 29, "i8"), (9, 61, 5, "u8"), (32, 200, 37, "i8")])
+def test_llvm_dense_q_is_bit_identical_to_numpy_and_naive(n, k, m, xdt):
+    rng = np.random.default_rng(n * 1000 + k + m)
+    lo, hi = RANGES[xdt]
+    x = rng.integers(lo, hi + 1, (n, k)).astype(NP[xdt])
+    w = rng.integers(-128, 128, (k, m)).astype(np.int8)
+    b = rng.integers(-9000, 9000, m).astype(np.int32)
+    ws = tuple(float(v) for v in rng.uniform(0.0002, 0.004, m).astype(np.float32))
+    xzp = 200 if xdt == "u8" else -100
+    g = gc.Graph("dq")
+    xv = g.input("x", (None, k), xdt)
+    g.output(emit("dense_q", xv, g.param("w", w.shape, "i8"), g.param("b", b.shape, "i32"), x_scale=0.05,
+                  x_zero_point=xzp, w_scale=ws, y_scale=0.01, y_zero_point=-1, dtype="i8"))
+    got = run(g, x=x, params={"w": w, "b": b})
+    np.testing.assert_array_equal(got, ref_dense_q(x, w, b, 0.05, xzp, ws, 0.01, -1, "i8"))
+
+
+def test_llvm_dense_q_without_bias_and_with_a_clamp():
+    rng = np.random.default_rng(11)
+    x = rng.integers(0, 256, (6, 10)).astype(np.uint8)
+    w = rng.integers(-128, 128, (10, 9)).astype(np.int8)
+    g = gc.Graph("dq")
+    xv = g.input("x", (None, 10), "u8")
+    g.output(emit("dense_q", xv, g.param("w", w.shape, "i8"), x_scale=0.02, x_zero_point=9, w_scale=(0.01,) * 9,
+                  y_scale=0.05, y_zero_point=40, dtype="u8", y_min=40, y_max=200))
+    got = run(g, x=x, params={"w": w})
+    want = np.clip(ref_dense_q(x, w, None, 0.02, 9, (0.01,) * 9, 0.05, 40, "u8"), 40, 200)
+    np.testing.assert_array_equal(got, want)
+    assert got.min() == 40 and got.max() == 200
+
+
+@pytest.mark.parametrize("dtype,zp", [("u8", 255), ("i8", 127), ("i8", -128)])
+def test_llvm_quantize_dequantize_on_odd_lengths(dtype, zp):
+    rng = np.random.default_rng(5)
+    for n, width in [(1, 1), (3, 37), (7, 131)]:
+        x = np.concatenate([(np.arange(width) - width // 2 + 0.5) * 0.5, rng.normal(0, 60, width),
+                            [np.nan, np.inf, -np.inf][:width]])[:width]
+        x = np.tile(x, (n, 1)).astype(np.float32) * rng.choice([1, -1], (n, 1)).astype(np.float32)
+        g = gc.Graph("qdq")
+        xv = g.input("x", (None, width))
+        q = emit("quantize", xv, scale=0.5, zero_point=zp, dtype=dtype)
+        g.output(emit("dequantize", q, scale=0.5, zero_point=zp), q)
+        r, got = run(g, x=x)
+        np.testing.assert_array_equal(got, ref_quantize(x, 0.5, zp, dtype))
+        np.testing.assert_array_equal(r, (got.astype(np.float32) - np.float32(zp)) * np.float32(0.5))
 
 
 # -- the pass and gc.quantize ----------------------------------------------------------------------------
@@ -333,6 +435,24 @@ def mnist_quantized():
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"], backend="llvm")
     model.fit(xt[:4000], yt[:4000], epochs=1, batch_size=32, seed=0, verbose=0)
     return model, gc.quantize(model, xt[4000:4500]), (xs, ys)
+
+
+def test_mnist_cnn_int8_is_bit_identical_on_both_backends(mnist_quantized):
+    _, q, (xs, _) = mnist_quantized
+    assert q.backend == "llvm"
+    # every int8 value up to the logits, and the dequantized logits (one float32 multiply), bit for bit;
+    # the float softmax after them is each backend's own exp (a few ulp apart), so it is only close
+    head = q.graph.rebuild(q.graph.nodes, outputs=[n.outputs[0] for n in q.graph.nodes if n.op != "softmax"])
+    x4 = xs[..., None]
+    outs = [gc.compile(head, backend=b, params=q.weights)(x4) for b in ("numpy", "llvm")]
+    for want, got in zip(*outs):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    int8_logits = outs[0][[n.op for n in head.nodes].index("dense_q")]
+    assert int8_logits.dtype == np.uint8 and len(np.unique(int8_logits)) > 20
+    probs = [QuantizedRuntime(q.graph, q.weights, q.meta, b).predict(xs) for b in ("numpy", "llvm")]
+    np.testing.assert_allclose(probs[1], probs[0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(probs[1].argmax(1), probs[0].argmax(1))
 
 
 def test_mnist_cnn_int8_accuracy_within_one_point_of_fp32(mnist_quantized):
