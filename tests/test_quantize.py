@@ -3,14 +3,18 @@ max_pool2d on both backends against naive integer loops written from ir/ops/quan
 (Python ints, Python's round-half-even `round`; every `run` also asserts LLVM == NumPy bit for bit), the IR
 text / JSON / .gcnn round trips, the LLVM backend's refusal of int8 values in float kernels, and mnist_cnn
 after gc.quantize (accuracy, both backends identical)."""
+import dataclasses
 import importlib.util
 import math
 import os
+from unittest import mock
 
 import numpy as np
 import pytest
 
 import graphcnn as gc
+from backends.llvm import jit
+from backends.llvm.kernels.quant import vnni_intrinsic
 from graphcnn.compiler import BackendFallbackWarning
 from graphcnn.quantize import QuantizedRuntime
 from ir.ops import emit
@@ -85,15 +89,31 @@ def ref_dense_q(x, w, b, xs, xzp, ws, ys, yzp, dtype):
     return out
 
 
+def portable_target():
+    """This host's target without VNNI: the int8 kernels' portable integer path, tested on every host."""
+    host = jit.host_target()
+    return dataclasses.replace(host, features=",".join(filter(None, [host.features, "-avx512vnni,-avxvnni"])))
+
+
+def compile_llvm(g, params, target):
+    with mock.patch("backends.llvm.executable.host_target", lambda: target):
+        fn = gc.compile(g, backend="llvm", params=params)
+    assert fn.backend == "llvm"
+    return fn
+
+
 def run(g, **feeds):
-    """The graph's outputs on the NumPy backend, after checking the LLVM backend gives the same bits and
-    dtypes (gc.compile falling back to NumPy is an error under this suite, see conftest.py)."""
+    """The graph's outputs on the NumPy backend, after checking that the LLVM backend gives the same bits
+    and dtypes both with this host's target (VNNI when it has it) and with the portable integer path
+    (gc.compile falling back to NumPy is an error under this suite, see conftest.py)."""
     params = feeds.pop("params", None)
     want = gc.compile(g, backend="numpy", params=params)(**feeds)
-    got = gc.compile(g, backend="llvm", params=params)(**feeds)
-    for a, b in zip(*((o,) if not isinstance(o, tuple) else o for o in (got, want))):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(a, b)
+    for target in (jit.host_target(), portable_target()):
+        fn = compile_llvm(g, params, target)
+        got = fn(**feeds)
+        for a, b in zip(*((o,) if not isinstance(o, tuple) else o for o in (got, want))):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b, err_msg=f"LLVM on {target.describe()}")
     return want
 
 
@@ -304,6 +324,17 @@ def test_quantized_runtime_survives_gcnn_save_and_load(tmp_path, mnist_quantized
     np.testing.assert_array_equal(loaded.predict(xs[:64]), q.predict(xs[:64]))
 
 
+@pytest.mark.parametrize("xdt", ["u8", "i8"])
+def test_vnni_is_used_exactly_when_the_target_has_it(xdt):
+    g = gc.Graph("dq")
+    x = g.input("x", (None, 13), xdt)
+    g.output(emit("dense_q", x, g.param("w", (13, 7), "i8"), x_scale=0.04, w_scale=(0.01,) * 7, y_scale=0.02))
+    for target in (jit.host_target(), portable_target()):
+        asm = compile_llvm(g, None, target).asm
+        assert ("vpdpbusd" in asm) == (vnni_intrinsic(target) is not None), target.describe()
+    assert vnni_intrinsic(portable_target()) is None
+
+
 def test_llvm_backend_refuses_int8_values_in_float_kernels_instead_of_misreading_them():
     g = gc.Graph("cat")
     x = g.input("x", (None, 4, 4, 1), "u8")
@@ -444,10 +475,12 @@ def test_mnist_cnn_int8_is_bit_identical_on_both_backends(mnist_quantized):
     # the float softmax after them is each backend's own exp (a few ulp apart), so it is only close
     head = q.graph.rebuild(q.graph.nodes, outputs=[n.outputs[0] for n in q.graph.nodes if n.op != "softmax"])
     x4 = xs[..., None]
-    outs = [gc.compile(head, backend=b, params=q.weights)(x4) for b in ("numpy", "llvm")]
-    for want, got in zip(*outs):
-        assert got.dtype == want.dtype
-        np.testing.assert_array_equal(got, want)
+    outs = [gc.compile(head, backend="numpy", params=q.weights)(x4)]
+    outs += [compile_llvm(head, q.weights, t)(x4) for t in (jit.host_target(), portable_target())]
+    for want, *got in zip(*outs):
+        for g in got:
+            assert g.dtype == want.dtype
+            np.testing.assert_array_equal(g, want)
     int8_logits = outs[0][[n.op for n in head.nodes].index("dense_q")]
     assert int8_logits.dtype == np.uint8 and len(np.unique(int8_logits)) > 20
     probs = [QuantizedRuntime(q.graph, q.weights, q.meta, b).predict(xs) for b in ("numpy", "llvm")]

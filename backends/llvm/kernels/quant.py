@@ -34,7 +34,7 @@ from .builder import F32, I8, I32, I64, VOID, KernelBuilder
 from .conv import _pixel_offset, _tap_loops, conv_geometry
 from .elementwise import check_shape, numel
 from .matmul import (ReductionLevel, column_blocks, emit_tile, for_row_tiles, gemm_builder, pack_b, packed_block,
-                     packed_floats, plan_tile)
+                     packed_floats, plan_tile, simplify_loops)
 
 # (signed, lo, hi) of each quantized activation dtype (ir/ops/quant.py QUANT_RANGES)
 QUANT_FORMATS = {"u8": (False, 0, 255), "i8": (True, -128, 127)}
@@ -145,6 +145,110 @@ class IntegerMultiplyAccumulate:
 
 
 @dataclass(frozen=True)
+class DotProductAccumulate:
+    """The arithmetic of a VNNI tile (`vpdpbusd`): A holds u8 bytes read four at a time (i8 activations
+    are flipped to u8 by x ^ 0x80 = x + 128, compensated in the folded bias), B packed dwords of four
+    i8 weights of consecutive k; acc += the four u8 x s8 products (exact: |sum| < 2**17, then a
+    wrapping i32 add, as the portable path)."""
+    intrinsic: str
+    signed: bool
+
+    def zero(self, kb: KernelBuilder) -> ir.Value:
+        return ir.Constant(ir.VectorType(I32, kb.lanes), [0] * kb.lanes)
+
+    def load_a(self, kb: KernelBuilder, row: ir.Value, offset) -> ir.Value:
+        quad = kb.b.load(kb.gep(row, offset, I8), typ=I32, align=1)
+        if self.signed:
+            quad = kb.b.xor(quad, ir.Constant(I32, 0x80808080 - 2 ** 32))
+        return kb.splat(quad)
+
+    def load_b(self, kb: KernelBuilder, ptr: ir.Value, offset, width: int) -> ir.Value:
+        return kb.load_part(ptr, offset, width, etype=I32)
+
+    def accumulate(self, kb: KernelBuilder, a: ir.Value, b: ir.Value, acc: ir.Value) -> ir.Value:
+        fn = kb.declare(self.intrinsic, acc.type, [acc.type] * 3)
+        return kb.b.call(fn, [acc, a, b])
+
+
+def vnni_intrinsic(target) -> str | None:
+    """The vpdpbusd intrinsic for the target's vector width when its features include VNNI (avx512vnni
+    for 512-bit vectors; avxvnni or avx512vnni+avx512vl for 256-bit ones), else None (portable path)."""
+    has = getattr(target, "has", None)
+    if has is None:
+        return None
+    if target.vector_bits == 512 and has("avx512vnni"):
+        return "llvm.x86.avx512.vpdpbusd.512"
+    if target.vector_bits == 256 and (has("avxvnni") or (has("avx512vnni") and has("avx512vl"))):
+        return "llvm.x86.avx512.vpdpbusd.256"
+    return None
+
+
+@dataclass(frozen=True)
+class QuadReduction:
+    """The reduction nest of a VNNI kernel: `outer` levels (count, A stride in bytes, k stride) around one
+    contiguous run of `run` k values, read as ceil(run / 4) dwords (the last one padded with zero weights;
+    its extra A bytes are read but multiplied by 0, so A needs 3 readable bytes past each run)."""
+    outer: tuple
+    run: int
+
+    @property
+    def quads(self) -> int:
+        return -(-self.run // 4)
+
+    @property
+    def quad_rows(self) -> int:
+        return math.prod(c for c, _, _ in self.outer) * self.quads
+
+    def levels(self, nr: int) -> list[ReductionLevel]:
+        """emit_tile's nest over packed quad rows of nr dwords."""
+        out, inner_rows = [], self.quads
+        for count, a_stride, _ in reversed(self.outer):
+            out.append(ReductionLevel(count, a_stride, inner_rows * nr))
+            inner_rows *= count
+        return list(reversed(out)) + [ReductionLevel(self.quads, 4, nr)]
+
+
+def quad_reduction(levels) -> QuadReduction | None:
+    """The QuadReduction of a reduction nest given as ReductionLevels with b_stride = the k stride, or
+    None when its innermost level is not a contiguous run of A (then the portable path runs)."""
+    levels = simplify_loops(levels)
+    if not levels:
+        return QuadReduction((), 1)
+    inner = levels[-1]
+    if inner.a_stride != 1 or inner.b_stride != 1:
+        return None
+    return QuadReduction(tuple((lv.count, lv.a_stride, lv.b_stride) for lv in levels[:-1]), inner.count)
+
+
+def pack_quads(kb: KernelBuilder, w, channels: int, red: QuadReduction, blocks, packed) -> None:
+    """packed = w (k, channels) i8 as the column blocks of dwords DotProductAccumulate reads: per block,
+    quad row q, column c: the bytes w[k(q, 0..3), c], zero past the run and past the block's width."""
+    b = kb.b
+    lanes = kb.lanes
+    kb.memset_zero(packed, red.quad_rows * packed_floats(blocks, lanes))      # dwords count as floats
+    for which, blk in enumerate(blocks):
+        nr = blk.nv * lanes
+        with kb.for_range(blk.count, name="packq") as lj:
+            base = packed_block(kb, packed, red.quad_rows, blocks, which, lj.index)
+            col0 = kb.add(blk.start, kb.mul(lj.index, nr))
+            with kb.for_range(blk.width, name="packq.c") as lc:
+
+                def nest(d, k0, row):
+                    if d < len(red.outer):
+                        count, _, k_stride = red.outer[d]
+                        with kb.for_range(count, name=f"packq.o{d}") as lo:
+                            nest(d + 1, kb.add(k0, kb.mul(lo.index, k_stride)), kb.add(kb.mul(row, count), lo.index))
+                        return
+                    with kb.for_range(red.run, name="packq.k") as lk:
+                        k = lk.index
+                        quad_row = kb.add(kb.mul(row, red.quads), b.lshr(k, kb.i64(2)))
+                        at = kb.add(kb.mul(kb.add(kb.mul(quad_row, nr), lc.index), 4), b.and_(k, kb.i64(3)))
+                        v = kb.load(w, kb.add(kb.mul(kb.add(k0, k), channels), kb.add(col0, lc.index)), I8)
+                        kb.store(v, kb.gep(base, at, I8))
+                nest(0, 0, 0)
+
+
+@dataclass(frozen=True)
 class Requantization:
     """What a conv2d_q/dense_q output tile does with its i32 accumulators (all checked, compile-time)."""
     x_signed: bool
@@ -184,17 +288,19 @@ def _multiplier_table(kb: KernelBuilder, rq: Requantization, padded: int) -> ir.
 
 
 def _fold_zero_point_into_bias(kb: KernelBuilder, rq: Requantization, w, bias, k: int, channels: int,
-                               comp) -> None:
-    """comp[c] = b[c] - x_zero_point * sum_k w[k, c] (i32, wrapping; b = 0 without a bias)."""
+                               comp, a_offset: int = 0) -> None:
+    """comp[c] = b[c] - (x_zero_point + a_offset) * sum_k w[k, c] (i32, wrapping; b = 0 without a bias);
+    a_offset is what the kernel added to every activation (128 when VNNI reads i8 as u8)."""
     b = kb.b
+    zero_point = rq.x_zero_point + a_offset
     with kb.for_range(channels, name="comp") as lc:
         c = lc.index
         start = kb.load(bias, c, I32) if bias is not None else ir.Constant(I32, 0)
-        if rq.x_zero_point:
+        if zero_point:
             with kb.for_range(k, name="comp.k") as lk:
                 acc = lk.carry(ir.Constant(I32, 0))
                 lk.next(acc, b.add(acc, b.sext(kb.load(w, kb.add(kb.mul(lk.index, channels), c), I8), I32)))
-            start = b.sub(start, b.mul(lk.result(acc), ir.Constant(I32, rq.x_zero_point)))
+            start = b.sub(start, b.mul(lk.result(acc), ir.Constant(I32, zero_point)))
         kb.store(start, comp, c)
 
 
@@ -223,10 +329,9 @@ def _int_gemm_setup(kb: KernelBuilder, rows_hint, k: int, channels: int):
     return blocks, packed, comp, padded
 
 
-def _emit_tiles(kb, rq, blocks, packed, comp, table, k, rows, a_row, loops, out_row):
+def _emit_tiles(kb, rq, mac, blocks, packed, comp, table, k, rows, a_row, loops, out_row):
     """Every (row tile, column block) of an int8 GEMM: a_row(r) points at row r's first A byte, loops(nr)
-    is the reduction nest, out_row(r, col) the output byte of (row r, column col)."""
-    mac = IntegerMultiplyAccumulate(rq.x_signed)
+    is the reduction nest over k packed rows, out_row(r, col) the output byte of (row r, column col)."""
     lanes = kb.lanes
     for which, blk in enumerate(blocks):
         nr = blk.nv * lanes
@@ -242,11 +347,24 @@ def _emit_tiles(kb, rq, blocks, packed, comp, table, k, rows, a_row, loops, out_
         for_row_tiles(kb, rows, blk.mr, row_tile)
 
 
+def _choose_path(kb: KernelBuilder, rq: Requantization, levels, k: int, vnni: bool | None):
+    """(mac, QuadReduction or None) of a conv2d_q/dense_q kernel: VNNI when allowed (vnni None = when the
+    target has it; False forces the portable path) and the nest has a contiguous innermost run."""
+    intrinsic = vnni_intrinsic(kb.target) if vnni is not False else None
+    if vnni and intrinsic is None:
+        raise ValueError(f"vnni=True but target {kb.target!r} has no VNNI for {kb.target.vector_bits}-bit vectors")
+    red = quad_reduction(levels) if intrinsic else None
+    if red is None:
+        return IntegerMultiplyAccumulate(rq.x_signed), None
+    return DotProductAccumulate(intrinsic, rq.x_signed), red
+
+
 def build_dense_q(module: ir.Module, name: str, *, in_features: int, units: int, has_bias: bool, x_dtype: str,
                   x_scale, w_scale, y_scale, x_zero_point: int = 0, y_zero_point: int = 0, dtype: str = "u8",
-                  y_min=None, y_max=None, target) -> ir.Function:
+                  y_min=None, y_max=None, target, vnni: bool | None = None) -> ir.Function:
     """`void name(ptr x, ptr w, ptr b, ptr out, ptr scratch, i64 n)`: out (n, units) u8/i8 = requantized
-    (x (n, in_features) u8/i8 - x_zero_point) @ w (in_features, units) i8 + b (units,) i32."""
+    (x (n, in_features) u8/i8 - x_zero_point) @ w (in_features, units) i8 + b (units,) i32.
+    vnni: None uses vpdpbusd when the target has it, False never (the portable path)."""
     for what, v in (("in_features", in_features), ("units", units)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"dense_q: {what} must be a positive int, got {v!r}")
@@ -255,13 +373,28 @@ def build_dense_q(module: ir.Module, name: str, *, in_features: int, units: int,
                         y_max=y_max)
     kb = gemm_builder(module, name, 4, target)
     x, w, bias, out = kb.args
-    blocks, packed, comp, padded = _int_gemm_setup(kb, None, in_features, units)
+    mac, red = _choose_path(kb, rq, [ReductionLevel(in_features, 1, 1)], in_features, vnni)
+    # VNNI reads up to 3 bytes past a row: rows whose length is no multiple of 4 are copied into scratch
+    # with slack after the last one
+    x_copy = (kb.scratch(-(-in_features // 4) + 1, per_sample=True)
+              if red is not None and in_features % 4 else None)
+    k_rows = red.quad_rows if red is not None else in_features
+    blocks, packed, comp, padded = _int_gemm_setup(kb, None, k_rows, units)
     table = _multiplier_table(kb, rq, padded)
-    pack_b(kb, w, in_features, units, 1, blocks, packed, src_type=I8, dst_type=I32)
-    _fold_zero_point_into_bias(kb, rq, w, bias if has_bias else None, in_features, units, comp)
-    _emit_tiles(kb, rq, blocks, packed, comp, table, in_features, kb.n,
-                a_row=lambda r: kb.gep(x, kb.mul(r, in_features), I8),
-                loops=lambda nr: [ReductionLevel(in_features, 1, nr)],
+    if red is None:
+        pack_b(kb, w, in_features, units, 1, blocks, packed, src_type=I8, dst_type=I32)
+    else:
+        pack_quads(kb, w, units, red, blocks, packed)
+    _fold_zero_point_into_bias(kb, rq, w, bias if has_bias else None, in_features, units, comp,
+                               128 if red is not None and rq.x_signed else 0)
+    src = x
+    if x_copy is not None:
+        memcpy, _ = _byte_intrinsics(kb)
+        kb.b.call(memcpy, [x_copy, x, kb.i64(kb.mul(kb.n, in_features)), ir.Constant(ir.IntType(1), 0)])
+        src = x_copy
+    _emit_tiles(kb, rq, mac, blocks, packed, comp, table, k_rows, kb.n,
+                a_row=lambda r: kb.gep(src, kb.mul(r, in_features), I8),
+                loops=(lambda nr: [ReductionLevel(in_features, 1, nr)]) if red is None else red.levels,
                 out_row=lambda r, col: kb.gep(out, kb.add(kb.mul(r, units), col), I8))
     return kb.finish()
 
@@ -275,10 +408,10 @@ def _byte_intrinsics(kb: KernelBuilder):
 def build_conv2d_q(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, stride=(1, 1),
                    padding=((0, 0), (0, 0)), dilation=(1, 1), has_bias: bool, x_dtype: str, x_scale, w_scale,
                    y_scale, x_zero_point: int = 0, y_zero_point: int = 0, dtype: str = "u8", y_min=None,
-                   y_max=None, target) -> ir.Function:
+                   y_max=None, target, vnni: bool | None = None) -> ir.Function:
     """`void name(ptr x, ptr w, ptr b, ptr out, ptr scratch, i64 n)`: out (n, OH, OW, F) u8/i8 = requantized
     conv2d of x (n, H, W, C) u8/i8 (padding cells = x_zero_point) with w (KH, KW, C, F) i8 plus b (F,) i32,
-    as an implicit GEMM (rows = output pixels, k = (kh, kw, c)) on the packed i32 weights."""
+    as an implicit GEMM (rows = output pixels, k = (kh, kw, c)) on the packed weights. vnni: as dense_q."""
     g = conv_geometry(in_hwc, kernel_hw, filters, stride, padding, dilation)
     rq = requantization("conv2d_q", channels=g.f, x_dtype=x_dtype, x_scale=x_scale, x_zero_point=x_zero_point,
                         w_scale=w_scale, y_scale=y_scale, y_zero_point=y_zero_point, dtype=dtype, y_min=y_min,
@@ -287,16 +420,26 @@ def build_conv2d_q(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, 
     x, w, bias, out = kb.args
     b = kb.b
     k = g.taps
-    blocks, packed, comp, padded = _int_gemm_setup(kb, g.pixels, k, g.f)
+    mac, red = _choose_path(kb, rq, _tap_loops(g, 1), k, vnni)
+    k_rows = red.quad_rows if red is not None else k
+    blocks, packed, comp, padded = _int_gemm_setup(kb, g.pixels, k_rows, g.f)
     image_bytes = g.hp * g.wp * g.c
-    xp = kb.scratch(-(-image_bytes // 4)) if g.padded else None
+    # VNNI reads up to 3 bytes past a run of taps: then images always go through the scratch copy,
+    # which has a spare dword at its end
+    copied = g.padded or (red is not None and red.run % 4 != 0)
+    xp = kb.scratch(-(-image_bytes // 4) + 1) if copied else None
     table = _multiplier_table(kb, rq, padded)
     memcpy, memset = _byte_intrinsics(kb)
-    pack_b(kb, w, k, g.f, 1, blocks, packed, src_type=I8, dst_type=I32)
-    _fold_zero_point_into_bias(kb, rq, w, bias if has_bias else None, k, g.f, comp)
+    if red is None:
+        pack_b(kb, w, k, g.f, 1, blocks, packed, src_type=I8, dst_type=I32)
+    else:
+        pack_quads(kb, w, g.f, red, blocks, packed)
+    _fold_zero_point_into_bias(kb, rq, w, bias if has_bias else None, k, g.f, comp,
+                               128 if red is not None and rq.x_signed else 0)
     if xp is not None:
         # the border keeps x_zero_point (a real 0) for the whole call; each image overwrites the interior
-        b.call(memset, [xp, ir.Constant(I8, rq.x_zero_point & 0xFF), kb.i64(image_bytes), ir.Constant(ir.IntType(1), 0)])
+        b.call(memset, [xp, ir.Constant(I8, rq.x_zero_point & 0xFF), kb.i64(image_bytes + 4),
+                        ir.Constant(ir.IntType(1), 0)])
 
     with kb.for_range(kb.n, name="image") as li:
         x_img = kb.gep(x, kb.mul(li.index, g.h * g.w * g.c), I8)
@@ -309,9 +452,8 @@ def build_conv2d_q(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, 
         else:
             src = x_img
         out_img = kb.gep(out, kb.mul(li.index, g.pixels * g.f), I8)
-        _emit_tiles(kb, rq, blocks, packed, comp, table, k, g.pixels,
+        _emit_tiles(kb, rq, mac, blocks, packed, comp, table, k_rows, g.pixels,
                     a_row=lambda p: kb.gep(src, _pixel_offset(kb, g, p), I8),
-                    loops=lambda nr: _tap_loops(g, nr),
+                    loops=(lambda nr: _tap_loops(g, nr)) if red is None else red.levels,
                     out_row=lambda p, col: kb.gep(out_img, kb.add(kb.mul(p, g.f), col), I8))
     return kb.finish()
-
