@@ -163,6 +163,8 @@ REFERENCE_TESTED_ELSEWHERE = {
     **dict.fromkeys(("binary_crossentropy", "binary_crossentropy_grad"), "test_losses.py"),
     "rmsprop_update": "test_optimizers.py",
     **dict.fromkeys(("random_flip", "random_translation", "random_translation_grad"), "test_augment.py"),
+    # int8: exact integer loops on both backends (no gradients: inference only)
+    **dict.fromkeys(("quantize", "dequantize", "conv2d_q", "dense_q"), "test_quantize.py"),
 }
 
 
