@@ -1,12 +1,21 @@
 """int8 inference kernels of the LLVM backend: quantize, dequantize, conv2d_q, dense_q, with the exact
 arithmetic of ir/ops/quant.py (bit-identical to backends/numpy/kernels.py's int8 section).
 
-Portable integer path (plain LLVM vector IR, no target intrinsics):
+Accumulation is in i32 on the GEMM microkernel (matmul.emit_tile) with an integer multiply-accumulate
+(`mac`). Integer addition wraps modulo 2**32 in any order, so tiling and unrolling cannot change the
+result (the op's two's-complement accumulator). Three `mac`s, chosen per kernel (`_choose_path`):
 
-- accumulation in i32: u8/i8 activations are zero/sign-extended, i8 weights are sign-extended once into a
-  packed i32 copy (matmul.pack_b), and the GEMM microkernel (matmul.emit_tile) runs with an integer
-  multiply-accumulate. Integer addition wraps modulo 2**32 in any order, so tiling and unrolling cannot
-  change the result (the op's two's-complement accumulator);
+- VNNI (`DotProductAccumulate`, only when the target's features include avx512vnni / avxvnni):
+  vpdpbusd over groups of 4 consecutive k of a contiguous run of taps, u8 x s8; i8 activations are
+  read as u8 (x ^ 0x80 = x + 128) and the +128 is compensated in the folded bias;
+- portable pairs (`PairMultiplyAccumulate`, plain IR): groups of 2 k widened to i16, even/odd products
+  summed in i32 — x86 selects vpmaddwd;
+- portable singles (`IntegerMultiplyAccumulate`): one k at a time, sext/zext to i32, vector mul/add,
+  for nests without a contiguous innermost run (a dilated conv over one channel).
+
+Grouped weights are packed per call into dwords (GroupedReduction, pack_groups), zero past each run, so
+a group's extra A bytes (read from the run's slack: a scratch copy when needed) multiply 0.
+
 - the activation zero point leaves the inner loop: sum_k (x_k - zp) w_kc = sum_k x_k w_kc - zp * sum_k w_kc,
   exact modulo 2**32, so each call first folds `b[c] - zp * sum_k w[k, c]` into one i32 per output
   channel. Padding cells hold zp (the padded image is filled with it), so they contribute exactly 0;
@@ -31,6 +40,8 @@ from llvmlite import ir
 from backends.numpy.kernels import requant_multiplier
 
 from .builder import F32, I8, I32, I64, VOID, KernelBuilder
+
+I16 = ir.IntType(16)
 from .conv import _pixel_offset, _tap_loops, conv_geometry
 from .elementwise import check_shape, numel
 from .matmul import (ReductionLevel, column_blocks, emit_tile, for_row_tiles, gemm_builder, pack_b, packed_block,
@@ -128,8 +139,10 @@ def build_dequantize(module: ir.Module, name: str, *, shape, scale, zero_point: 
 @dataclass(frozen=True)
 class IntegerMultiplyAccumulate:
     """The arithmetic of an int8 GEMM tile (matmul.emit_tile's `mac`): A holds u8/i8 bytes, B the packed
-    i32 weights, acc += widen(a) * b in i32 (wrapping, so any summation order gives the same bits)."""
+    i32 weights, acc += widen(a) * b in i32 (wrapping, so any summation order gives the same bits). The
+    fallback for reduction nests without a contiguous innermost run (a dilated conv on one channel)."""
     signed: bool
+    a_offset = 0
 
     def zero(self, kb: KernelBuilder) -> ir.Value:
         return ir.Constant(ir.VectorType(I32, kb.lanes), [0] * kb.lanes)
@@ -152,6 +165,11 @@ class DotProductAccumulate:
     wrapping i32 add, as the portable path)."""
     intrinsic: str
     signed: bool
+
+    @property
+    def a_offset(self) -> int:
+        """What load_a adds to every activation (compensated in the folded bias)."""
+        return 128 if self.signed else 0
 
     def zero(self, kb: KernelBuilder) -> ir.Value:
         return ir.Constant(ir.VectorType(I32, kb.lanes), [0] * kb.lanes)
@@ -184,67 +202,115 @@ def vnni_intrinsic(target) -> str | None:
 
 
 @dataclass(frozen=True)
-class QuadReduction:
-    """The reduction nest of a VNNI kernel: `outer` levels (count, A stride in bytes, k stride) around one
-    contiguous run of `run` k values, read as ceil(run / 4) dwords (the last one padded with zero weights;
-    its extra A bytes are read but multiplied by 0, so A needs 3 readable bytes past each run)."""
+class PairMultiplyAccumulate:
+    """The portable int8 tile arithmetic on contiguous runs: A is read two bytes at a time and widened to
+    a pair of i16, B holds packed pairs of i16 weights of consecutive k, and acc += a0*b0 + a1*b1 is
+    written as plain IR (even/odd lanes, sext, mul, add) that x86 selects as `vpmaddwd` (16-bit pairs
+    summed into i32: exact, |a*b| < 2**15). No activation offset."""
+    signed: bool
+    a_offset = 0
+
+    def zero(self, kb: KernelBuilder) -> ir.Value:
+        return ir.Constant(ir.VectorType(I32, kb.lanes), [0] * kb.lanes)
+
+    def load_a(self, kb: KernelBuilder, row: ir.Value, offset) -> ir.Value:
+        """The pair A[m, k], A[m, k+1] as i16, repeated over 2 * lanes i16 lanes."""
+        b = kb.b
+        pair = b.load(kb.gep(row, offset, I8), typ=ir.VectorType(I8, 2), align=1)
+        wide = b.sext(pair, ir.VectorType(I16, 2)) if self.signed else b.zext(pair, ir.VectorType(I16, 2))
+        return b.shuffle_vector(wide, ir.Constant(wide.type, ir.Undefined),
+                                ir.Constant(ir.VectorType(I32, 2 * kb.lanes), [0, 1] * kb.lanes))
+
+    def load_b(self, kb: KernelBuilder, ptr: ir.Value, offset, width: int) -> ir.Value:
+        """lanes packed weight pairs as 2 * lanes i16."""
+        return kb.b.bitcast(kb.load_part(ptr, offset, width, etype=I32), ir.VectorType(I16, 2 * kb.lanes))
+
+    def accumulate(self, kb: KernelBuilder, a: ir.Value, b: ir.Value, acc: ir.Value) -> ir.Value:
+        # this exact shape (sext, mul nsw, even + odd lanes) is what x86 instruction selection turns
+        # into vpmaddwd after O3 (shuffling before the multiply is not: it becomes vpmulld)
+        bld = kb.b
+        lanes = acc.type.count
+        wide = ir.VectorType(I32, 2 * lanes)
+        prod = bld.mul(bld.sext(a, wide), bld.sext(b, wide), flags=("nsw",))
+        even, odd = (bld.shuffle_vector(prod, ir.Constant(wide, ir.Undefined),
+                                        ir.Constant(ir.VectorType(I32, lanes), [2 * i + parity for i in range(lanes)]))
+                     for parity in (0, 1))
+        return bld.add(bld.add(even, odd), acc)
+
+
+@dataclass(frozen=True)
+class GroupedReduction:
+    """The reduction nest of a grouped int8 kernel: `outer` levels (count, A stride in bytes, k stride)
+    around one contiguous run of `run` k values, read as ceil(run / group) groups of `group` consecutive
+    k (the last padded with zero weights; its extra A bytes are read but multiplied by 0, so A needs
+    group - 1 readable bytes past each run). B holds one dword per (group row, column): 4 i8 weights
+    (VNNI) or 2 i16 (pairs)."""
     outer: tuple
     run: int
+    group: int
 
     @property
-    def quads(self) -> int:
-        return -(-self.run // 4)
+    def groups(self) -> int:
+        return -(-self.run // self.group)
 
     @property
-    def quad_rows(self) -> int:
-        return math.prod(c for c, _, _ in self.outer) * self.quads
+    def group_rows(self) -> int:
+        return math.prod(c for c, _, _ in self.outer) * self.groups
+
+    @property
+    def weight_type(self) -> ir.Type:
+        return I8 if self.group == 4 else I16
 
     def levels(self, nr: int) -> list[ReductionLevel]:
-        """emit_tile's nest over packed quad rows of nr dwords."""
-        out, inner_rows = [], self.quads
+        """emit_tile's nest over packed group rows of nr dwords."""
+        out, inner_rows = [], self.groups
         for count, a_stride, _ in reversed(self.outer):
             out.append(ReductionLevel(count, a_stride, inner_rows * nr))
             inner_rows *= count
-        return list(reversed(out)) + [ReductionLevel(self.quads, 4, nr)]
+        return list(reversed(out)) + [ReductionLevel(self.groups, self.group, nr)]
 
 
-def quad_reduction(levels) -> QuadReduction | None:
-    """The QuadReduction of a reduction nest given as ReductionLevels with b_stride = the k stride, or
-    None when its innermost level is not a contiguous run of A (then the portable path runs)."""
+def grouped_reduction(levels, group: int) -> GroupedReduction | None:
+    """The GroupedReduction of a reduction nest given as ReductionLevels with b_stride = the k stride, or
+    None when its innermost level is not a contiguous run of A (then the one-k-at-a-time path runs)."""
     levels = simplify_loops(levels)
     if not levels:
-        return QuadReduction((), 1)
+        return GroupedReduction((), 1, group)
     inner = levels[-1]
     if inner.a_stride != 1 or inner.b_stride != 1:
         return None
-    return QuadReduction(tuple((lv.count, lv.a_stride, lv.b_stride) for lv in levels[:-1]), inner.count)
+    return GroupedReduction(tuple((lv.count, lv.a_stride, lv.b_stride) for lv in levels[:-1]), inner.count, group)
 
 
-def pack_quads(kb: KernelBuilder, w, channels: int, red: QuadReduction, blocks, packed) -> None:
-    """packed = w (k, channels) i8 as the column blocks of dwords DotProductAccumulate reads: per block,
-    quad row q, column c: the bytes w[k(q, 0..3), c], zero past the run and past the block's width."""
+def pack_groups(kb: KernelBuilder, w, channels: int, red: GroupedReduction, blocks, packed) -> None:
+    """packed = w (k, channels) i8 as the column blocks of dwords the grouped tiles read: per block,
+    group row q, column c: w[k(q, 0..group-1), c] (sign-extended to i16 for pairs), zero past the run and
+    past the block's width."""
     b = kb.b
     lanes = kb.lanes
-    kb.memset_zero(packed, red.quad_rows * packed_floats(blocks, lanes))      # dwords count as floats
+    etype = red.weight_type
+    shift = red.group.bit_length() - 1
+    kb.memset_zero(packed, red.group_rows * packed_floats(blocks, lanes))      # dwords count as floats
     for which, blk in enumerate(blocks):
         nr = blk.nv * lanes
-        with kb.for_range(blk.count, name="packq") as lj:
-            base = packed_block(kb, packed, red.quad_rows, blocks, which, lj.index)
+        with kb.for_range(blk.count, name="packg") as lj:
+            base = packed_block(kb, packed, red.group_rows, blocks, which, lj.index)
             col0 = kb.add(blk.start, kb.mul(lj.index, nr))
-            with kb.for_range(blk.width, name="packq.c") as lc:
+            with kb.for_range(blk.width, name="packg.c") as lc:
 
                 def nest(d, k0, row):
                     if d < len(red.outer):
                         count, _, k_stride = red.outer[d]
-                        with kb.for_range(count, name=f"packq.o{d}") as lo:
+                        with kb.for_range(count, name=f"packg.o{d}") as lo:
                             nest(d + 1, kb.add(k0, kb.mul(lo.index, k_stride)), kb.add(kb.mul(row, count), lo.index))
                         return
-                    with kb.for_range(red.run, name="packq.k") as lk:
+                    with kb.for_range(red.run, name="packg.k") as lk:
                         k = lk.index
-                        quad_row = kb.add(kb.mul(row, red.quads), b.lshr(k, kb.i64(2)))
-                        at = kb.add(kb.mul(kb.add(kb.mul(quad_row, nr), lc.index), 4), b.and_(k, kb.i64(3)))
+                        group_row = kb.add(kb.mul(row, red.groups), b.lshr(k, kb.i64(shift)))
+                        at = kb.add(kb.mul(kb.add(kb.mul(group_row, nr), lc.index), red.group),
+                                    b.and_(k, kb.i64(red.group - 1)))
                         v = kb.load(w, kb.add(kb.mul(kb.add(k0, k), channels), kb.add(col0, lc.index)), I8)
-                        kb.store(v, kb.gep(base, at, I8))
+                        kb.store(v if etype == I8 else b.sext(v, etype), kb.gep(base, at, etype))
                 nest(0, 0, 0)
 
 
@@ -347,16 +413,21 @@ def _emit_tiles(kb, rq, mac, blocks, packed, comp, table, k, rows, a_row, loops,
         for_row_tiles(kb, rows, blk.mr, row_tile)
 
 
-def _choose_path(kb: KernelBuilder, rq: Requantization, levels, k: int, vnni: bool | None):
-    """(mac, QuadReduction or None) of a conv2d_q/dense_q kernel: VNNI when allowed (vnni None = when the
-    target has it; False forces the portable path) and the nest has a contiguous innermost run."""
+def _choose_path(kb: KernelBuilder, rq: Requantization, levels, vnni: bool | None):
+    """(mac, GroupedReduction or None) of a conv2d_q/dense_q kernel: VNNI groups of 4 when allowed (vnni
+    None = when the target has it; False = never), else pairs for `vpmaddwd`, else (no contiguous
+    innermost run) one k at a time in i32."""
     intrinsic = vnni_intrinsic(kb.target) if vnni is not False else None
     if vnni and intrinsic is None:
         raise ValueError(f"vnni=True but target {kb.target!r} has no VNNI for {kb.target.vector_bits}-bit vectors")
-    red = quad_reduction(levels) if intrinsic else None
-    if red is None:
-        return IntegerMultiplyAccumulate(rq.x_signed), None
-    return DotProductAccumulate(intrinsic, rq.x_signed), red
+    if intrinsic is not None:
+        red = grouped_reduction(levels, 4)
+        if red is not None:
+            return DotProductAccumulate(intrinsic, rq.x_signed), red
+    red = grouped_reduction(levels, 2)
+    if red is not None:
+        return PairMultiplyAccumulate(rq.x_signed), red
+    return IntegerMultiplyAccumulate(rq.x_signed), None
 
 
 def build_dense_q(module: ir.Module, name: str, *, in_features: int, units: int, has_bias: bool, x_dtype: str,
@@ -373,20 +444,20 @@ def build_dense_q(module: ir.Module, name: str, *, in_features: int, units: int,
                         y_max=y_max)
     kb = gemm_builder(module, name, 4, target)
     x, w, bias, out = kb.args
-    mac, red = _choose_path(kb, rq, [ReductionLevel(in_features, 1, 1)], in_features, vnni)
-    # VNNI reads up to 3 bytes past a row: rows whose length is no multiple of 4 are copied into scratch
-    # with slack after the last one
+    mac, red = _choose_path(kb, rq, [ReductionLevel(in_features, 1, 1)], vnni)
+    # grouped reads go up to 3 bytes past a row: rows whose length is no multiple of the group are copied
+    # into scratch with slack after the last one
     x_copy = (kb.scratch(-(-in_features // 4) + 1, per_sample=True)
-              if red is not None and in_features % 4 else None)
-    k_rows = red.quad_rows if red is not None else in_features
+              if red is not None and in_features % red.group else None)
+    k_rows = red.group_rows if red is not None else in_features
     blocks, packed, comp, padded = _int_gemm_setup(kb, None, k_rows, units)
     table = _multiplier_table(kb, rq, padded)
     if red is None:
         pack_b(kb, w, in_features, units, 1, blocks, packed, src_type=I8, dst_type=I32)
     else:
-        pack_quads(kb, w, units, red, blocks, packed)
+        pack_groups(kb, w, units, red, blocks, packed)
     _fold_zero_point_into_bias(kb, rq, w, bias if has_bias else None, in_features, units, comp,
-                               128 if red is not None and rq.x_signed else 0)
+                               mac.a_offset)
     src = x
     if x_copy is not None:
         memcpy, _ = _byte_intrinsics(kb)
@@ -420,22 +491,22 @@ def build_conv2d_q(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, 
     x, w, bias, out = kb.args
     b = kb.b
     k = g.taps
-    mac, red = _choose_path(kb, rq, _tap_loops(g, 1), k, vnni)
-    k_rows = red.quad_rows if red is not None else k
+    mac, red = _choose_path(kb, rq, _tap_loops(g, 1), vnni)
+    k_rows = red.group_rows if red is not None else k
     blocks, packed, comp, padded = _int_gemm_setup(kb, g.pixels, k_rows, g.f)
     image_bytes = g.hp * g.wp * g.c
-    # VNNI reads up to 3 bytes past a run of taps: then images always go through the scratch copy,
+    # grouped reads go up to 3 bytes past a run of taps: then images always go through the scratch copy,
     # which has a spare dword at its end
-    copied = g.padded or (red is not None and red.run % 4 != 0)
+    copied = g.padded or (red is not None and red.run % red.group != 0)
     xp = kb.scratch(-(-image_bytes // 4) + 1) if copied else None
     table = _multiplier_table(kb, rq, padded)
     memcpy, memset = _byte_intrinsics(kb)
     if red is None:
         pack_b(kb, w, k, g.f, 1, blocks, packed, src_type=I8, dst_type=I32)
     else:
-        pack_quads(kb, w, g.f, red, blocks, packed)
+        pack_groups(kb, w, g.f, red, blocks, packed)
     _fold_zero_point_into_bias(kb, rq, w, bias if has_bias else None, k, g.f, comp,
-                               128 if red is not None and rq.x_signed else 0)
+                               mac.a_offset)
     if xp is not None:
         # the border keeps x_zero_point (a real 0) for the whole call; each image overwrites the interior
         b.call(memset, [xp, ir.Constant(I8, rq.x_zero_point & 0xFF), kb.i64(image_bytes + 4),
