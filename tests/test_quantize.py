@@ -335,6 +335,16 @@ def test_vnni_is_used_exactly_when_the_target_has_it(xdt):
     assert vnni_intrinsic(portable_target()) is None
 
 
+def test_grouped_reduction_needs_a_contiguous_innermost_run():
+    from backends.llvm.kernels.conv import _tap_loops, conv_geometry
+    from backends.llvm.kernels.quant import grouped_reduction
+    geometry = lambda c, dil: conv_geometry((9, 7, c), (3, 2), 5, (1, 1), ((0, 0), (0, 0)), dil)
+    red = grouped_reduction(_tap_loops(geometry(3, (1, 1)), 1), 4)       # (kh) around runs of kw * c = 6
+    assert (red.run, red.groups, red.group_rows, [c for c, _, _ in red.outer]) == (6, 2, 6, [3])
+    assert grouped_reduction(_tap_loops(geometry(1, (2, 3)), 1), 2) is None   # taps 3 bytes apart: one k at a time
+    assert grouped_reduction(_tap_loops(geometry(2, (2, 3)), 1), 2).run == 2  # runs of c
+
+
 def test_llvm_backend_refuses_int8_values_in_float_kernels_instead_of_misreading_them():
     g = gc.Graph("cat")
     x = g.input("x", (None, 4, 4, 1), "u8")
