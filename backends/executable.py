@@ -90,6 +90,8 @@ class Executable:
         self.name = graph.name
         self.inputs = [(v.name, v.type) for v in graph.inputs]
         self.outputs = [(v.name, v.type) for v in graph.outputs]
+        self._output_dtypes = [self.compute_dtype if t.dtype == "f32" else np.dtype(t.np_dtype)
+                               for _, t in self.outputs]
         self.consts = {k: _contiguous(v) for k, v in graph.consts.items()}
         self.state = {}
         params = params or {}
@@ -157,7 +159,10 @@ class Executable:
 
     def __call__(self, *args, **kwargs):
         arrays = self._ready_input(args, kwargs) or self.check_inputs(args, kwargs)
-        outs = [o.copy() if o.dtype == self.compute_dtype else o.astype(self.compute_dtype) for o in self.run(arrays)]
+        # float outputs in the compute dtype; int8 / int32 outputs keep their own (a fresh array either way:
+        # the backend's results are views into its arena)
+        outs = [o.copy() if o.dtype == want else o.astype(want)
+                for o, want in zip(self.run(arrays), self._output_dtypes)]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def run(self, arrays: list) -> tuple:

@@ -13,7 +13,8 @@ from .errors import GraphcnnError, LayerError, TrainingError  # noqa: E402
 from .model import Model, Sequential, load_model  # noqa: E402
 from .callbacks import History  # noqa: E402
 from .artifact import load, ArtifactError  # noqa: E402
+from .quantize import quantize  # noqa: E402
 
 __all__ = ["Graph", "IRError", "layers", "ops", "datasets", "callbacks", "optimizers", "distributed", "onnx", "compile", "grad",
            "Model", "Sequential", "History", "load", "load_model", "GraphcnnError", "LayerError", "TrainingError",
-           "ArtifactError", "__version__"]
+           "ArtifactError", "quantize", "__version__"]

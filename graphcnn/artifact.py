@@ -53,7 +53,8 @@ def artifact_bytes(graph: ir.Graph, weights: dict, meta: dict, state: dict | Non
         raise ArtifactError(f"save: no values for params {missing}")
     state = state or {}
     wbuf = io.BytesIO()
-    arrays = {f"p{i}": np.ascontiguousarray(weights[n], np.float32) for i, n in enumerate(names)}
+    # each weight in its declared dtype: float32, or int8/int32 for quantized graphs
+    arrays = {f"p{i}": np.ascontiguousarray(weights[p.name], p.type.np_dtype) for i, p in enumerate(graph.params)}
     arrays.update({f"c{i}": np.asarray(np.require(graph.consts[v.name], requirements="C")) for i, v in enumerate(graph.const_values)})
     arrays.update({f"s{i}": np.asarray(np.require(state[n], np.float32, "C")) for i, n in enumerate(state)})
     np.savez(wbuf, **arrays)
@@ -246,9 +247,10 @@ def read_artifact(path, with_state=False):
     weights = {}
     for i, p in enumerate(graph.params):
         a = arrays[f"p{i}"]
-        if a.dtype != np.float32 or a.shape != p.shape:
-            raise ArtifactError(f"{path}: weight {p.name!r} is {a.dtype}{list(a.shape)}, the graph needs float32{list(p.shape)}")
-        if not np.isfinite(a).all():
+        if a.dtype != p.type.np_dtype or a.shape != p.shape:
+            raise ArtifactError(f"{path}: weight {p.name!r} is {a.dtype}{list(a.shape)}, the graph needs "
+                                f"{p.type.np_dtype}{list(p.shape)}")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise ArtifactError(f"{path}: weight {p.name!r} contains NaN or infinity")
         weights[p.name] = a
     if not graph.outputs:
@@ -308,7 +310,7 @@ def _json(data, path, entry):
         raise ArtifactError(f"{path}: {entry} is nested too deeply") from None
 
 
-_NPY_DTYPES = (np.dtype("<f4"), np.dtype("<i4"))
+_NPY_DTYPES = (np.dtype("<f4"), np.dtype("<i4"), np.dtype("i1"), np.dtype("u1"))
 
 
 def _read_npy(f, size, path, key):
@@ -327,7 +329,7 @@ def _read_npy(f, size, path, key):
         raise ArtifactError(f"{path}: weights.npz entry {key} has a bad .npy header: {e}") from None
     if dtype.hasobject or dtype not in _NPY_DTYPES or dtype.byteorder == ">":
         raise ArtifactError(f"{path}: weights.npz entry {key} has unsupported dtype {dtype} "
-                            f"(expected little-endian float32 or int32)")
+                            f"(expected little-endian float32 or int32, or int8/uint8)")
     if not isinstance(shape, tuple) or any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
         raise ArtifactError(f"{path}: weights.npz entry {key} has a bad shape {shape!r}")
     count = 1

@@ -118,8 +118,8 @@ class Graph:
         arr = np.asarray(array)
         if arr.dtype.kind == "f":
             arr = arr.astype(np.float32)
-        elif arr.dtype.kind in "iub":
-            arr = arr.astype(np.int32) if arr.dtype != np.float32 else arr
+        elif arr.dtype.kind in "iub" and arr.dtype not in (np.int8, np.uint8):
+            arr = arr.astype(np.int32)      # int8/uint8 are types of their own (quantized tensors)
         if name is None:
             name = self.fresh_name("c")
         v = self._new_value(name, TensorType(arr.shape, dtype_name(arr.dtype)), "const")

@@ -63,7 +63,9 @@ def ascii_identifier(name: str, max_len: int = 64) -> str:
     return f"{stem}_{digest}"
 
 
-DTYPES = {"f32": np.dtype(np.float32), "i32": np.dtype(np.int32), "f64": np.dtype(np.float64)}
+# i8/u8 hold quantized activations and weights, i32 the quantized biases (ir/ops/quant.py)
+DTYPES = {"f32": np.dtype(np.float32), "i32": np.dtype(np.int32), "f64": np.dtype(np.float64),
+          "i8": np.dtype(np.int8), "u8": np.dtype(np.uint8)}
 
 
 def dtype_name(dt) -> str:

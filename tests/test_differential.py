@@ -212,7 +212,9 @@ def test_dense_one_feature_gives_x_times_w(backend):
 # -- ops outside the gradient families: dropout (mask identity) and optimizer updates ----------------
 
 SEPARATELY_TESTED = {"dropout", "dropout_grad", "sgd_update", "adam_update", "rmsprop_update",
-                     "random_flip", "random_translation", "random_translation_grad"}
+                     "random_flip", "random_translation", "random_translation_grad",
+                     # int8 (inference only): exact integer loops, all backends bit-identical, test_quantize.py
+                     "quantize", "dequantize", "conv2d_q", "dense_q"}
 
 
 @settings(max_examples=30, **SETTINGS)

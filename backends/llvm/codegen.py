@@ -26,6 +26,12 @@ I8 = ll.IntType(8)
 VOID = ll.VoidType()
 
 
+# int8 values (ir/ops/quant.py) and the ops whose lowering handles them (kernels/quant.py); every other op
+# meeting a u8/i8 value is refused, since its float kernel would misread the bytes
+QUANTIZED_DTYPES = ("i8", "u8")
+QUANTIZED_LOWERINGS = frozenset({"quantize", "dequantize", "conv2d_q", "dense_q", "max_pool2d"})
+
+
 class LoweringError(NotImplementedError):
     """The LLVM backend has no lowering for an op (the caller falls back to NumPy)."""
 
@@ -113,6 +119,11 @@ def lower_graph(g, target, entry_name=None):
         lower = LOWERINGS.get(node.op)
         if lower is None:
             raise LoweringError(f"LLVM backend: no lowering for op {node.op!r} (node %{node.name})")
+        quantized = [v for v in node.inputs + node.outputs if v.dtype in QUANTIZED_DTYPES]
+        if quantized and node.op not in QUANTIZED_LOWERINGS:
+            # the float kernels would read int8 bytes as floats: refuse (gc.compile falls back) instead
+            raise LoweringError(f"LLVM backend: no {quantized[0].dtype} lowering for op {node.op!r} "
+                                f"(node %{node.name}, value %{quantized[0].name}: {quantized[0].type})")
         kernel, operands = lower(cache, node, target)
         count = static_count(node)
         call_args = [address(v) if isinstance(v, str) else token(v, kernel, count) if isinstance(v, tuple) else v

@@ -81,7 +81,7 @@ class BoundCall:
         self.fixed_arrays = [None] * len(self.fixed_slots)
         self.ptrs = (ctypes.c_void_p * max(1, len(names)))()
         self.arena_address = arena.buffer.ctypes.data
-        floats = arena.buffer.view(np.float32)
+        raw = arena.buffer.view(np.uint8)
         self.views = []         # per output: a view into the arena, or (arg name, shape) for a leaf
         for v in native.graph.outputs:
             s = native.layout.resolve(v.name)
@@ -89,8 +89,8 @@ class BoundCall:
             if s.kind == "arg":     # an output that is a leaf or a view of one (flatten(x)): its own shape
                 self.views.append((names[s.index], shape))
             else:
-                off = (n * s.per_sample + s.fixed) // 4
-                self.views.append(floats[off:off + int(np.prod(shape, dtype=np.int64))].reshape(shape))
+                off = n * s.per_sample + s.fixed        # bytes; the value's own dtype (f32, u8, ...)
+                self.views.append(raw[off:off + v.type.nbytes(n)].view(v.type.np_dtype).reshape(shape))
 
     def run(self, fn, leaves, n, first):
         ptrs, held = self.ptrs, self.fixed_arrays

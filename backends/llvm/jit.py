@@ -46,6 +46,11 @@ class HostTarget:
         """float32 lanes in one vector register."""
         return self.vector_bits // 32
 
+    def has(self, feature: str) -> bool:
+        """Whether the feature string switches `feature` on (e.g. 'avx512vnni'); a CPU name's implied
+        features are not consulted, so a target given only by name reports False (the safe answer)."""
+        return feature in _enabled(self.features)
+
     def describe(self) -> str:
         """One line naming the target, e.g. 'x86_64-unknown-linux-gnu, cpu znver4, 512-bit vectors'."""
         extra = f", features {self.features}" if self.features else ""

@@ -12,7 +12,7 @@ from ir.ops import activations as activation_table
 from ir.ops import get_op, in_place_update_ops
 
 from .codegen import LoweringError
-from .kernels import augment, conv, depthwise, elementwise, loss, matmul, norm, optimizer, pool
+from .kernels import augment, conv, depthwise, elementwise, loss, matmul, norm, optimizer, pool, quant
 from .kernels import reduce as reduce_kernels
 from .kernels import shape as shape_kernels
 
@@ -88,7 +88,32 @@ def lower_matmul(cache, node, target):
     return fn, [a.name, b.name, node.outputs[0].name, SCRATCH]
 
 
+def _requant_spec(node):
+    """The quantization attributes of a conv2d_q / dense_q node as its kernel's keywords."""
+    a = node.attrs
+    return dict(x_dtype=node.inputs[0].dtype, x_scale=a["x_scale"], x_zero_point=a["x_zero_point"],
+                w_scale=tuple(a["w_scale"]), y_scale=a["y_scale"], y_zero_point=a["y_zero_point"], dtype=a["dtype"],
+                y_min=a["y_min"], y_max=a["y_max"], has_bias=len(node.inputs) > 2)
+
+
+def lower_conv2d_q(cache, node, target):
+    x, w = node.inputs[:2]
+    spec = dict(in_hwc=tuple(x.shape[1:]), kernel_hw=tuple(w.shape[:2]), filters=w.shape[3], **_conv_common(node),
+                **_requant_spec(node))
+    fn = cache.get(("conv2d_q", repr(spec)), lambda m, name: quant.build_conv2d_q(m, name, target=target, **spec))
+    return fn, [x.name, w.name, node.inputs[2].name if spec["has_bias"] else NULL, node.outputs[0].name, SCRATCH]
+
+
+def lower_dense_q(cache, node, target):
+    x, w = node.inputs[:2]
+    spec = dict(in_features=w.shape[0], units=w.shape[1], **_requant_spec(node))
+    fn = cache.get(("dense_q", repr(spec)), lambda m, name: quant.build_dense_q(m, name, target=target, **spec))
+    return fn, [x.name, w.name, node.inputs[2].name if spec["has_bias"] else NULL, node.outputs[0].name, SCRATCH]
+
+
 LOWERINGS = {
+    "conv2d_q": lower_conv2d_q,
+    "dense_q": lower_dense_q,
     "conv2d": lower_conv2d,
     "depthwise_conv2d": lower_depthwise_conv2d,
     "conv2d_grad_input": lower_conv2d_grad_input,
@@ -111,6 +136,8 @@ def _pool_spec(node):
                 padding=tuple(map(tuple, a["padding"])))
     if node.op.startswith("avg"):
         spec["count_include_pad"] = a["count_include_pad"]
+    if node.op == "max_pool2d" and x.dtype != "f32":       # int8 values (codegen's QUANTIZED_LOWERINGS)
+        spec["dtype"] = x.dtype
     return spec
 
 
@@ -141,6 +168,11 @@ SPECS = {
                   "binary_crossentropy", "binary_crossentropy_grad")},
     **{op: (loss, lambda nd: dict(shape=_shape(nd.inputs[0]), has_weight=_has_weight(nd)))
        for op in ("mse", "mse_grad")},
+    # int8 (kernels/quant.py)
+    "quantize": (quant, lambda nd: dict(shape=_shape(nd.inputs[0]), scale=nd.attrs["scale"],
+                                        zero_point=nd.attrs["zero_point"], dtype=nd.attrs["dtype"])),
+    "dequantize": (quant, lambda nd: dict(shape=_shape(nd.inputs[0]), scale=nd.attrs["scale"],
+                                          zero_point=nd.attrs["zero_point"], dtype=nd.inputs[0].dtype)),
     # CNN ops: kernels/norm.py, reduce.py, shape.py, depthwise.py
     **{op: (norm, lambda nd: dict(shape=_shape(nd.inputs[0]), epsilon=nd.attrs["epsilon"]))
        for op in ("batch_norm", "batch_norm_train", "batch_norm_train_grad")},

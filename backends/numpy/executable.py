@@ -18,13 +18,17 @@ class NumpyExecutable(Executable):
         exec(compile(self.source, f"<graphcnn:{self.fn_name}>", "exec"), ns)
         self._fn = ns[self.fn_name]
         self.plan = plan
+        self._int_dtypes = {v.name: v.type.np_dtype for n in graph.nodes for v in n.outputs
+                            if v.type.dtype != "f32"}
         self.arenas = ArenaCache(plan.arena_bytes) if plan is not None else None
 
     def run(self, arrays):
         batch = next((a.shape[0] for a, (_, t) in zip(arrays, self.inputs) if t.batched), 1)
         if self.arenas is None or self.compute_dtype != np.float32:
-            dt = self.compute_dtype
-            return self._fn(*arrays, self.state, self.consts, lambda key, shape: np.empty(shape, dt))
+            # f32 values in the compute dtype; integer values (quantized tensors) keep their own
+            dt, int_dtypes = self.compute_dtype, self._int_dtypes
+            return self._fn(*arrays, self.state, self.consts,
+                            lambda key, shape: np.empty(shape, int_dtypes.get(key, dt)))
         arena = self.arenas.get(batch)
         try:
             return self._fn(*arrays, self.state, self.consts,

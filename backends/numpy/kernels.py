@@ -305,8 +305,8 @@ def max_pool2d(x, out, pool, stride, padding):
     if covers_all:                        # no top/left padding: the first tap initializes everything
         np.copyto(out, x[:, i_h, i_w])
         taps = taps[1:]
-    else:
-        out.fill(-np.inf)
+    else:                                 # padding never wins: -inf, or an integer dtype's minimum
+        out.fill(-np.inf if out.dtype.kind == "f" else np.iinfo(out.dtype).min)
     for _, (o_h, o_w), (i_h, i_w) in taps:
         region = out[:, o_h, o_w]
         np.maximum(region, x[:, i_h, i_w], out=region)
@@ -1358,4 +1358,114 @@ def random_translation_grad(dy, out, height_factor, width_factor, fill_mode, int
         terms = weight[..., None].astype(out.dtype) * dy[i][:, :, None, None, :]           # (h, w, ta, tb, c)
         keep = keep.reshape(-1)
         np.add.at(out[i].reshape(h * w, c), src.reshape(-1)[keep], terms.reshape(-1, c)[keep])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# int8 quantized inference (ir/ops/quant.py defines the arithmetic; this is its reference). Integer
+# products are summed by a float64 matmul: every partial sum is an integer below 2**53 (the op bounds the
+# reduction length), so BLAS gives the exact integer sum in any order.
+
+QUANT_DTYPES = {"u8": np.dtype(np.uint8), "i8": np.dtype(np.int8)}
+
+
+def _quant_out(kernel, out, dtype):
+    """The [lo, hi] range of a quantized output buffer, which must have the op's dtype."""
+    if QUANT_DTYPES.get(dtype) != out.dtype:
+        _fail(kernel, f"out is {out.dtype}, expected {dtype} ({QUANT_DTYPES.get(dtype)})")
+    info = np.iinfo(out.dtype)
+    return info.min, info.max
+
+
+def requant_multiplier(x_scale, w_scale, y_scale):
+    """m[c] = f32(f64(x_scale) * f64(w_scale[c]) / f64(y_scale)): the float32 requantization
+    multipliers (one definition for every backend)."""
+    m = np.float64(x_scale) * np.asarray(w_scale, np.float64) / np.float64(y_scale)
+    return m.astype(np.float32)
+
+
+def _requantize(acc, m, y_zero_point, y_min, y_max, out):
+    """out = clamp(rint(f32(acc) * m) + y_zero_point, y_min, y_max); acc int32 (rows, F), m (F,)."""
+    y = acc.astype(np.float32)
+    np.multiply(y, m, out=y)
+    np.rint(y, out=y)
+    y += np.float32(y_zero_point)
+    np.clip(y, y_min, y_max, out=y)
+    out[...] = y.reshape(out.shape)
+
+
+def _accumulate_int32(prod, b):
+    """int32 accumulator (two's-complement wraparound) from the exact float64 sums and the i32 bias."""
+    acc = prod.astype(np.int64)
+    if b is not None:
+        acc += np.asarray(b, np.int64)
+    return acc.astype(np.int32)         # int64 -> int32 keeps the low 32 bits: wraparound
+
+
+def quantize(x, out, scale, zero_point=0, dtype="u8"):
+    """out = clamp(rint(f32(x) / f32(scale)) + zero_point) (NaN -> zero_point), ONNX QuantizeLinear."""
+    lo, hi = _quant_out("quantize", out, dtype)
+    _expect_shape("quantize", "out", out.shape, np.shape(x))
+    q = np.divide(np.asarray(x, np.float32), np.float32(scale), dtype=np.float32)
+    np.rint(q, out=q)
+    q[np.isnan(q)] = 0
+    q += np.float32(zero_point)
+    np.clip(q, lo, hi, out=q)
+    out[...] = q
+    return out
+
+
+def dequantize(x, out, scale, zero_point=0):
+    """out = f32(x - zero_point) * f32(scale), ONNX DequantizeLinear."""
+    _expect_shape("dequantize", "out", out.shape, np.shape(x))
+    r = (np.asarray(x, np.int32) - np.int32(zero_point)).astype(np.float32)
+    np.multiply(r, np.float32(scale), out=r)
+    out[...] = r
+    return out
+
+
+def conv2d_q(x, w, b, out, stride, padding, dilation, x_scale, w_scale, y_scale, x_zero_point=0,
+             y_zero_point=0, dtype="u8", y_min=None, y_max=None):
+    """out (N,OH,OW,F) u8/i8 = requantized conv of x (N,H,W,C) u8/i8 (padding = x_zero_point) with
+    w (KH,KW,C,F) i8 plus b (F,) i32 or None."""
+    _expect_rank("conv2d_q", "x", x, 4)
+    _expect_rank("conv2d_q", "w", w, 4)
+    lo, hi = _quant_out("conv2d_q", out, dtype)
+    n, _, _, c = x.shape
+    kh, kw, wc, f = w.shape
+    if wc != c:
+        _fail("conv2d_q", f"x {x.shape} has {c} channels but w {w.shape} expects {wc}")
+    if b is not None:
+        _expect_shape("conv2d_q", "b", np.shape(b), (f,))
+    stride, pads, dilation, (oh, ow) = _window_geometry("conv2d_q", x.shape, kh, kw, stride, padding, dilation)
+    _expect_shape("conv2d_q", "out", out.shape, (n, oh, ow, f))
+    m = requant_multiplier(x_scale, w_scale, y_scale)
+    y_min = lo if y_min is None else y_min
+    y_max = hi if y_max is None else y_max
+    k = kh * kw * c
+    w2 = w.reshape(k, f).astype(np.float64)
+    for s, e in _batch_chunks(n, oh * ow * (k + f) * 8):
+        xs = x[s:e].astype(np.float64) - np.float64(x_zero_point)
+        # padded cells hold x_zero_point, i.e. 0 after subtracting it
+        cols = _windows(_padded(xs, pads, 0), kh, kw, stride, dilation, oh, ow).reshape(-1, k)
+        acc = _accumulate_int32(np.matmul(cols, w2), b)
+        _requantize(acc, m, y_zero_point, y_min, y_max, out[s:e])
+    return out
+
+
+def dense_q(x, w, b, out, x_scale, w_scale, y_scale, x_zero_point=0, y_zero_point=0, dtype="u8",
+            y_min=None, y_max=None):
+    """out (N,M) u8/i8 = requantized (x (N,K) u8/i8 - x_zero_point) @ w (K,M) i8 + b (M,) i32 or None."""
+    _expect_rank("dense_q", "x", x, 2)
+    _expect_rank("dense_q", "w", w, 2)
+    lo, hi = _quant_out("dense_q", out, dtype)
+    if x.shape[1] != w.shape[0]:
+        _fail("dense_q", f"x {x.shape} and w {w.shape} do not chain (x has {x.shape[1]} features)")
+    if b is not None:
+        _expect_shape("dense_q", "b", np.shape(b), (w.shape[1],))
+    _expect_shape("dense_q", "out", out.shape, (x.shape[0], w.shape[1]))
+    m = requant_multiplier(x_scale, w_scale, y_scale)
+    xs = x.astype(np.float64) - np.float64(x_zero_point)
+    acc = _accumulate_int32(np.matmul(xs, w.astype(np.float64)), b)
+    _requantize(acc, m, y_zero_point, lo if y_min is None else y_min, hi if y_max is None else y_max, out)
     return out

@@ -154,4 +154,4 @@ def check_activation(act, params, op) -> tuple:
     return activations.resolve(act, params, op)
 
 
-from . import elementwise, nn, norm, loss, optim, augment  # noqa: E402,F401  (registers the ops)
+from . import elementwise, nn, norm, loss, optim, augment, quant  # noqa: E402,F401  (registers the ops)

@@ -263,8 +263,19 @@ class PoolBase(Op):
 
 @register
 class MaxPool2D(PoolBase):
+    """The max of each window; f32, or u8/i8 quantized values (the max commutes with the monotone
+    quantization map, so a quantized tensor keeps its scale and zero point)."""
     name = "max_pool2d"
     inputs = ("x",)
+    DTYPES = ("f32", "u8", "i8")
+
+    def normalize(self, types, attrs):
+        if types[0].dtype not in self.DTYPES:
+            raise IRError(f"max_pool2d: x must be one of {', '.join(self.DTYPES)}, got {types[0]}")
+        return super().normalize(types, attrs)
+
+    def infer(self, types, attrs):
+        return [TensorType(super().infer(types, attrs)[0].shape, types[0].dtype)]
 
     def grad(self, node, douts):
         return [emit("max_pool2d_grad", node.inputs[0], douts[0], **node.attrs)]

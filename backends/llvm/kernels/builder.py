@@ -102,6 +102,17 @@ def _overload_suffix(ty: ir.Type) -> str:
     raise TypeError(f"expected a float32 scalar or vector value, got type {ty}")
 
 
+def _element_bytes(etype: ir.Type) -> int:
+    """Size (= the alignment the kernels assume) of one float32 or integer element."""
+    return 4 if isinstance(etype, ir.FloatType) else etype.width // 8
+
+
+def _vector_suffix(vty: ir.VectorType) -> str:
+    """Intrinsic overload suffix of a vector type: 'v8f32', 'v16i8', 'v8i32'."""
+    e = vty.element
+    return f"v{vty.count}{'f32' if isinstance(e, ir.FloatType) else f'i{e.width}'}"
+
+
 def add_string_attribute(fn: ir.Function, key: str, value: str) -> None:
     """Attach a string attribute `"key"="value"` to a function. llvmlite only validates enum attributes;
     a string attribute prints verbatim once it is in the attribute set's list of known names."""
@@ -292,21 +303,27 @@ class KernelBuilder(IntFolding):
         return self.b.gep(ptr, [self.i64(index)], inbounds=True, source_etype=etype)
 
     def load(self, ptr: ir.Value, index: IntLike = 0, typ: ir.Type = F32) -> ir.Value:
-        return self.b.load(self.gep(ptr, index, typ if not isinstance(typ, ir.VectorType) else F32),
-                           typ=typ, align=4)
+        """One element of type typ (float32 by default; i8/i32 for the int8 kernels) at ptr[index]."""
+        etype = typ.element if isinstance(typ, ir.VectorType) else typ
+        return self.b.load(self.gep(ptr, index, etype), typ=typ, align=_element_bytes(etype))
 
     def store(self, value: ir.Value, ptr: ir.Value, index: IntLike = 0) -> None:
-        self.b.store(value, self.gep(ptr, index), align=4)
+        """Store a scalar at ptr[index], index counted in elements of the value's own type."""
+        self.b.store(value, self.gep(ptr, index, value.type), align=_element_bytes(value.type))
 
-    def vec_type(self, lanes: int | None = None) -> ir.VectorType:
-        return ir.VectorType(F32, lanes or self.lanes)
+    def vec_type(self, lanes: int | None = None, etype: ir.Type = F32) -> ir.VectorType:
+        return ir.VectorType(etype, lanes or self.lanes)
 
-    def load_vec(self, ptr: ir.Value, index: IntLike = 0, lanes: int | None = None) -> ir.Value:
-        """Unaligned load of `lanes` (default: one register) consecutive floats at ptr[index]."""
-        return self.b.load(self.gep(ptr, index), typ=self.vec_type(lanes), align=4)
+    def load_vec(self, ptr: ir.Value, index: IntLike = 0, lanes: int | None = None,
+                 etype: ir.Type = F32) -> ir.Value:
+        """Unaligned load of `lanes` (default: one register) consecutive elements (floats unless etype
+        says otherwise) at ptr[index]."""
+        return self.b.load(self.gep(ptr, index, etype), typ=self.vec_type(lanes, etype),
+                           align=_element_bytes(etype))
 
     def store_vec(self, value: ir.Value, ptr: ir.Value, index: IntLike = 0) -> None:
-        self.b.store(value, self.gep(ptr, index), align=4)
+        etype = value.type.element
+        self.b.store(value, self.gep(ptr, index, etype), align=_element_bytes(etype))
 
     def lane_mask(self, width: int, lanes: int | None = None) -> ir.Constant:
         """<lanes x i1> constant: the first `width` lanes true."""
@@ -314,26 +331,32 @@ class KernelBuilder(IntFolding):
         return ir.Constant(ir.VectorType(I1, lanes), [1] * width + [0] * (lanes - width))
 
     def load_part(self, ptr: ir.Value, index: IntLike, width: int, lanes: int | None = None,
-                  fill: float = 0.0) -> ir.Value:
-        """Load `width` <= lanes floats at ptr[index] into a vector; the other lanes are `fill` and touch no
-        memory (llvm.masked.load), so a partial vector never reads past the end of a row."""
+                  fill: float = 0.0, etype: ir.Type = F32) -> ir.Value:
+        """Load `width` <= lanes elements (floats unless etype says otherwise) at ptr[index] into a vector;
+        the other lanes are `fill` and touch no memory (llvm.masked.load), so a partial vector never reads
+        past the end of a row."""
         lanes = lanes or self.lanes
         if width >= lanes:
-            return self.load_vec(ptr, index, lanes)
-        vty = self.vec_type(lanes)
-        fn = self.declare(f"llvm.masked.load.v{lanes}f32.p0", vty, [PTR, I32, ir.VectorType(I1, lanes), vty])
-        return self.b.call(fn, [self.gep(ptr, index), ir.Constant(I32, 4), self.lane_mask(width, lanes),
-                                self.const(fill, like=vty)])
+            return self.load_vec(ptr, index, lanes, etype)
+        vty = self.vec_type(lanes, etype)
+        size = _element_bytes(etype)
+        fn = self.declare(f"llvm.masked.load.{_vector_suffix(vty)}.p0", vty, [PTR, I32, ir.VectorType(I1, lanes), vty])
+        fill_v = self.const(fill, like=vty) if etype == F32 else ir.Constant(vty, [int(fill)] * lanes)
+        return self.b.call(fn, [self.gep(ptr, index, etype), ir.Constant(I32, size), self.lane_mask(width, lanes),
+                                fill_v])
 
     def store_part(self, value: ir.Value, ptr: ir.Value, index: IntLike, width: int) -> None:
-        """Store the first `width` lanes of `value` at ptr[index] (llvm.masked.store when partial)."""
+        """Store the first `width` lanes of `value` (a float or integer vector) at ptr[index]
+        (llvm.masked.store when partial)."""
         lanes = value.type.count
         if width >= lanes:
             self.store_vec(value, ptr, index)
             return
-        fn = self.declare(f"llvm.masked.store.v{lanes}f32.p0", VOID,
+        etype = value.type.element
+        fn = self.declare(f"llvm.masked.store.{_vector_suffix(value.type)}.p0", VOID,
                           [value.type, PTR, I32, ir.VectorType(I1, lanes)])
-        self.b.call(fn, [value, self.gep(ptr, index), ir.Constant(I32, 4), self.lane_mask(width, lanes)])
+        self.b.call(fn, [value, self.gep(ptr, index, etype), ir.Constant(I32, _element_bytes(etype)),
+                         self.lane_mask(width, lanes)])
 
     def memcpy(self, dst: ir.Value, src: ir.Value, nfloats: IntLike) -> None:
         fn = self.declare("llvm.memcpy.p0.p0.i64", VOID, [PTR, PTR, I64, I1])
@@ -740,11 +763,12 @@ class Strip:
     def at(self, offset: IntLike = 0) -> IntLike:
         return self.kb.add(offset, self.index)
 
-    def load(self, ptr: ir.Value, offset: IntLike = 0) -> ir.Value:
-        """ptr[offset + index ...]: a vector (lanes past `width` read as 0, no memory touched) or one float."""
+    def load(self, ptr: ir.Value, offset: IntLike = 0, etype: ir.Type = F32) -> ir.Value:
+        """ptr[offset + index ...]: a vector (lanes past `width` read as 0, no memory touched) or one
+        element (a float unless etype says otherwise)."""
         if self.lanes:
-            return self.kb.load_part(ptr, self.at(offset), self.width, self.lanes)
-        return self.kb.load(ptr, self.at(offset))
+            return self.kb.load_part(ptr, self.at(offset), self.width, self.lanes, etype=etype)
+        return self.kb.load(ptr, self.at(offset), etype)
 
     def store(self, value: ir.Value, ptr: ir.Value, offset: IntLike = 0) -> None:
         if self.lanes:

@@ -167,26 +167,49 @@ def fold(kb: KernelBuilder, count: IntLike, acc: Sequence[ir.Value],
     return [loop.result(c) for c in carried]
 
 
+@dataclass(frozen=True)
+class FloatMultiplyAccumulate:
+    """The arithmetic of a float32 tile: A and B hold float32, acc += a * b as one fma."""
+
+    def zero(self, kb: KernelBuilder) -> ir.Value:
+        return kb.const(0.0, like=kb.vec_type())
+
+    def load_a(self, kb: KernelBuilder, row: ir.Value, offset: IntLike) -> ir.Value:
+        """A[m, k] broadcast to a vector."""
+        return kb.splat(kb.b.load(kb.gep(row, offset), typ=F32, align=4))
+
+    def load_b(self, kb: KernelBuilder, ptr: ir.Value, offset: IntLike, width: int) -> ir.Value:
+        return kb.load_part(ptr, offset, width)
+
+    def accumulate(self, kb: KernelBuilder, a: ir.Value, b: ir.Value, acc: ir.Value) -> ir.Value:
+        return kb.fma(a, b, acc)
+
+
+FLOAT_MAC = FloatMultiplyAccumulate()
+
+
 def emit_tile(kb: KernelBuilder, a_rows: Sequence[ir.Value], b_ptr: ir.Value, loops: Sequence[ReductionLevel],
-              nv: int, b_width: int, unroll: int = INNER_UNROLL):
+              nv: int, b_width: int, unroll: int = INNER_UNROLL, mac=FLOAT_MAC):
     """Emit the reduction of one MR x NV tile; returns the accumulators as acc[m][v].
 
     a_rows: one base pointer per tile row (A[m, k] = a_rows[m][offset_a(k)]).
     b_ptr:  B[k, 0:NV*lanes] starts at b_ptr[offset_b(k)] (contiguous columns).
-    b_width: valid columns of B (< NV*lanes only for a column tail; those loads are masked)."""
+    b_width: valid columns of B (< NV*lanes only for a column tail; those loads are masked).
+    mac: the element arithmetic (FLOAT_MAC, or the int8 kernels' integer one in quant.py); offsets
+    count elements of A's and B's own types."""
     lanes = kb.lanes
     mr = len(a_rows)
     loops = simplify_loops(loops)
-    acc = [kb.const(0.0, like=kb.vec_type())] * (mr * nv)
+    acc = [mac.zero(kb)] * (mr * nv)
 
     def step(a_off, b_off, acc):
-        bvec = [kb.load_part(b_ptr, kb.add(b_off, v * lanes), min(lanes, b_width - v * lanes))
+        bvec = [mac.load_b(kb, b_ptr, kb.add(b_off, v * lanes), min(lanes, b_width - v * lanes))
                 for v in range(nv)]
         new = list(acc)
         for m in range(mr):
-            a = kb.splat(kb.b.load(kb.gep(a_rows[m], a_off), typ=F32, align=4))
+            a = mac.load_a(kb, a_rows[m], a_off)
             for v in range(nv):
-                new[m * nv + v] = kb.fma(a, bvec[v], new[m * nv + v])
+                new[m * nv + v] = mac.accumulate(kb, a, bvec[v], new[m * nv + v])
         return new
 
     def level(d, a_off, b_off, acc):
@@ -371,10 +394,11 @@ def for_column_blocks(kb: KernelBuilder, blocks: Sequence[ColumnBlock],
 
 
 def pack_b(kb: KernelBuilder, src: ir.Value, k: IntLike, k_stride: IntLike, col_stride: IntLike,
-           blocks: Sequence[ColumnBlock], dst: ir.Value) -> None:
+           blocks: Sequence[ColumnBlock], dst: ir.Value, src_type: ir.Type = F32, dst_type: ir.Type = F32) -> None:
     """Copy B (element (k, col) at src[k*k_stride + col*col_stride]) into `dst` as consecutive blocks of
     (k x nv*lanes) floats, zero-padded past each block's valid width — the layout emit_tile reads with
-    b_stride = nv*lanes and no masks."""
+    b_stride = nv*lanes and no masks. Integer B (src_type i8) is sign-extended to dst_type (i32: 4 bytes,
+    so the float-counted sizes below still hold)."""
     lanes = kb.lanes
     offset: IntLike = 0
     b = kb.b
@@ -389,9 +413,12 @@ def pack_b(kb: KernelBuilder, src: ir.Value, k: IntLike, k_stride: IntLike, col_
                 row = kb.gep(base, kb.mul(lk.index, nr))
                 for c in range(nr):
                     if c < blk.width:
-                        v = kb.load(src, kb.add(kb.mul(lk.index, k_stride), kb.mul(kb.add(col0, c), col_stride)))
+                        v = kb.load(src, kb.add(kb.mul(lk.index, k_stride), kb.mul(kb.add(col0, c), col_stride)),
+                                    src_type)
+                        if src_type != dst_type:
+                            v = b.sext(v, dst_type)
                     else:
-                        v = ir.Constant(F32, 0.0)
+                        v = ir.Constant(dst_type, 0)
                     kb.store(v, row, c)
         offset = kb.add(offset, kb.mul(blk.count, block_floats))
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from llvmlite import ir
 
-from .builder import I1, KernelBuilder
+from .builder import F32, I1, I8, KernelBuilder
 
 # Vectors per channel block: enough independent max/add chains to hide latency, few enough to stay in
 # registers next to the loop's addresses (16 ymm registers on AVX2).
@@ -122,16 +122,19 @@ def _clipped(kb: KernelBuilder, o: ir.Value, stride: int, pad: int, extent: int,
     return start, stop
 
 
-def _window_reduce(kb, rows, cols, x_img, g, block, init: float, combine):
+def _window_reduce(kb, rows, cols, x_img, g, block, init: float, combine, etype=F32, lanes=None):
     """Fold combine(acc, x[tap, block vector]) over the window taps in row-major order; returns the
-    accumulators (one per vector of the block)."""
-    accs = [kb.const(init, like=kb.vec_type()) for _ in block]
+    accumulators (one per vector of the block). x holds floats, or etype elements (int8) in vectors of
+    `lanes`."""
+    lanes = lanes or kb.lanes
+    vty = kb.vec_type(lanes, etype)
+    accs = [ir.Constant(vty, [init] * lanes) for _ in block]
     with kb.for_range(rows[1], start=rows[0], name="kh") as lh:
         carried = [lh.carry(a) for a in accs]
         with kb.for_range(cols[1], start=cols[0], name="kw") as lw:
             inner = [lw.carry(a) for a in carried]
             pix = kb.mul(kb.add(kb.mul(lh.index, g.w), lw.index), g.c)
-            new = [combine(a, kb.load_part(x_img, kb.add(pix, off), width))
+            new = [combine(a, kb.load_part(x_img, kb.add(pix, off), width, lanes, etype=etype))
                    for a, (off, width) in zip(inner, block)]
             for a, v in zip(inner, new):
                 lw.next(a, v)
@@ -150,18 +153,32 @@ def _pixels(kb: KernelBuilder, g: PoolGeometry, body):
             body(lb.index, loh.index, low.index, rows, cols)
 
 
-def build_max_pool2d(module: ir.Module, name: str, *, in_hwc, pool, stride, padding, target) -> ir.Function:
-    """`void name(ptr x, ptr out, i64 n)`: out = max over each window; padding cells never win."""
+# max_pool2d on int8 values (ir/ops/quant.py): (signed, smallest value) per dtype
+INT8_POOL_FORMATS = {"u8": (False, 0), "i8": (True, -128)}
+
+
+def build_max_pool2d(module: ir.Module, name: str, *, in_hwc, pool, stride, padding, dtype: str = "f32",
+                     target) -> ir.Function:
+    """`void name(ptr x, ptr out, i64 n)`: out = max over each window; padding cells never win. dtype
+    "u8"/"i8" pools int8 values with integer compares (a full register of bytes per vector)."""
     g = pool_geometry("max_pool2d", in_hwc, pool, stride, padding)
+    if dtype != "f32" and dtype not in INT8_POOL_FORMATS:
+        raise ValueError(f"max_pool2d: dtype must be f32, u8 or i8, got {dtype!r}")
     kb = KernelBuilder(module, name, 2, target, arg_names=("x", "out"))
     x, out = kb.args
+    if dtype == "f32":
+        etype, lanes, init, combine = F32, kb.lanes, float("-inf"), kb.maximum
+    else:
+        signed, smallest = INT8_POOL_FORMATS[dtype]
+        compare = kb.b.icmp_signed if signed else kb.b.icmp_unsigned
+        etype, lanes, init = I8, 4 * kb.lanes, smallest
+        combine = lambda a, v: kb.b.select(compare(">", v, a), v, a)
 
     def pixel(bi, oh, ow, rows, cols):
-        x_img = kb.gep(x, kb.mul(bi, g.h * g.w * g.c))
+        x_img = kb.gep(x, kb.mul(bi, g.h * g.w * g.c), etype)
         o_pix = kb.add(kb.mul(bi, g.oh * g.ow * g.c), kb.mul(kb.add(kb.mul(oh, g.ow), ow), g.c))
-        for block in channel_blocks(g.c, kb.lanes):
-            accs = _window_reduce(kb, rows, cols, x_img, g, block, float("-inf"),
-                                  kb.maximum)
+        for block in channel_blocks(g.c, lanes):
+            accs = _window_reduce(kb, rows, cols, x_img, g, block, init, combine, etype, lanes)
             for a, (off, width) in zip(accs, block):
                 kb.store_part(a, out, kb.add(o_pix, off), width)
 

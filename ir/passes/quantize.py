@@ -1,0 +1,197 @@
+"""Post-training int8 quantization: a float inference graph -> a graph of quantize / conv2d_q / dense_q /
+dequantize nodes (arithmetic defined in ir/ops/quant.py).
+
+    x ─quantize─▶ u8 ─conv2d_q(relu)─▶ u8 ─max_pool2d─▶ u8 ─flatten─▶ u8 ─dense_q─▶ u8 ─dequantize─▶ softmax
+
+Scheme: activations per-tensor u8 (asymmetric, zero exactly representable), weights per output channel
+symmetric i8 in [-127, 127], biases i32 in units of x_scale * w_scale[c]. A conv2d (groups=1) or dense
+whose weights are params, with its fused bias and a linear/relu/clip activation, becomes conv2d_q /
+dense_q; the activation becomes the output clamp. max_pool2d, flatten and reshape run on the u8 values
+unchanged (they commute with the quantization map). Every other op gets float inputs: a quantized value
+is dequantized once, where a float consumer (softmax, an output) first needs it.
+
+Activation ranges come from calibration: the caller runs the float graph on calibration batches
+(the IR cannot run graphs: graphcnn/quantize.py does it with a backend) and hands `ValueRange`s for the
+values `calibration_targets` lists. This pass is pure: it builds a new graph and new weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..graph import Graph
+from ..ops.quant import QUANT_RANGES
+from ..types import IRError
+from . import run_pipeline
+
+# the float pipeline a graph goes through before quantization: bias and activations fused into conv/dense
+PREPARE_PASSES = ["verify", "drop_dropout", "fold_batch_norm", "fold_constants", "cse",
+                  "fuse_bias_activation", "dce"]
+QUANTIZABLE_OPS = ("conv2d", "dense")
+QUANTIZABLE_ACTIVATIONS = ("linear", "relu", "clip")
+PASS_THROUGH_OPS = ("max_pool2d", "flatten", "reshape")   # same op on the u8 values, same scale
+ACTIVATION_DTYPE = "u8"
+WEIGHT_QMAX = 127          # symmetric weights use [-127, 127] (no -128: w and -w quantize alike)
+
+
+@dataclass(frozen=True)
+class ValueRange:
+    """Calibrated [lo, hi] of a float value (the observed min/max, or percentiles of the values)."""
+    lo: float
+    hi: float
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """r = scale * (q - zero_point) for a per-tensor quantized activation."""
+    scale: float
+    zero_point: int
+    dtype: str = ACTIVATION_DTYPE
+
+
+def prepare_for_quantization(graph: Graph) -> Graph:
+    """The float graph quantize_graph expects: dropout dropped, bias and activations fused."""
+    return run_pipeline(graph, PREPARE_PASSES).graph
+
+
+def _quantizable(node, weights) -> bool:
+    if node.op not in QUANTIZABLE_OPS or node.attrs["activation"] not in QUANTIZABLE_ACTIVATIONS:
+        return False
+    if node.op == "conv2d" and node.attrs.get("groups", 1) != 1:
+        return False
+    return all(v.kind == "param" and v.name in weights for v in node.inputs[1:])
+
+
+def calibration_targets(graph: Graph, weights: dict) -> list:
+    """Names of the float values whose range quantize_graph needs: the inputs and outputs of every
+    conv2d/dense it will quantize."""
+    names = []
+    for n in graph.nodes:
+        if _quantizable(n, weights):
+            for v in (n.inputs[0], n.outputs[0]):
+                if v.name not in names:
+                    names.append(v.name)
+    return names
+
+
+def range_from_values(arrays, method: str = "minmax", percentile: float = 99.99) -> ValueRange:
+    """The calibration range of one value from its observed arrays: 'minmax' (the extremes) or
+    'percentile' (the `percentile` and 100 - `percentile` percentiles: ignores rare outliers)."""
+    flat = np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays])
+    if flat.size == 0 or not np.isfinite(flat).all():
+        raise IRError("quantize: calibration values must be finite and not empty")
+    if method == "minmax":
+        return ValueRange(float(flat.min()), float(flat.max()))
+    if method == "percentile":
+        if not 50 < percentile <= 100:
+            raise IRError(f"quantize: percentile must be in (50, 100], got {percentile!r}")
+        lo, hi = np.percentile(flat, [100 - percentile, percentile])
+        return ValueRange(float(lo), float(hi))
+    raise IRError(f"quantize: unknown calibration method {method!r}; use 'minmax' or 'percentile'")
+
+
+def activation_params(r: ValueRange, dtype: str = ACTIVATION_DTYPE) -> QuantParams:
+    """Asymmetric per-tensor parameters covering [min(lo, 0), max(hi, 0)] (0 exactly representable,
+    so zero padding and relu's floor are exact)."""
+    qlo, qhi = QUANT_RANGES[dtype]
+    lo, hi = min(r.lo, 0.0), max(r.hi, 0.0)
+    scale = float(np.float32((hi - lo) / (qhi - qlo))) if hi > lo else 1.0
+    zero_point = int(np.clip(round(qlo - lo / scale), qlo, qhi))
+    return QuantParams(scale, zero_point, dtype)
+
+
+def quantize_weights(w: np.ndarray) -> tuple:
+    """(i8 weights, per-output-channel float32 scales) of a float kernel whose last axis is the output
+    channel: scale[c] = max|w[..., c]| / 127 (1.0 for an all-zero channel), w_q = rint(w / scale)."""
+    w = np.asarray(w, np.float32)
+    amax = np.abs(w.reshape(-1, w.shape[-1])).max(axis=0)
+    scale = np.where(amax > 0, amax / WEIGHT_QMAX, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
+    return q, scale
+
+
+def quantize_bias(b: np.ndarray, x_scale: float, w_scale: np.ndarray) -> np.ndarray:
+    """i32 bias in accumulator units: rint(b / (x_scale * w_scale[c])), saturated to int32."""
+    q = np.rint(np.asarray(b, np.float64) / (np.float64(x_scale) * w_scale.astype(np.float64)))
+    return np.clip(q, -2 ** 31, 2 ** 31 - 1).astype(np.int32)
+
+
+def output_clamp(activation: str, params, qp: QuantParams) -> tuple:
+    """(y_min, y_max) in the output's integers for a fused activation: relu clamps at the zero point,
+    clip(min, max) at its quantized bounds."""
+    lo, hi = QUANT_RANGES[qp.dtype]
+    if activation == "relu":
+        return max(lo, qp.zero_point), hi
+    if activation == "clip":
+        bounds = dict(params)
+        q = lambda r: int(np.clip(round(r / qp.scale) + qp.zero_point, lo, hi))  # noqa: E731
+        return q(bounds["min"]), q(bounds["max"])
+    return lo, hi
+
+
+def quantize_graph(graph: Graph, weights: dict, ranges: dict) -> tuple:
+    """(quantized graph, its weights) for a prepared float graph (prepare_for_quantization), its float
+    weights and `ranges` (value name -> ValueRange for every calibration_targets name; see module doc)."""
+    missing = [n for n in calibration_targets(graph, weights) if n not in ranges]
+    if missing:
+        raise IRError(f"quantize: no calibration range for values {missing[:5]}")
+    q = Graph(graph.name)
+    new_weights = {}
+    fval = {}          # float value name -> its float value in q (when it exists there)
+    qval = {}          # float value name -> (its quantized value in q, QuantParams)
+    for v in graph.inputs:
+        fval[v.name] = q.input(v.name, v.shape, v.dtype)
+    for v in graph.const_values:
+        fval[v.name] = q.const(v.name, graph.consts[v.name])
+
+    def float_of(v):
+        if v.name not in fval:
+            if v.kind == "param":
+                fval[v.name] = q.param(v.name, v.shape, v.dtype)
+                new_weights[v.name] = weights[v.name]
+            else:
+                qv, qp = qval[v.name]
+                fval[v.name] = q.add_node("dequantize", [qv], {"scale": qp.scale, "zero_point": qp.zero_point},
+                                          [q.fresh_name(f"{v.name}/dequantized")])[0]
+        return fval[v.name]
+
+    def quantized_of(v):
+        if v.name not in qval:
+            qp = activation_params(ranges[v.name])
+            qv = q.add_node("quantize", [float_of(v)],
+                            {"scale": qp.scale, "zero_point": qp.zero_point, "dtype": qp.dtype},
+                            [q.fresh_name(f"{v.name}/quantized")])[0]
+            qval[v.name] = (qv, qp)
+        return qval[v.name]
+
+    for n in graph.nodes:
+        out = n.outputs[0]
+        if _quantizable(n, weights):
+            xq, xp = quantized_of(n.inputs[0])
+            yp = activation_params(ranges[out.name])
+            wq, w_scale = quantize_weights(weights[n.inputs[1].name])
+            operands = [xq, q.param(n.inputs[1].name, wq.shape, "i8")]
+            new_weights[n.inputs[1].name] = wq
+            if len(n.inputs) > 2:
+                bq = quantize_bias(weights[n.inputs[2].name], xp.scale, w_scale)
+                operands.append(q.param(n.inputs[2].name, bq.shape, "i32"))
+                new_weights[n.inputs[2].name] = bq
+            y_min, y_max = output_clamp(n.attrs["activation"], n.attrs["activation_params"], yp)
+            attrs = {"x_scale": xp.scale, "x_zero_point": xp.zero_point, "w_scale": tuple(float(s) for s in w_scale),
+                     "y_scale": yp.scale, "y_zero_point": yp.zero_point, "dtype": yp.dtype,
+                     "y_min": y_min, "y_max": y_max}
+            if n.op == "conv2d":
+                attrs.update({k: n.attrs[k] for k in ("stride", "padding", "dilation")})
+            qval[out.name] = (q.add_node(f"{n.op}_q", operands, attrs, [out.name])[0], yp)
+        elif n.op in PASS_THROUGH_OPS and n.inputs[0].name in qval:
+            xq, xp = qval[n.inputs[0].name]
+            qval[out.name] = (q.add_node(n.op, [xq], dict(n.attrs), [out.name])[0], xp)
+        else:
+            made = q.add_node(n.op, [float_of(v) for v in n.inputs], dict(n.attrs), [v.name for v in n.outputs])
+            for v, m in zip(n.outputs, made):
+                fval[v.name] = m
+    if graph.updates:
+        raise IRError("quantize: a training graph (with parameter updates) cannot be quantized")
+    q.output(*[float_of(v) for v in graph.outputs])
+    return q, new_weights
