@@ -27,8 +27,8 @@ from ir.ops import REGISTRY, emit
 
 U = 2.0 ** -24
 GROUP = 20                     # configurations compiled together in one graph (one LLVM compile per group)
-OP_GROUPS = 14                 # x GROUP x 3 batch draws = 840 op cases per run (~2 s of compiling per group)
-GRAPHS = 100
+OP_GROUPS = 34                 # x GROUP x 3 batch draws = 2,040 op cases per run (~1 s of compiling per group)
+GRAPHS = 200                   # issue 9: >= 2,000 op cases and >= 200 random graphs per CI run
 STATS = collections.Counter()
 SEEN_OPS: set = set()
 
