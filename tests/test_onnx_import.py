@@ -444,7 +444,7 @@ def test_cli_show_compile_run_train_bench_take_an_onnx_model(mnist_onnx, tmp_pat
     assert acc > 0.5                      # from a random start, one epoch of the subset learns digits
     rt = gc.load(out)
     assert rt.input_shape == (28, 28, 1)
-    assert main(["bench", mnist_onnx, "--batch", "1,4", "--repeats", "3", "--backends", "llvm",
+    assert main(["bench", mnist_onnx, "--batch", "1,4", "--repeats", "3", "--rounds", "2",
                  "--threads", "1"]) == 0
     report = capsys.readouterr().out
     assert "onnxruntime" in report and "graphcnn-llvm" in report

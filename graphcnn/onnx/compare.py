@@ -77,14 +77,14 @@ def _first(out):
 
 
 def run_cli(a):
-    """`graphcnn bench model.onnx`: the bench options (--batch, --threads, --repeats, --backends) applied
-    to the ONNX comparison; the peer is always ONNX Runtime on the same file."""
+    """`graphcnn bench model.onnx`: the bench options (--batch, --threads, --rounds, --repeats) applied to
+    the ONNX comparison on graphcnn's native backend; the peer is always ONNX Runtime on the same file."""
     from ..bench import check_arguments
-    batches, peers, backends = check_arguments(a)
+    batches, peers = check_arguments(a)
     other = [p for p in peers if p != "onnxruntime"]
     if other:        # the network exists only as the file: ONNX Runtime is the peer that runs it
         print(f"({', '.join(other)}: not available for an .onnx MODEL; comparing with onnxruntime)")
     if not os.path.isfile(a.model):
         raise GraphcnnError(f"model file {a.model!r} not found")
-    return compare(a.model, threads=a.threads, batches=batches, rounds=3, repeats=max(1, a.repeats // 3 or 1),
-                   backends=backends)
+    return compare(a.model, threads=a.threads, batches=batches, rounds=a.rounds, repeats=max(1, a.repeats // 3 or 1),
+                   backends=("llvm",))
