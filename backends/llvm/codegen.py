@@ -62,8 +62,69 @@ def static_count(node) -> int | None:
     return int(node.inputs[0].shape[0])
 
 
-def lower_graph(g, target, entry_name=None):
-    """-> (llvmlite module, entry function name, Layout)."""
+# intra-op parallelism: node op -> the lowering of its kernel variant that computes one part of the output
+# (a range of whole row tiles, so each output element keeps its reduction order); GEMMs below this many
+# multiply-adds run on worker 0 only (a barrier costs more than splitting them saves)
+SPLIT_MIN_MACS = 1 << 16
+
+
+def _split_lowering(node):
+    from .lowering import lower_conv2d
+    if node.op == "conv2d" and node.attrs.get("groups", 1) == 1:
+        x, w = node.inputs[:2]
+        y = node.outputs[0]
+        macs = int(y.type.numel(1)) * int(w.shape[0] * w.shape[1] * w.shape[2])
+        if macs >= SPLIT_MIN_MACS and y.type.batched:
+            return lambda cache, nd, target: lower_conv2d(cache, nd, target, split_rows=True)
+    return None
+
+
+class _Frame:
+    """Addresses of a graph function's values (leaf arguments, arena slots, the scratch region), all
+    computed in its entry block so any later block may use them."""
+
+    def __init__(self, b, layout, args, n, arena, first, scratch):
+        self.b, self.layout, self.n, self.arena, self.first, self.scratch = b, layout, n, arena, first, scratch
+        self.addr = {}
+        for name in layout.arg_order:
+            slot = layout.slots[name]
+            self.addr[name] = b.load(b.gep(args, [ll.Constant(I64, slot.index)], inbounds=True, source_etype=PTR),
+                                     typ=PTR)
+
+    def address(self, name):
+        if name in self.addr:
+            return self.addr[name]
+        s = self.layout.slots[name]
+        if s.kind == "alias":
+            a = self.address(s.target)
+        else:
+            b = self.b
+            off = b.add(b.mul(self.n, ll.Constant(I64, s.per_sample)), ll.Constant(I64, s.fixed))
+            a = b.gep(self.arena, [off], inbounds=True, source_etype=I8)
+        self.addr[name] = a
+        return a
+
+    def operand(self, v):
+        if isinstance(v, str):
+            return self.address(v)
+        if isinstance(v, tuple) and v[0] == "sample_base":     # flat index of this call's first element
+            return self.b.mul(self.first, ll.Constant(I64, v[1]))
+        if isinstance(v, tuple) and v[0] == "scratch":
+            return self.scratch
+        if isinstance(v, tuple):
+            raise ValueError(f"unknown operand token {v!r}")
+        return v
+
+
+def _scratch_base(b, layout, n, arena):
+    ps, fx = layout.scratch_offset()
+    return b.gep(arena, [b.add(b.mul(n, ll.Constant(I64, ps)), ll.Constant(I64, fx))], inbounds=True, source_etype=I8)
+
+
+def lower_graph(g, target, entry_name=None, team=False):
+    """-> (llvmlite module, entry function name, Layout). With team=True the module also has the team entry
+    `void <entry>_team(ptr team, i64 worker)` for thread_pool (layout.team_entry_name; None when the graph
+    has no kernel worth splitting)."""
     from .lowering import LOWERINGS
     symbol = ascii_identifier(g.name)
     module = ll.Module(name=symbol)
@@ -73,45 +134,10 @@ def lower_graph(g, target, entry_name=None):
     fn.attributes.add("nounwind")
     args, n, arena, first = fn.args
     b = ll.IRBuilder(fn.append_basic_block("entry"))
-    addr = {}
-    for name in layout.arg_order:
-        slot = layout.slots[name]
-        addr[name] = b.load(b.gep(args, [ll.Constant(I64, slot.index)], inbounds=True, source_etype=PTR),
-                            typ=PTR)
+    frame = _Frame(b, layout, args, n, arena, first, _scratch_base(b, layout, n, arena))
     cache = KernelCache(module, target)
-
-    def address(name):
-        if name in addr:
-            return addr[name]
-        s = layout.slots[name]
-        if s.kind == "alias":
-            a = address(s.target)
-        else:
-            off = b.add(b.mul(n, ll.Constant(I64, s.per_sample)), ll.Constant(I64, s.fixed))
-            a = b.gep(arena, [off], inbounds=True, source_etype=I8)
-        addr[name] = a
-        return a
-
     scratch_per_sample = scratch_fixed = 0
-    scratch_ps, scratch_fx = layout.scratch_offset()
-    scratch_ptr = []
-
-    def token(v, kernel, count):
-        nonlocal scratch_per_sample, scratch_fixed
-        if v[0] == "sample_base":          # flat index of this call's first element
-            return b.mul(first, ll.Constant(I64, v[1]))
-        if v[0] == "scratch":              # the shared scratch region, grown to the kernel's need
-            need = scratch_need(kernel)
-            if count is None:
-                scratch_per_sample = max(scratch_per_sample, need.per_sample)
-                scratch_fixed = max(scratch_fixed, need.fixed)
-            else:                          # a static count: its per-sample need is a fixed size
-                scratch_fixed = max(scratch_fixed, need.fixed + need.per_sample * count)
-            if not scratch_ptr:
-                off = b.add(b.mul(n, ll.Constant(I64, scratch_ps)), ll.Constant(I64, scratch_fx))
-                scratch_ptr.append(b.gep(arena, [off], inbounds=True, source_etype=I8))
-            return scratch_ptr[0]
-        raise ValueError(f"unknown operand token {v!r}")
+    calls = []          # (node, kernel, operands, count) in order: what the team entry replays
 
     for node in g.nodes:
         if node.op in VIEW_OPS:
@@ -126,16 +152,83 @@ def lower_graph(g, target, entry_name=None):
                                 f"(node %{node.name}, value %{quantized[0].name}: {quantized[0].type})")
         kernel, operands = lower(cache, node, target)
         count = static_count(node)
-        call_args = [address(v) if isinstance(v, str) else token(v, kernel, count) if isinstance(v, tuple) else v
-                     for v in operands]
-        b.call(kernel, call_args + [n if count is None else ll.Constant(I64, count)])
+        if any(isinstance(v, tuple) and v[0] == "scratch" for v in operands):
+            need = scratch_need(kernel)     # the shared scratch region, grown to the kernel's need
+            if count is None:
+                scratch_per_sample = max(scratch_per_sample, need.per_sample)
+                scratch_fixed = max(scratch_fixed, need.fixed)
+            else:                          # a static count: its per-sample need is a fixed size
+                scratch_fixed = max(scratch_fixed, need.fixed + need.per_sample * count)
+        calls.append((node, kernel, operands, count))
+        b.call(kernel, [frame.operand(v) for v in operands] + [n if count is None else ll.Constant(I64, count)])
     layout.scratch_per_sample, layout.scratch_fixed = scratch_per_sample, scratch_fixed
-    # state writes that no kernel did in place (e.g. the step counter): copy the new value back
+    _copy_state_back(module, b, g, layout, frame)
+    b.ret_void()
+    layout.team_entry_name = None
+    if team and not g.updates and any(_split_lowering(node) for node, *_ in calls):
+        layout.team_entry_name = _define_team_entry(module, f"{entry_name}_team", calls, layout, cache, target)
+    return module, entry_name, layout
+
+
+def _copy_state_back(module, b, g, layout, frame):
+    """State writes that no kernel did in place (e.g. the step counter): copy the new value back."""
     for param, new in g.updates.items():
         if layout.resolve(param) != layout.resolve(new.name):
             memcpy = module.globals.get("llvm.memcpy.p0.p0.i64") or ll.Function(
                 module, ll.FunctionType(VOID, [PTR, PTR, I64, ll.IntType(1)]), name="llvm.memcpy.p0.p0.i64")
-            b.call(memcpy, [address(param), address(new.name), ll.Constant(I64, new.type.nbytes(1)),
+            b.call(memcpy, [frame.address(param), frame.address(new.name), ll.Constant(I64, new.type.nbytes(1)),
                             ll.Constant(ll.IntType(1), 0)])
+
+
+def _define_team_entry(module, name, calls, layout, cache, target):
+    """`void name(ptr team, i64 worker)`: the graph run by every worker of a thread_pool job. Split kernels
+    run their part `worker` of `parts` with the worker's own scratch region (thread_pool.team_arena_bytes);
+    every other node runs on worker 0 only, with worker 0's scratch (the single-threaded entry's); a barrier
+    separates a split node from whatever precedes or follows it. The caller returns after its last node:
+    every other worker has passed the barrier that followed its last split node by then."""
+    from . import thread_pool as tp
+    fn = ll.Function(module, ll.FunctionType(VOID, [PTR, I64]), name=name)
+    fn.attributes.add("nounwind")
+    team, worker = fn.args
+    b = ll.IRBuilder(fn.append_basic_block("entry"))
+    args, n, arena = tp.team_field(b, team, tp.ARGS, PTR), tp.team_field(b, team, tp.N), tp.team_field(b, team, tp.ARENA, PTR)
+    first, parts = tp.team_field(b, team, tp.FIRST), tp.team_field(b, team, tp.PARTS)
+    # thread_pool.scratch_stride: the scratch need rounded up to 64 bytes
+    need = b.add(b.mul(n, ll.Constant(I64, layout.scratch_per_sample)), ll.Constant(I64, layout.scratch_fixed + 63))
+    stride = b.and_(need, ll.Constant(I64, -64))
+    scratch0 = _scratch_base(b, layout, n, arena)
+    own_scratch = b.gep(scratch0, [b.mul(worker, stride)], inbounds=True, source_etype=I8)
+    serial = _Frame(b, layout, args, n, arena, first, scratch0)
+    split = _Frame(b, layout, args, n, arena, first, own_scratch)
+    for node, kernel, operands, count in calls:        # every address in the entry block
+        for v in operands:
+            serial.operand(v)
+            split.operand(v)
+    barrier = tp.define_barrier(module)
+    is_worker0 = b.icmp_unsigned("==", worker, ll.Constant(I64, 0))
+    serial_pending = False      # worker 0 ran nodes since the last barrier
+
+    def count_arg(count):
+        return n if count is None else ll.Constant(I64, count)
+
+    k = 0
+    while k < len(calls):
+        node, kernel, operands, count = calls[k]
+        lower_split = _split_lowering(node)
+        if lower_split is not None:
+            if serial_pending:
+                b.call(barrier, [team])
+            part_kernel, part_operands = lower_split(cache, node, target)
+            b.call(part_kernel, [split.operand(v) for v in part_operands] + [worker, parts, count_arg(count)])
+            b.call(barrier, [team])
+            serial_pending = False
+            k += 1
+            continue
+        with b.if_then(is_worker0):     # a run of memory-bound nodes: worker 0 alone, in order
+            while k < len(calls) and _split_lowering(calls[k][0]) is None:
+                _, kernel, operands, count = calls[k]
+                b.call(kernel, [serial.operand(v) for v in operands] + [count_arg(count)])
+                k += 1
+        serial_pending = True
     b.ret_void()
-    return module, entry_name, layout
+    return name

@@ -26,6 +26,7 @@ from ..executable import ARENA_ALIGN, ArenaCache, Executable, _contiguous
 from .codegen import lower_graph
 from .jit import JitModule, host_target
 from .layout import ALIGN
+from . import thread_pool
 
 ENTRY = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64)
 
@@ -38,19 +39,40 @@ def default_threads() -> int:
 class NativeGraph:
     """One graph compiled to one native function, with per-thread, per-batch-size arenas."""
 
-    def __init__(self, graph, target):
+    def __init__(self, graph, target, team_parts=1):
         if getattr(graph, "memory_plan", None) is None:
             from ir.passes.plan_memory import plan_memory
             graph = plan_memory(graph)
         self.graph = graph
         t0 = time.perf_counter()
-        module, self.entry_name, self.layout = lower_graph(graph, target)
+        module, self.entry_name, self.layout = lower_graph(graph, target, team=team_parts > 1)
         self.llvm_ir = str(module)
         self.jit = JitModule(self.llvm_ir)
         self.compile_seconds = time.perf_counter() - t0
         self.fn = ENTRY(self.jit.address(self.entry_name))
         assert ARENA_ALIGN % ALIGN == 0
         self.arenas = ArenaCache(lambda n: -(-self.layout.arena_bytes(n) // 4) * 4 + 4)
+        # intra-op parallelism (thread_pool): the team entry and arenas with one scratch region per worker
+        self.team_parts = team_parts if self.layout.team_entry_name else 1
+        if self.team_parts > 1:
+            self.team_fn = self.jit.address(self.layout.team_entry_name)
+            self.pool_run = thread_pool.process_pool()
+            self.team_arenas = ArenaCache(
+                lambda n: thread_pool.team_arena_bytes(self.layout, n, self.team_parts) + 4)
+
+    def run_team(self, leaves: dict, n: int, first: int = 0) -> list:
+        """__call__ with the GEMM kernels split across the process pool's workers (bit-identical to the
+        single-threaded call). When the pool is busy with another call, this one runs single-threaded in
+        its own (team) arena."""
+        arena = self.team_arenas.get(n)
+        bound = arena.views.get("bound")
+        if bound is None:
+            bound = arena.views["bound"] = BoundCall(self, arena, n)
+        try:
+            bound.run_team(self, leaves, n, first)
+        finally:
+            self.team_arenas.release(n)
+        return bound.outputs(leaves, n)
 
     def __call__(self, leaves: dict, n: int, first: int = 0) -> list:
         """Run on `leaves` (name -> C-contiguous array). Outputs are views into this thread's arena, valid
@@ -103,6 +125,12 @@ class BoundCall:
                 ptrs[i] = a.ctypes.data
         fn(ptrs, n, self.arena_address, first)
 
+    def run_team(self, native, leaves, n, first):
+        self.run(lambda *a: None, leaves, n, first)         # refresh the argument pointers
+        if not native.pool_run(native.team_fn, ctypes.addressof(self.ptrs), n, self.arena_address, first,
+                               native.team_parts):
+            native.fn(self.ptrs, n, self.arena_address, first)
+
     def outputs(self, leaves, n) -> list:
         return [np.array(leaves[v[0]]).reshape(v[1]) if isinstance(v, tuple) else v for v in self.views]
 
@@ -132,7 +160,10 @@ class LlvmExecutable(Executable):
         if self.split_training:
             self._compile_split()
         else:
-            self._main = NativeGraph(graph, self.target)
+            # intra-op parallelism (opt-in, GRAPHCNN_INTRA_OP=1): a batch smaller than the thread count
+            # splits the GEMM kernels' output rows across native pool workers instead of running on one core
+            intra = not self.training and self.threads > 1 and thread_pool.intra_op_enabled()
+            self._main = NativeGraph(graph, self.target, team_parts=self.threads if intra else 1)
             self._parts = [self._main]
         self.compile_seconds = time.perf_counter() - t0
         self.llvm_ir = "\n".join(p.llvm_ir for p in self._parts)
@@ -198,6 +229,8 @@ class LlvmExecutable(Executable):
             next((a.shape[0] for a, (_, t) in zip(arrays, self.inputs) if t.batched), 1)
         if self.split_training:
             return self._train_step(arrays, n)
+        if n < self.threads and self._main.team_parts > 1:
+            return self._main.run_team(self._leaves(arrays), n)
         if not self.splittable or self.threads == 1 or n < 2:
             return self._main(self._leaves(arrays), n)
         # a pool thread may run two chunks, reusing its arena: copy each chunk's outputs out of it

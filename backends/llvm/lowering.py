@@ -27,7 +27,9 @@ def _conv_common(node):
     return dict(stride=tuple(a["stride"]), padding=tuple(map(tuple, a["padding"])), dilation=tuple(a["dilation"]))
 
 
-def lower_conv2d(cache, node, target):
+def lower_conv2d(cache, node, target, split_rows=False):
+    """split_rows: the kernel variant computing one part of the output pixels (intra-op parallelism,
+    codegen's team entry), which takes (part, parts) before n."""
     x, w = node.inputs[:2]
     has_bias, has_residual = len(node.inputs) > 2, len(node.inputs) > 3
     spec = dict(in_hwc=tuple(x.shape[1:]), kernel_hw=tuple(w.shape[:2]), filters=w.shape[3], has_bias=has_bias,
@@ -36,8 +38,8 @@ def lower_conv2d(cache, node, target):
     if node.attrs.get("groups", 1) != 1:
         raise LoweringError(f"LLVM backend: grouped conv2d %{node.name} must be split by the "
                             f"decompose_grouped_conv pass first (it is in the inference and training pipelines)")
-    fn = cache.get(("conv2d", repr(spec)),
-                   lambda m, name: conv.build_conv2d(m, name, target=target, **spec))
+    fn = cache.get(("conv2d_rows" if split_rows else "conv2d", repr(spec)),
+                   lambda m, name: conv.build_conv2d(m, name, target=target, split_rows=split_rows, **spec))
     return fn, [x.name, w.name, node.inputs[2].name if has_bias else NULL,
                 node.inputs[3].name if has_residual else NULL, node.outputs[0].name, SCRATCH]
 

@@ -154,23 +154,42 @@ def _apply_positive_mask(kb: KernelBuilder, data, y, count: int) -> None:
                   EpilogueOperands(mask_rows=[kb.gep(y, full * lanes)]))
 
 
+def _for_part_row_tiles(kb: KernelBuilder, rows: int, mr: int, part, parts, body) -> None:
+    """for_row_tiles(rows, mr) restricted to part `part` of `parts`: the full tiles
+    [full * part / parts, full * (part + 1) / parts), and the static remainder tile on the last part — the
+    same tiles as the unsplit loop, only distributed."""
+    full, rem = divmod(rows, mr)
+    b = kb.b
+    if full:
+        t0 = b.udiv(b.mul(kb.i64(full), part), parts)
+        t1 = b.udiv(b.mul(kb.i64(full), b.add(part, kb.i64(1))), parts)
+        with kb.for_range(b.sub(t1, t0), name="rows") as loop:
+            body(kb.mul(b.add(t0, loop.index), mr), mr)
+    if rem:
+        with kb.if_then(b.icmp_unsigned("==", part, b.sub(parts, kb.i64(1)))):
+            body(full * mr, rem)
+
+
 def build_conv2d(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, stride=(1, 1),
                  padding=((0, 0), (0, 0)), dilation=(1, 1), has_bias: bool = False, has_residual: bool = False,
                  activation: str = "linear", activation_params: tuple = (), target, plan: TilePlan | None = None,
-                 loop_order: str = "cols") -> ir.Function:
-    """void name(ptr x, ptr w, ptr b, ptr residual, ptr out, i64 n):
+                 loop_order: str = "cols", split_rows: bool = False) -> ir.Function:
+    """void name(ptr x, ptr w, ptr b, ptr residual, ptr out, ptr scratch, [i64 part, i64 parts,] i64 n):
     out (n, OH, OW, F) = activation(conv2d(x (n, H, W, C), w (KH, KW, C, F)) + b + residual), bias,
     residual (laid out like out) and activation fused into the tile epilogue. `b` / `residual` are not
     read when has_bias / has_residual is False (may be null).
     loop_order "cols": filter blocks outer, pixel tiles inner (a filter block stays in L1);
-    "rows": pixel tiles outer."""
+    "rows": pixel tiles outer.
+    split_rows: the kernel computes only part `part` of `parts` of every image's output pixels (whole row
+    tiles, so each output element runs the same tile code and reduction order as in the unsplit kernel:
+    bit-identical); each part packs the filters and pads the image into its own scratch."""
     g = conv_geometry(in_hwc, kernel_hw, filters, stride, padding, dilation)
     activation, activation_params = check_activation(activation, activation_params)
     if loop_order not in ("cols", "rows"):
         raise ValueError(f"loop_order must be 'cols' or 'rows', got {loop_order!r}")
     if not isinstance(has_residual, bool) or not isinstance(has_bias, bool):
         raise TypeError(f"conv2d: has_bias and has_residual must be bools, got {has_bias!r}, {has_residual!r}")
-    kb = gemm_builder(module, name, 5, target)
+    kb = gemm_builder(module, name, 5, target, ("part", "parts") if split_rows else ())
     x, w, bias, residual, out = kb.args
     n = kb.n
     lanes = kb.lanes
@@ -206,7 +225,11 @@ def build_conv2d(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, st
                                            if has_residual else None))
 
         for which, blk in enumerate(blocks):
-            if loop_order == "cols":
+            if split_rows:
+                with kb.for_range(blk.count, name="cols") as lj:
+                    _for_part_row_tiles(kb, g.pixels, blk.mr, *kb.int_args,
+                                        lambda r0, mr, which=which, j=lj.index: tile(r0, mr, which, j))
+            elif loop_order == "cols":
                 with kb.for_range(blk.count, name="cols") as lj:
                     for_row_tiles(kb, g.pixels, blk.mr, lambda r0, mr, which=which, j=lj.index:
                                   tile(r0, mr, which, j))

@@ -498,12 +498,13 @@ def emit_gemm(kb: KernelBuilder, *, rows: IntLike, cols: int, k: IntLike,
         for_row_tiles(kb, rows, blk.mr, row_tile)
 
 
-def gemm_builder(module, name, n_ptrs, target) -> KernelBuilder:
-    """A KernelBuilder for a new kernel function `void name(ptr x n_ptrs, ptr scratch, i64 n)`, set up for
+def gemm_builder(module, name, n_ptrs, target, int_arg_names=()) -> KernelBuilder:
+    """A KernelBuilder for a new kernel function `void name(ptr x n_ptrs, ptr scratch, [i64 ...,] i64 n)`
+    (the extra i64 arguments named by int_arg_names), set up for
     hand-unrolled GEMM code (LLVM's unroller is switched off for its loops: the generator already unrolled
     what pays off). `scratch` must point to scratch_need(fn).bytes(n) bytes, 64-byte aligned (packed
     operands, padded images); it may be null when that is 0."""
-    kb = KernelBuilder(module, name, n_ptrs, target, scratch_arg=True)
+    kb = KernelBuilder(module, name, n_ptrs, target, scratch_arg=True, int_arg_names=int_arg_names)
     kb.default_unroll = False
     return kb
 

@@ -1,0 +1,306 @@
+"""A native thread pool for intra-op parallelism (one image on several cores), generated as LLVM IR.
+
+The same IR serves the JIT runtime (a process-wide pool module, `process_pool()`) and the exported
+`.so` (the library owns its pool: export.py adds these functions to the model's module).
+
+    team       one global struct per pool (layout: the slot constants below)
+    workers    persistent pthreads created on demand (pthread_create from the generated code); an idle
+               worker spins on the generation counter for a short while, then sleeps in futex(WAIT), so an
+               idle pool burns no core
+    run        `gcpool_run(team_fn, args, n, arena, first, parts) -> i32`: takes the pool with a try-lock
+               (returns 0 at once when another call holds it: that caller then runs single-threaded, so
+               concurrent callers never wait on each other or deadlock), publishes the job, wakes sleepers,
+               runs worker 0 itself, returns 1
+    team entry `void gc_NAME_team(ptr team, i64 worker)` (codegen.lower_graph): every worker runs the whole
+               graph; split kernels work on their part, other nodes run on worker 0 only, `barrier` between
+
+The barrier is a sense-reversing spin barrier (atomic arrive count + phase), with sched_yield after a
+spin budget so an oversubscribed machine still makes progress. Linux x86-64 only (futex syscall number,
+`pause`); `available()` says whether this host can use it.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import sys
+import threading
+
+from llvmlite import ir as ll
+
+I32, I64, PTR, VOID = ll.IntType(32), ll.IntType(64), ll.PointerType(), ll.VoidType()
+
+# team slots (i64 each); hot fields on their own 64-byte line
+GEN = 0          # i32 futex word: bumped once per job
+SLEEPERS = 1     # workers inside futex(WAIT)
+BUSY = 2         # try-lock: one call at a time
+WORKERS = 3      # pthreads created so far (ids 1..WORKERS)
+PARTS = 4        # workers taking part in the current job (including the caller, worker 0)
+FN, ARGS, N, ARENA, FIRST = 5, 6, 7, 8, 9
+ARRIVED = 16     # barrier arrive count
+PHASE = 24       # barrier phase
+TEAM_SLOTS = 32
+
+MAX_THREADS = 64
+SPIN_BEFORE_SLEEP = 1 << 17      # pause iterations an idle worker spins (~ a few ms) before it sleeps
+SPIN_BEFORE_YIELD = 1 << 10      # pause iterations in a barrier between sched_yield calls
+SYS_FUTEX, FUTEX_WAIT_PRIVATE, FUTEX_WAKE_PRIVATE = 202, 128, 129
+
+
+def available() -> bool:
+    """True where the generated pool works: Linux on x86-64."""
+    return sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
+
+
+def intra_op_enabled() -> bool:
+    """Intra-op parallelism is opt-in: GRAPHCNN_INTRA_OP=1 (and a host the pool supports)."""
+    return os.environ.get("GRAPHCNN_INTRA_OP", "") == "1" and available()
+
+
+def team_arena_bytes(layout, n: int, parts: int) -> int:
+    """Arena bytes of a team call: the planned values, then one 64-byte aligned scratch region per worker
+    (worker w's at scratch_offset + w * scratch_stride)."""
+    ps, fx = layout.scratch_offset()
+    return n * ps + fx + parts * scratch_stride(layout, n)
+
+
+def scratch_stride(layout, n: int) -> int:
+    return -(-(n * layout.scratch_per_sample + layout.scratch_fixed) // 64) * 64
+
+
+def _store_atomic(b, value, ptr, ordering):
+    """An atomic store through an opaque pointer (llvmlite's store_atomic checks a typed pointee)."""
+    b._insert(ll.instructions.StoreAtomicInstr(b.block, value, ptr, ordering, value.type.width // 8))
+
+
+def _slot(b, team, k):
+    return b.gep(team, [ll.Constant(I64, k)], inbounds=True, source_etype=I64)
+
+
+def _declare(module, name, ret, args, var_arg=False):
+    fn = module.globals.get(name)
+    if fn is None:
+        fn = ll.Function(module, ll.FunctionType(ret, args, var_arg=var_arg), name=name)
+    return fn
+
+
+def _pause(b, module):
+    b.call(_declare(module, "llvm.x86.sse2.pause", VOID, []), [])
+
+
+def team_field(b, team, k, typ=I64):
+    """Load one job field of the team (plain load: published before the generation bump)."""
+    v = b.load(_slot(b, team, k), typ=I64)
+    return b.inttoptr(v, PTR) if isinstance(typ, ll.PointerType) else v
+
+
+def define_barrier(module, name="gcpool_barrier") -> ll.Function:
+    """internal void barrier(ptr team): wait until all PARTS workers of the current job arrived."""
+    fn = module.globals.get(name)
+    if fn is not None:
+        return fn
+    fn = ll.Function(module, ll.FunctionType(VOID, [PTR]), name=name)
+    fn.linkage = "internal"
+    fn.attributes.add("nounwind")
+    fn.attributes.add("noinline")
+    (team,) = fn.args
+    b = ll.IRBuilder(fn.append_basic_block("entry"))
+    parts = team_field(b, team, PARTS)
+    phase = b.load_atomic(_slot(b, team, PHASE), "acquire", 8, typ=I64)
+    old = b.atomic_rmw("add", _slot(b, team, ARRIVED), ll.Constant(I64, 1), "acq_rel")
+    last, wait = fn.append_basic_block("last"), fn.append_basic_block("wait")
+    b.cbranch(b.icmp_unsigned("==", old, b.sub(parts, ll.Constant(I64, 1))), last, wait)
+    b.position_at_end(last)
+    _store_atomic(b, ll.Constant(I64, 0), _slot(b, team, ARRIVED), "monotonic")
+    _store_atomic(b, b.add(phase, ll.Constant(I64, 1)), _slot(b, team, PHASE), "release")
+    b.ret_void()
+    # wait: spin on the phase; every SPIN_BEFORE_YIELD pauses give the core away once
+    b.position_at_end(wait)
+    loop, spin, yld, done = (fn.append_basic_block(s) for s in ("loop", "spin", "yield", "done"))
+    b.branch(loop)
+    b.position_at_end(loop)
+    i = b.phi(I64)
+    i.add_incoming(ll.Constant(I64, 0), wait)
+    now = b.load_atomic(_slot(b, team, PHASE), "acquire", 8, typ=I64)
+    b.cbranch(b.icmp_unsigned("!=", now, phase), done, spin)
+    b.position_at_end(spin)
+    _pause(b, module)
+    nxt = b.add(i, ll.Constant(I64, 1))
+    b.cbranch(b.icmp_unsigned("==", nxt, ll.Constant(I64, SPIN_BEFORE_YIELD)), yld, loop)
+    i.add_incoming(nxt, spin)
+    b.position_at_end(yld)
+    b.call(_declare(module, "sched_yield", I32, []), [])
+    b.branch(loop)
+    i.add_incoming(ll.Constant(I64, 0), yld)
+    b.position_at_end(done)
+    b.ret_void()
+    return fn
+
+
+def define_pool(module, prefix="gcpool") -> ll.Function:
+    """Add the pool (its team global, the worker main and `PREFIX_run`) to module; returns PREFIX_run:
+    i32 run(ptr team_fn, ptr args, i64 n, ptr arena, i64 first, i64 parts) -> 1 when the job ran on the
+    pool, 0 when the pool is busy or has no worker (the caller runs the single-threaded entry instead)."""
+    team_ty = ll.ArrayType(I64, TEAM_SLOTS)
+    team_global = ll.GlobalVariable(module, team_ty, name=f"{prefix}_team")
+    team_global.linkage = "internal"
+    team_global.initializer = ll.Constant(team_ty, None)
+    team_global.align = 64
+    team_global.type = PTR      # llvmlite still types globals; the backend uses opaque `ptr`
+    syscall = _declare(module, "syscall", I64, [I64], var_arg=True)
+    c = lambda v: ll.Constant(I64, v)
+    null = ll.Constant(PTR, None)
+    team_fn_ty = ll.FunctionType(VOID, [PTR, I64])
+
+    # worker main: ptr worker(ptr arg), arg = (id << 32) | generation at creation
+    wm = ll.Function(module, ll.FunctionType(PTR, [PTR]), name=f"{prefix}_worker")
+    wm.linkage = "internal"
+    wm.attributes.add("nounwind")
+    b = ll.IRBuilder(wm.append_basic_block("entry"))
+    team = team_global
+    arg = b.ptrtoint(wm.args[0], I64)
+    wid = b.lshr(arg, c(32))
+    seen0 = b.trunc(arg, I32)
+    gen_ptr = _slot(b, team, GEN)
+    entry = b.block
+    top, spin, spun, sleep, sleep_call, slept, run, call, after = (
+        wm.append_basic_block(s) for s in ("top", "spin", "spun", "sleep", "sleep_call", "slept", "run", "call",
+                                           "after"))
+    b.branch(top)
+    # top: (seen, i) -> spin on GEN
+    b.position_at_end(top)
+    seen = b.phi(I32)
+    i = b.phi(I64)
+    g = b.load_atomic(gen_ptr, "acquire", 4, typ=I32)
+    b.cbranch(b.icmp_unsigned("!=", g, seen), run, spin)
+    b.position_at_end(spin)
+    _pause(b, module)
+    i1 = b.add(i, c(1))
+    b.cbranch(b.icmp_unsigned("==", i1, c(SPIN_BEFORE_SLEEP)), sleep, spun)
+    b.position_at_end(spun)
+    b.branch(top)
+    # sleep: announce, re-check, futex(WAIT) while the generation is still `seen`
+    b.position_at_end(sleep)
+    b.atomic_rmw("add", _slot(b, team, SLEEPERS), c(1), "seq_cst")
+    g2 = b.load_atomic(gen_ptr, "seq_cst", 4, typ=I32)
+    b.cbranch(b.icmp_unsigned("==", g2, seen), sleep_call, slept)
+    b.position_at_end(sleep_call)
+    b.call(syscall, [c(SYS_FUTEX), gen_ptr, c(FUTEX_WAIT_PRIVATE), b.zext(seen, I64), null, null, c(0)])
+    b.branch(slept)
+    b.position_at_end(slept)
+    b.atomic_rmw("sub", _slot(b, team, SLEEPERS), c(1), "seq_cst")
+    b.branch(top)
+    # run the job if this worker takes part
+    b.position_at_end(run)
+    parts = team_field(b, team, PARTS)
+    b.cbranch(b.icmp_unsigned("<", wid, parts), call, after)
+    b.position_at_end(call)
+    fnp = team_field(b, team, FN, PTR)
+    b.call(indirect_callee(fnp, team_fn_ty), [team, wid])
+    b.branch(after)
+    b.position_at_end(after)
+    b.branch(top)
+    seen.add_incoming(seen0, entry)
+    seen.add_incoming(seen, spun)
+    seen.add_incoming(seen, slept)
+    seen.add_incoming(g, after)
+    i.add_incoming(c(0), entry)
+    i.add_incoming(i1, spun)
+    i.add_incoming(c(0), slept)
+    i.add_incoming(c(0), after)
+
+    # run
+    pthread_create = _declare(module, "pthread_create", I32, [PTR, PTR, PTR, PTR])
+    pthread_detach = _declare(module, "pthread_detach", I32, [I64])
+    run_fn = ll.Function(module, ll.FunctionType(I32, [PTR, PTR, I64, PTR, I64, I64]), name=f"{prefix}_run")
+    run_fn.attributes.add("nounwind")
+    fn_arg, args, n, arena, first, want = run_fn.args
+    b = ll.IRBuilder(run_fn.append_basic_block("entry"))
+    team = team_global
+    got = b.cmpxchg(_slot(b, team, BUSY), c(0), c(1), "acquire", "monotonic")
+    mine, busy = run_fn.append_basic_block("mine"), run_fn.append_basic_block("busy")
+    b.cbranch(b.extract_value(got, 1), mine, busy)
+    b.position_at_end(busy)
+    b.ret(ll.Constant(I32, 0))
+    b.position_at_end(mine)
+    want = b.select(b.icmp_signed(">", want, c(MAX_THREADS)), c(MAX_THREADS), want)
+    gen_now = b.load_atomic(_slot(b, team, GEN), "monotonic", 4, typ=I32)
+    tid = b.alloca(I64)
+    tid.type = PTR
+    # grow: create workers WORKERS+1 .. want-1 (a failed pthread_create just leaves the pool smaller)
+    grow_top, grow_body, grow_ok, grow_done = (run_fn.append_basic_block(s) for s in ("grow", "grow_body",
+                                                                                       "grow_ok", "grow_done"))
+    b.branch(grow_top)
+    b.position_at_end(grow_top)
+    have = team_field(b, team, WORKERS)
+    b.cbranch(b.icmp_signed("<", b.add(have, c(1)), want), grow_body, grow_done)
+    b.position_at_end(grow_body)
+    new_id = b.add(have, c(1))
+    warg = b.inttoptr(b.or_(b.shl(new_id, c(32)), b.zext(gen_now, I64)), PTR)
+    rc = b.call(pthread_create, [tid, null, wm, warg])
+    b.cbranch(b.icmp_signed("==", rc, ll.Constant(I32, 0)), grow_ok, grow_done)
+    b.position_at_end(grow_ok)
+    b.call(pthread_detach, [b.load(tid, typ=I64)])
+    b.store(new_id, _slot(b, team, WORKERS))
+    b.branch(grow_top)
+    b.position_at_end(grow_done)
+    have = team_field(b, team, WORKERS)
+    parts = b.select(b.icmp_signed("<", b.add(have, c(1)), want), b.add(have, c(1)), want)
+    go, alone = run_fn.append_basic_block("go"), run_fn.append_basic_block("alone")
+    b.cbranch(b.icmp_signed(">", parts, c(1)), go, alone)
+    b.position_at_end(alone)
+    _store_atomic(b, c(0), _slot(b, team, BUSY), "release")
+    b.ret(ll.Constant(I32, 0))
+    b.position_at_end(go)
+    for k, v in ((PARTS, parts), (FN, b.ptrtoint(fn_arg, I64)), (ARGS, b.ptrtoint(args, I64)), (N, n),
+                 (ARENA, b.ptrtoint(arena, I64)), (FIRST, first)):
+        b.store(v, _slot(b, team, k))
+    b.atomic_rmw("add", _slot(b, team, GEN), ll.Constant(I32, 1), "seq_cst")
+    sleepers = b.load_atomic(_slot(b, team, SLEEPERS), "seq_cst", 8, typ=I64)
+    wake, work = run_fn.append_basic_block("wake"), run_fn.append_basic_block("work")
+    b.cbranch(b.icmp_signed(">", sleepers, c(0)), wake, work)
+    b.position_at_end(wake)
+    b.call(syscall, [c(SYS_FUTEX), _slot(b, team, GEN), c(FUTEX_WAKE_PRIVATE), c(MAX_THREADS)])
+    b.branch(work)
+    b.position_at_end(work)
+    b.call(indirect_callee(b.inttoptr(b.ptrtoint(fn_arg, I64), PTR), team_fn_ty), [team, c(0)])
+    # the team entry ends with every worker past its last barrier: the job fields are free again
+    _store_atomic(b, c(0), _slot(b, team, BUSY), "release")
+    b.ret(ll.Constant(I32, 1))
+    return run_fn
+
+
+class _IndirectCallee(ll.CastInstr):
+    """A cast to `ptr` that IRBuilder.call accepts as a callee: llvmlite (opaque pointers) reads the
+    callee's function type from the value, which a plain `ptr` value does not carry."""
+
+    @property
+    def function_type(self):
+        return self._callee_type
+
+
+def indirect_callee(value, fnty):
+    """`value` (a cast instruction yielding ptr) marked as a callee of type `fnty`."""
+    value.__class__ = _IndirectCallee
+    value._callee_type = fnty
+    return value
+
+
+RUN = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                       ctypes.c_int64, ctypes.c_int64)
+_process_pool = None
+_process_pool_lock = threading.Lock()
+
+
+def process_pool():
+    """The JIT runtime's pool: one per process, compiled once, never freed (its workers live in its code).
+    Returns the ctypes `run` function."""
+    global _process_pool
+    with _process_pool_lock:
+        if _process_pool is None:
+            from .jit import JitModule
+            module = ll.Module(name="gcpool")
+            define_pool(module)
+            jit = JitModule(str(module))
+            _process_pool = (jit, RUN(jit.address("gcpool_run")))
+        return _process_pool[1]
