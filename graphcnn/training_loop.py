@@ -232,8 +232,12 @@ def fit(model, x, y, epochs=1, batch_size=32, validation_data=None, seed=None, s
     try:
         return _fit(model, x, y, epochs, batch_size, validation_data, seed, shuffle, verbose, callbacks,
                     validation_split, initial_epoch, class_weight, sample_weight, parallel)
-    except (TrainingError, dist.ReplicaMismatch):
-        raise       # both come from globally reduced values: every rank raises them alike
+    except (TrainingError, dist.ReplicaMismatch) as e:
+        # both come from globally reduced values: every rank raises them alike. Rank 0 states the message
+        # at once: when the first rank exits, mpiexec ends the others, which can cut a traceback short
+        if parallel and dist.is_root():
+            print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise
     except BaseException as e:
         if parallel:
             dist.abort(e)   # this rank failed alone: end the job instead of leaving the others waiting
