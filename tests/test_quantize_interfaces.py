@@ -141,3 +141,56 @@ def test_so_of_the_quantized_model_is_identical_to_gc_load(compiled):
     np.testing.assert_array_equal(out, rt.predict(x, batch_size=n))
     numpy_probs = gc.load(compiled["qgcnn"], backend="numpy").predict(x)
     np.testing.assert_array_equal(out.argmax(1), numpy_probs.argmax(1))
+
+
+# -- ONNX: QDQ export run by ONNX Runtime --------------------------------------------------------------
+
+def ort_run(path, x):
+    import onnxruntime as ort
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+
+def test_onnx_qdq_export_runs_in_onnx_runtime_with_the_same_classes(compiled, tmp_path):
+    path = tmp_path / "q.onnx"
+    assert main(["export", compiled["qgcnn"], "-o", str(path)]) == 0
+    import onnx
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("QuantizeLinear") == 4 and "Conv" in ops and "Gemm" in ops
+    rt = gc.load(compiled["qgcnn"])
+    x = preprocess(compiled["x_test"], rt.meta)[..., None]
+    ours, theirs = rt.predict(x), ort_run(path, np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    agree = float((ours.argmax(1) == theirs.argmax(1)).mean())
+    print(f"ONNX Runtime on the QDQ export: same class on {agree:.4f} of {len(x)} test images")
+    assert agree >= 0.995
+
+
+@pytest.mark.parametrize("dtype, y_min", [("u8", 11), ("i8", None)])
+def test_onnx_qdq_export_of_a_clamped_conv_and_dense_is_within_one_quantum(tmp_path, dtype, y_min):
+    from ir.ops import emit
+    rng = np.random.default_rng(3)
+    g = gc.Graph("qsmall")
+    x = g.input("x", (None, 6, 6, 2), "f32")
+    w, b = g.param("w", (3, 3, 2, 4), "i8"), g.param("b", (4,), "i32")
+    wd = g.param("wd", (36, 3), "i8")
+    yzp = 11 if dtype == "u8" else -5
+    q = emit("quantize", x, scale=0.02, zero_point=3)
+    y = emit("conv2d_q", q, w, b, x_scale=0.02, x_zero_point=3, w_scale=(0.01, 0.02, 0.03, 0.015), y_scale=0.05,
+             y_zero_point=yzp, dtype=dtype, padding="same", y_min=y_min, y_max=200 if dtype == "u8" else None)
+    p = emit("flatten", emit("max_pool2d", y, pool=2))
+    d = emit("dense_q", p, wd, x_scale=0.05, x_zero_point=yzp, w_scale=(0.01, 0.02, 0.004), y_scale=0.1,
+             y_zero_point=7, dtype="u8")
+    g.output(emit("dequantize", d, scale=0.1, zero_point=7))
+    weights = {"w": rng.integers(-127, 128, (3, 3, 2, 4)).astype(np.int8),
+               "b": rng.integers(-300, 300, 4).astype(np.int32),
+               "wd": rng.integers(-127, 128, (36, 3)).astype(np.int8)}
+    from graphcnn.onnx import export
+    export(g, str(tmp_path / "s.onnx"), weights=weights)
+    xs = rng.uniform(-1, 4, (16, 6, 6, 2)).astype(np.float32)
+    want = gc.compile(g, backend="numpy", params=weights)(xs)
+    got = ort_run(tmp_path / "s.onnx", np.ascontiguousarray(xs.transpose(0, 3, 1, 2)))
+    assert len(np.unique(want)) > 5
+    # ONNX Runtime's requantization multiplier is its own float32 product, so a half-way case may round
+    # the other way: at most one output quantum apart, and mostly equal
+    np.testing.assert_allclose(got, want, atol=0.1 * 1.0001, rtol=0)
+    assert np.mean(got == want) > 0.9
