@@ -365,18 +365,58 @@ def cmd_show(a):
     return EXIT_OK
 
 
+CALIBRATION_SETS = ("mnist", "bundled")     # the bundled MNIST training images
+
+
+def read_calibration_images(data):
+    """--calibrate DATA -> uint8/float images (N, H, W[, C]): 'mnist' (or 'bundled') = the bundled MNIST
+    training images, else an IDX or .npy file of images."""
+    from .datasets import mnist
+    if data in CALIBRATION_SETS:
+        return mnist.load_data()[0][0]
+    if not os.path.isfile(data):
+        raise UsageError(f"--calibrate {data!r}: not a file (IDX or .npy images) nor one of "
+                         f"{', '.join(CALIBRATION_SETS)}")
+    return read_inputs([data])
+
+
+def quantize_for_compile(a):
+    """compile --quantize int8: the calibrated int8 QuantizedRuntime of MODEL (graphcnn/quantize.py)."""
+    from .quantize import quantize
+    if a.calibrate is None:
+        raise UsageError("--quantize int8 needs --calibrate DATA (mnist, or an IDX/.npy file of images)")
+    if a.calibration_images is not None and a.calibration_images < 1:
+        raise UsageError(f"--calibration-images must be an integer >= 1, got {a.calibration_images}")
+    model = load_model_source(a.model)
+    # the images get the scale training used (uint8 -> the model's preprocess, as `graphcnn train` does)
+    x = preprocess(read_calibration_images(a.calibrate), model)
+    # the runtime is only a carrier of graph + weights here: NumPy compiles it without a JIT
+    return quantize(model, x, method=a.calibration, calibration_images=a.calibration_images, backend="numpy")
+
+
 def cmd_compile(a):
     from ir.passes import run_pipeline
     from .artifact import atomic_write_bytes
     from .export import output_path, write_numpy_module, write_native_library
-    g, weights, meta = load_graph_for(a.model)
     emit = [e.strip() for e in a.emit.split(",") if e.strip()] if a.emit else \
         (["py"] if a.target == "numpy" else ["so", "h"])
-    allowed = {"numpy": {"ir", "py"}, "llvm": {"ir", "llvm", "asm", "obj", "so", "h"}}[a.target]
+    allowed = {"numpy": {"ir", "py", "gcnn"}, "llvm": {"ir", "llvm", "asm", "obj", "so", "h", "gcnn"}}[a.target]
     bad = [e for e in emit if e not in allowed]
     if bad:
         raise UsageError(f"--emit {','.join(bad)} is not available for --target {a.target} "
                          f"(choose from {', '.join(sorted(allowed))})")
+    if a.quantize is None and (a.calibrate is not None or a.calibration_images is not None
+                               or a.calibration is not None):
+        raise UsageError("--calibrate/--calibration-images/--calibration need --quantize int8")
+    if a.quantize is None and "gcnn" in emit:
+        raise UsageError("--emit gcnn writes the quantized model: it needs --quantize int8 "
+                         "(`graphcnn train` writes float .gcnn files)")
+    if a.quantize is not None:
+        a.calibration = a.calibration or "percentile"
+        quantized = quantize_for_compile(a)
+        g, weights, meta = quantized.graph, quantized.weights, quantized.meta
+    else:
+        g, weights, meta = load_graph_for(a.model)
     target = None
     if a.target != "llvm" and (a.cpu is not None or a.features is not None):
         raise UsageError("--cpu/--features choose the CPU of native code: they need --target llvm")
@@ -392,6 +432,10 @@ def cmd_compile(a):
     res = run_pipeline(g, "inference", print_ir_after_all=a.print_ir_after_all)
     opt = res.graph
     written = []
+    if "gcnn" in emit:
+        p = output_path(a.output, g.name, "gcnn")
+        quantized.save(p)
+        written.append(p)
     if "ir" in emit:
         p = output_path(a.output, g.name, "ir")
         atomic_write_bytes(p, str(opt).encode())
@@ -399,7 +443,9 @@ def cmd_compile(a):
     if a.target == "numpy" and "py" in emit:
         written += write_numpy_module(opt, weights, a.output, meta)
     if a.target == "llvm":
-        written += write_native_library(opt, weights, a.output, [e for e in emit if e != "ir"], target=target)
+        native = [e for e in emit if e not in ("ir", "gcnn")]
+        if native:
+            written += write_native_library(opt, weights, a.output, native, target=target)
     for p in written:
         print(p)
     return EXIT_OK
@@ -432,13 +478,22 @@ def build_parser():
     c.add_argument("model")
     c.add_argument("-o", "--output", required=True, help="output folder")
     c.add_argument("--target", choices=["llvm", "numpy"], default="llvm")
-    c.add_argument("--emit", default=None, help="comma list of ir,llvm,asm,obj,so,h (llvm) or ir,py (numpy)")
+    c.add_argument("--emit", default=None, help="comma list of ir,llvm,asm,obj,so,h (llvm) or ir,py (numpy); "
+                   "gcnn (with --quantize) the quantized model")
     c.add_argument("--cpu", default=None, metavar="NAME|host",
                    help="CPU to generate native code for: an LLVM CPU name such as x86-64-v3 (a portable "
                         "AVX2 baseline), haswell or znver4; default host")
     c.add_argument("--features", default=None, metavar="STR",
                    help="extra CPU features for native code, e.g. '-avx512f' or '+avx2,+fma'")
     c.add_argument("--print-ir-after-all", action="store_true")
+    c.add_argument("--quantize", choices=["int8"], default=None,
+                   help="post-training int8 quantization (needs --calibrate); --emit gcnn writes the int8 .gcnn")
+    c.add_argument("--calibrate", default=None, metavar="DATA",
+                   help="calibration images: mnist (the bundled training images) or an IDX/.npy file")
+    c.add_argument("--calibration-images", type=int, default=None, metavar="N",
+                   help="calibrate on the first N images (default all)")
+    c.add_argument("--calibration", choices=["percentile", "minmax"], default=None,
+                   help="activation ranges: percentile (99.99th, ignores outliers; default) or minmax")
     c.set_defaults(fn=cmd_compile)
     t = sub.add_parser("train", help="train a model on MNIST-format data")
     t.add_argument("model")

@@ -71,7 +71,10 @@ def quantize(model, calibration_x, method="minmax", percentile=99.99, calibratio
     ranges = calibrate(graph, weights, (x[s:s + batch_size] for s in range(0, len(x), batch_size)),
                        names, method, percentile)
     qgraph, qweights = quantize_graph(graph, weights, ranges)
-    meta = {"quantization": {"scheme": "int8 post-training: u8 per-tensor activations, i8 per-channel "
+    # the float model's config travels along for its preprocess (the CLI scales images by it); gc.load_model
+    # refuses the file (its graph is not the config's float graph): a quantized model is inference only
+    meta = {"model": model.config(),
+            "quantization": {"scheme": "int8 post-training: u8 per-tensor activations, i8 per-channel "
                                        "symmetric weights, i32 biases",
                              "method": method, "percentile": percentile if method == "percentile" else None,
                              "calibration_images": int(len(x))}}

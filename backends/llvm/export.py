@@ -282,7 +282,7 @@ extern "C" {{
 #define {name}_SCRATCH_FIXED_BYTES {scratch_fixed}ULL
 #define {name}_WORKSPACE_ALIGN_SLACK {align}ULL  /* the workspace is aligned up to 64 bytes internally */
 #define {name}_MAX_BATCH {max_batch}LL  /* larger batches are refused (sizes stay far from overflow) */
-
+{quant_macros}
 #define {name}_OK 0
 #define {name}_ERR_NULL_ARG {e_null}  /* input, output or workspace is NULL */
 #define {name}_ERR_BAD_BATCH {e_batch}  /* batch <= 0 or batch > {name}_MAX_BATCH */
@@ -337,7 +337,48 @@ def _features_comment(features: str) -> str:
             + "\n".join(f" *   {line}" for line in lines))
 
 
-def render_header(name, graph_name, shape, target=None) -> str:
+def _float_chain_end(v, op):
+    """The `op` node whose output reaches value v through single-input float ops (softmax, views), or None."""
+    n = v.producer
+    while n is not None and n.op != op and len(n.inputs) == 1 and n.inputs[0].type.dtype == "f32":
+        n = n.inputs[0].producer
+    return n if n is not None and n.op == op else None
+
+
+def quantization_boundary(g) -> dict:
+    """For an int8 graph with a float interface: {'input': (scale, zero_point, dtype)} when the input's only
+    consumer is a quantize node, {'output': (...)} for the dequantize the float output is computed from."""
+    found = {}
+    x = g.inputs[0]
+    users = [n for n in g.nodes if x in n.inputs]
+    if len(users) == 1 and users[0].op == "quantize":
+        a = users[0].attrs
+        found["input"] = (a["scale"], a["zero_point"], a["dtype"])
+    dq = _float_chain_end(g.outputs[0], "dequantize")
+    if dq is not None:
+        found["output"] = (dq.attrs["scale"], dq.attrs["zero_point"], dq.inputs[0].type.dtype)
+    return found
+
+
+QUANT_MACROS = {
+    "input": "the float input is quantized inside, q = clamp(rint(x / SCALE) + ZERO_POINT)",
+    "output": "the float output is computed from int8 values r = SCALE * (q - ZERO_POINT)"}
+
+
+def render_quant_macros(name, boundary: dict) -> str:
+    """#defines stating an int8 graph's boundary quantization (the C API itself stays float)."""
+    lines = []
+    for side, (scale, zero_point, dtype) in boundary.items():
+        macro = f"{name}_{side.upper()}"
+        lines += [f"/* int8 model: {QUANT_MACROS[side]} ({dtype}; ir/ops/quant.py) */",
+                  # a hex literal: exactly the float32 the kernels use (no decimal rounding on the way)
+                  f"#define {macro}_SCALE {float(np.float32(scale)).hex()}f  /* {float(np.float32(scale)):.9g} */",
+                  f"#define {macro}_ZERO_POINT {int(zero_point)}",
+                  f"#define {macro}_QUANT_TYPE {c_string_literal(dtype)}"]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def render_header(name, graph_name, shape, target=None, boundary=None) -> str:
     """The text of NAME.h for a model with C name `name`; `target`: the jit.HostTarget the library was compiled for (default: the host)."""
     target = target or host_target()
     dims = shape.input_dims
@@ -352,7 +393,7 @@ def render_header(name, graph_name, shape, target=None) -> str:
         input_size=int(np.prod(dims, dtype=np.int64)), output_size=int(np.prod(shape.output_dims, dtype=np.int64)),
         per_image=shape.arena_per_sample, fixed=shape.arena_fixed, align=ALIGN,
         scratch_per_image=shape.scratch_per_sample, scratch_fixed=shape.scratch_fixed, stack=STACK_BOUND_BYTES,
-        max_batch=shape.max_batch,
+        max_batch=shape.max_batch, quant_macros=render_quant_macros(name, boundary or {}),
         e_null=ERR_NULL_ARG, e_batch=ERR_BAD_BATCH, e_ws=ERR_WORKSPACE_TOO_SMALL, batch_doc=batch_doc,
         cpu_comment=c_comment_text(target.cpu), vector_bits=target.vector_bits,
         features_comment=_features_comment(target.features),
@@ -426,6 +467,7 @@ def write_native(g, weights, folder, emit, target=None):
                 link_shared(obj, path("so"), f"{name}.so")
                 written.append(path("so"))
     if "h" in emit:
-        _atomic_write(path("h"), render_header(name, g.name, shape, target).encode())
+        _atomic_write(path("h"), render_header(name, g.name, shape, target,
+                                                    quantization_boundary(g)).encode())
         written.append(path("h"))
     return written

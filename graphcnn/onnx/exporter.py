@@ -317,20 +317,123 @@ def bias_add(ex, node):
     ex.put(node.outputs[0], ex.add("Add", [ex.get(x, form), bname], hint=node.name), form)
 
 
-def dense(ex, node):
-    x, w = node.inputs[:2]
+def _dense_operands(ex, x, w):
+    """(ONNX name of dense input x, the kernel array to use with it or None when it is not a constant,
+    whether its rows were permuted): when x flattens an NCHW value, W's rows are permuted to NCHW order
+    instead of transposing the activations."""
     W = ex.const_of(w)
     have = ex.forms.get(x.name, {})
     if W is not None and FLAT_NCHW in have and NHWC not in have:
-        # x flattens an NCHW value: permute W's rows to NCHW order instead of transposing the activations
         h, wd, c = ex.flat_src[x.name].shape[1:]
         rows = np.arange(h * wd * c).reshape(h, wd, c).transpose(2, 0, 1).ravel()
-        ins = [have[FLAT_NCHW], ex.init(np.ascontiguousarray(W[rows]), f"{w.name}_nchw_rows")]
-        ins += [ex.get(v) for v in node.inputs[2:]]
-    else:
-        ins = [ex.get(v) for v in node.inputs]
+        return have[FLAT_NCHW], np.ascontiguousarray(W[rows]), True
+    return ex.get(x), W, False
+
+
+def dense(ex, node):
+    x, w = node.inputs[:2]
+    xname, W, permuted = _dense_operands(ex, x, w)
+    ins = [xname, ex.init(W, f"{w.name}_nchw_rows") if permuted else ex.get(w)]
+    ins += [ex.get(v) for v in node.inputs[2:]]
     y = ex.add("Gemm", ins, hint=node.name)
     ex.put(node.outputs[0], _activation(ex, node, y, NHWC))
+
+
+# -- int8 (ir/ops/quant.py) as QDQ: QuantizeLinear / DequantizeLinear around float Conv / Gemm, the form
+# ONNX Runtime fuses into its integer kernels (QLinearConv, QGemm). u8 values between layers stay u8:
+# MaxPool, Flatten and Reshape run on them directly.
+ONNX_QUANT_NP = {"u8": np.uint8, "i8": np.int8}
+
+
+def _zero_point(ex, value, dtype, hint):
+    return ex.init(np.asarray(value, ONNX_QUANT_NP[dtype]), hint)
+
+
+def _scale(ex, value, hint):
+    return ex.init(np.asarray(value, np.float32), hint)
+
+
+def quantize(ex, node):
+    x = node.inputs[0]
+    a = node.attrs
+    form = ex.preferred(x)
+    q = ex.add("QuantizeLinear", [ex.get(x, form), _scale(ex, a["scale"], f"{node.name}_scale"),
+                                  _zero_point(ex, a["zero_point"], a["dtype"], f"{node.name}_zero_point")],
+               hint=node.name)
+    ex.put(node.outputs[0], q, form)
+
+
+def _dequantized(ex, name, scale, zero_point, dtype, hint):
+    return ex.add("DequantizeLinear", [name, _scale(ex, scale, f"{hint}_scale"),
+                                       _zero_point(ex, zero_point, dtype, f"{hint}_zero_point")], hint=hint)
+
+
+def dequantize(ex, node):
+    x = node.inputs[0]
+    form = ex.preferred(x)
+    a = node.attrs
+    ex.put(node.outputs[0], _dequantized(ex, ex.get(x, form), a["scale"], a["zero_point"], x.type.dtype,
+                                         node.name), form)
+
+
+def _weight_and_bias_dq(ex, node, W, axis):
+    """DequantizeLinear of the i8 kernel W (per-channel scales on `axis`) and of the i32 bias (scale
+    x_scale * w_scale[c], as ONNX Runtime's QDQ fusion expects)."""
+    a = node.attrs
+    w_scale = np.asarray(a["w_scale"], np.float32)
+    w = ex.add("DequantizeLinear", [ex.init(W, f"{node.name}_w_q"), ex.init(w_scale, f"{node.name}_w_scale"),
+                                    ex.init(np.zeros(len(w_scale), np.int8), f"{node.name}_w_zero_point")],
+               hint=f"{node.name}_w", axis=axis)
+    ins = [w]
+    if len(node.inputs) > 2:
+        B = ex.const_of(node.inputs[2])
+        if B is None:
+            ex.fail("the bias must be a param or constant")
+        b_scale = (np.float64(a["x_scale"]) * w_scale.astype(np.float64)).astype(np.float32)
+        ins.append(ex.add("DequantizeLinear", [ex.init(np.asarray(B, np.int32), f"{node.name}_b_q"),
+                                               ex.init(b_scale, f"{node.name}_b_scale"),
+                                               ex.init(np.zeros(len(w_scale), np.int32), f"{node.name}_b_zero_point")],
+                          hint=f"{node.name}_b", axis=0))
+    return ins
+
+
+def _requantized(ex, node, y):
+    """QuantizeLinear of the float conv/gemm result; a clamp tighter than the dtype's range (a relu whose
+    zero point is not the range's low end, a clip) becomes a float Clip at the dequantized bounds first."""
+    from ir.ops.quant import QUANT_RANGES
+    a = node.attrs
+    lo, hi = QUANT_RANGES[a["dtype"]]
+    if (a["y_min"], a["y_max"]) != (lo, hi):
+        bounds = [np.float32(a["y_scale"]) * np.float32(b - a["y_zero_point"]) for b in (a["y_min"], a["y_max"])]
+        y = ex.add("Clip", [y] + [ex.init(np.asarray(b, np.float32), f"{node.name}_clip") for b in bounds],
+                   hint=node.name)
+    return ex.add("QuantizeLinear", [y, _scale(ex, a["y_scale"], f"{node.name}_y_scale"),
+                                     _zero_point(ex, a["y_zero_point"], a["dtype"], f"{node.name}_y_zero_point")],
+                  hint=node.name)
+
+
+def conv2d_q(ex, node):
+    x, w = node.inputs[:2]
+    W = ex.const_of(w)
+    if W is None:
+        ex.fail("the kernel must be a param or constant")
+    a = node.attrs
+    xf = _dequantized(ex, ex.get(x, NCHW), a["x_scale"], a["x_zero_point"], x.type.dtype, f"{node.name}_x")
+    ins = [xf] + _weight_and_bias_dq(ex, node, np.ascontiguousarray(np.asarray(W).transpose(3, 2, 0, 1)), axis=0)
+    y = ex.add("Conv", ins, hint=node.name, kernel_shape=list(W.shape[:2]), strides=list(a["stride"]),
+               dilations=list(a["dilation"]), pads=_pads(a["padding"]), group=1)
+    ex.put(node.outputs[0], _requantized(ex, node, y), NCHW)
+
+
+def dense_q(ex, node):
+    x, w = node.inputs[:2]
+    xname, W, _ = _dense_operands(ex, x, w)
+    if W is None:
+        ex.fail("the kernel must be a param or constant")
+    a = node.attrs
+    xf = _dequantized(ex, xname, a["x_scale"], a["x_zero_point"], x.type.dtype, f"{node.name}_x")
+    y = ex.add("Gemm", [xf] + _weight_and_bias_dq(ex, node, np.ascontiguousarray(W), axis=1), hint=node.name)
+    ex.put(node.outputs[0], _requantized(ex, node, y))
 
 
 def matmul(ex, node):
@@ -451,6 +554,7 @@ RULES = {
     "scale": scale, "slice": slice_, "dropout": identity,
     "leaky_relu": table_activation, "clip": table_activation, "conv2d_grad_input": conv2d_grad_input,
     "rsqrt": rsqrt,
+    "quantize": quantize, "dequantize": dequantize, "conv2d_q": conv2d_q, "dense_q": dense_q,
 }
 
 

@@ -268,8 +268,15 @@ class Importer:
             except IRError as e:
                 self.fail(f"graph input name: {e}")
             self.env[vi.name] = Tensor(v, layout)
+        self.fused: dict = {}    # ONNX output name -> Tensor, for nodes a quantized pattern already covered
+        self.dequantized: dict = {}  # id(Tensor) -> (Tensor, integer source, scale, zero point) of a DequantizeLinear
         for node in gp.node:
             self.node = node
+            if node.output and all(o in self.fused for o in node.output if o):
+                for o in node.output:
+                    if o and self.fused[o] is not None:
+                        self.env[o] = self.fused[o]
+                continue
             if node.domain not in ("", "ai.onnx"):
                 self.fail(f"operator domain {node.domain!r} is not supported (only the default ai.onnx domain)")
             rule = RULES.get(node.op_type)
@@ -434,6 +441,9 @@ def _window_out(imp, y, lifted):
 
 def conv(imp, ins, attrs):
     x, w, b = (ins + [None, None])[:3]
+    quantized = _qdq_conv(imp, x, w, b, attrs)
+    if quantized is not None:
+        return quantized
     wshape = w.shape
     if len(wshape) != x.rank or None in wshape:
         imp.fail(f"weight W of shape {list(wshape)} does not match the rank-{x.rank} input")
@@ -765,6 +775,11 @@ def _softmax(op):
 
 def gemm(imp, ins, attrs):
     a, b, c = (ins + [None])[:3]
+    if not any(int(attrs.get(k, 0)) for k in ("transA", "transB")) and \
+            float(attrs.get("alpha", 1.0)) == 1.0 and float(attrs.get("beta", 1.0)) == 1.0:
+        quantized = _qdq_dense(imp, a, b, c)
+        if quantized is not None:
+            return quantized
     alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
     ta, tb = int(attrs.get("transA", 0)), int(attrs.get("transB", 0))
     return _matmul2d(imp, a, b, c, alpha, beta, ta, tb)
@@ -772,6 +787,10 @@ def gemm(imp, ins, attrs):
 
 def matmul(imp, ins, attrs):
     a, b = ins
+    if a.rank == 2 and b.rank == 2:
+        quantized = _qdq_dense(imp, a, b, None)
+        if quantized is not None:
+            return quantized
     if a.rank == 2 and b.rank == 2:
         return _matmul2d(imp, a, b, None, 1.0, 1.0, 0, 0)
     return _matmul_nd(imp, a, b)
@@ -1172,7 +1191,7 @@ def fold_cast(imp, ins, attrs):
 SHAPE_FOLD = {"Shape": fold_shape, "Gather": fold_gather, "Concat": fold_concat, "Unsqueeze": fold_unsqueeze,
               "Squeeze": fold_squeeze, "Slice": fold_slice, "Identity": fold_identity, "Cast": fold_cast,
               "Dropout": dropout}
-NEVER_FOLD = {"Constant"}
+NEVER_FOLD = {"Constant", "DequantizeLinear", "QuantizeLinear", "QLinearConv", "QLinearMatMul"}
 
 # integer element types a graph input may have when it is only the target of a loss op
 LABEL_TYPES = (6, 7, 2, 3, 4, 5, 12, 13)      # INT32, INT64, UINT8, INT8, UINT16, INT16, UINT32, UINT64
@@ -1181,7 +1200,234 @@ LABEL_USES = {("SoftmaxCrossEntropyLoss", 1), ("NegativeLogLikelihoodLoss", 1)}
 _POOL_ATTRS = {"kernel_shape", "strides", "pads", "auto_pad", "ceil_mode", "dilations"}
 
 # ONNX op -> (rule, attributes the rule reads). Any other attribute present is refused by name.
+# -- int8 (ir/ops/quant.py): QuantizeLinear / DequantizeLinear, a DQ -> Conv/Gemm/MatMul [-> Relu] -> Q
+# pattern, QLinearConv and QLinearMatMul -> quantize / dequantize / conv2d_q / dense_q. Per-tensor u8/i8
+# activations; weights i8 with zero point 0 (symmetric), per-tensor or per output channel.
+QUANT_DTYPES = {np.dtype(np.uint8): "u8", np.dtype(np.int8): "i8"}
+
+
+def _per_tensor(imp, scale, zero_point, what):
+    """(scale, zero point, dtype) of a per-tensor quantized activation (constant scale / zero point)."""
+    s = np.asarray(imp.known(scale, f"{what} scale"), np.float32)
+    z = np.zeros((), np.uint8) if zero_point is None else np.asarray(imp.known(zero_point, f"{what} zero point"))
+    if s.size != 1 or z.size != 1:
+        imp.fail(f"{what}: graphcnn quantizes activations per tensor; got {s.size} scales / {z.size} zero points")
+    if z.dtype not in QUANT_DTYPES:
+        imp.fail(f"{what}: zero point of dtype {z.dtype}; graphcnn's quantized activations are uint8 or int8")
+    return float(s.ravel()[0]), int(z.ravel()[0]), QUANT_DTYPES[z.dtype]
+
+
+def _int_const(imp, array):
+    if imp.weights:
+        imp.fail("a quantized ONNX model imports for inference only: use import_graph (gc.onnx.import_graph)")
+    return imp.g.const(None, np.ascontiguousarray(array))
+
+
+def quantize_linear(imp, ins, attrs):
+    x, scale, zp = (ins + [None, None])[:3]
+    s, z, dtype = _per_tensor(imp, scale, zp, "QuantizeLinear")
+    if x.const is not None:
+        imp.fail("QuantizeLinear of a constant: only activations are quantized at run time")
+    return [Tensor(emit("quantize", imp.value(x, x.layout), scale=s, zero_point=z, dtype=dtype), x.layout)]
+
+
+def dequantize_linear(imp, ins, attrs):
+    x, scale, zp = (ins + [None, None])[:3]
+    if x.const is not None:       # an integer weight or bias: kept (with its parameters) for conv2d_q / dense_q
+        q = np.asarray(x.const)
+        s = np.asarray(imp.known(scale, "DequantizeLinear scale"), np.float32)
+        z = np.zeros((), q.dtype) if zp is None else np.asarray(imp.known(zp, "DequantizeLinear zero point"))
+        axis = int(attrs.get("axis", 1))
+        shape = [1] * q.ndim
+        if s.size > 1:
+            shape[axis % q.ndim] = s.size
+        real = (q.astype(np.float64) - z.reshape(shape).astype(np.float64)) * s.reshape(shape)
+        t = Tensor(const=real.astype(np.float32))
+        imp.dequantized[id(t)] = (t, q, s, z, axis % max(q.ndim, 1))
+        return [t]
+    s, z, dtype = _per_tensor(imp, scale, zp, "DequantizeLinear")
+    if QUANT_DTYPES.get(np.dtype(x.value.type.np_dtype)) != dtype:
+        imp.fail(f"DequantizeLinear: the zero point's dtype ({dtype}) is not its input's ({x.value.type.dtype})")
+    t = Tensor(emit("dequantize", imp.value(x, x.layout), scale=s, zero_point=z), x.layout, flat_of=None)
+    imp.dequantized[id(t)] = (t, x, s, z, None)
+    return [t]
+
+
+def _consumers(imp, name):
+    return [n for n in imp.model.graph.node if name in n.input]
+
+
+def _requant_target(imp, out_name):
+    """The (Relu node or None, QuantizeLinear node) that alone consume a float conv/gemm output, else None."""
+    if any(o.name == out_name for o in imp.model.graph.output):
+        return None
+    users = _consumers(imp, out_name)
+    relu = None
+    if len(users) == 1 and users[0].op_type == "Relu":
+        relu = users[0]
+        if any(o.name == relu.output[0] for o in imp.model.graph.output):
+            return None
+        users = _consumers(imp, relu.output[0])
+    if len(users) != 1 or users[0].op_type != "QuantizeLinear" or users[0].input[0] != (relu.output[0] if relu else out_name):
+        return None
+    return relu, users[0]
+
+
+def _weights_q(imp, w, b, x_scale, channels_axis, what):
+    """(i8 weight array, per-channel scales, i32 bias array or None) of DequantizeLinear'd constants w, b."""
+    _, wq, ws, wz, axis = imp.dequantized[id(w)]
+    if wq.dtype != np.int8 or np.any(wz != 0):
+        imp.fail(f"{what}: conv2d_q/dense_q need int8 weights with zero point 0 (symmetric), got {wq.dtype} "
+                 f"with zero points {np.unique(wz)[:4]}")
+    m = wq.shape[channels_axis]
+    if ws.size not in (1, m) or (ws.size == m and m > 1 and axis != channels_axis):
+        imp.fail(f"{what}: weight scales must be per tensor or per output channel (axis {channels_axis})")
+    w_scale = np.broadcast_to(ws.ravel(), (m,)).astype(np.float32)
+    bias = None
+    if b is not None:
+        if id(b) not in imp.dequantized:
+            imp.fail(f"{what}: the bias must be a DequantizeLinear'd int32 constant")
+        _, bq, bs, bz, _ = imp.dequantized[id(b)]
+        want = np.float64(x_scale) * w_scale.astype(np.float64)
+        if bq.dtype != np.int32 or np.any(bz != 0) or not np.allclose(np.broadcast_to(bs.ravel(), (m,)), want,
+                                                                      rtol=1e-5, atol=0):
+            imp.fail(f"{what}: the bias must be int32 with zero point 0 and scale x_scale * w_scale")
+        bias = bq.reshape(m)
+    return wq, w_scale, bias
+
+
+def _requant_attrs(imp, x_scale, x_zp, w_scale, y, relu):
+    s, z, dtype = y
+    from ir.ops.quant import QUANT_RANGES
+    return {"x_scale": x_scale, "x_zero_point": x_zp, "w_scale": tuple(float(v) for v in w_scale),
+            "y_scale": s, "y_zero_point": z, "dtype": dtype,
+            "y_min": max(QUANT_RANGES[dtype][0], z) if relu is not None else None, "y_max": None}
+
+
+def _qdq_match(imp, x, w):
+    """(x's quantized Tensor, x scale, x zero point, (relu, quantize) nodes) when the current float
+    conv/gemm is a QDQ pattern, else None (the float rule converts it)."""
+    if id(x) not in imp.dequantized or w is None or id(w) not in imp.dequantized:
+        return None
+    _, xq, xs, xz, axis = imp.dequantized[id(x)]
+    if axis is not None:
+        return None
+    target = _requant_target(imp, imp.node.output[0])
+    return None if target is None else (xq, xs, xz, target)
+
+
+def _fuse_output(imp, y_value, layout, target):
+    relu, qnode = target
+    t = Tensor(y_value, layout)
+    if relu is not None:
+        imp.fused[relu.output[0]] = None
+    imp.fused[qnode.output[0]] = t
+    return [Tensor(emit("dequantize", y_value, scale=imp._y[0], zero_point=imp._y[1]), layout)]
+
+
+def _qdq_conv(imp, x, w, b, attrs):
+    m = _qdq_match(imp, x, w)
+    if m is None:
+        return None
+    xq, xs, xz, (relu, qnode) = m
+    if int(attrs.get("group", 1)) != 1 or x.rank != 4:
+        imp.fail("a quantized (QDQ) Conv must be 2-D with group=1 (conv2d_q)")
+    y = _per_tensor(imp, imp.env.get(qnode.input[1]), imp.env.get(qnode.input[2]) if len(qnode.input) > 2
+                    and qnode.input[2] else None, "QuantizeLinear")
+    wq, w_scale, bias = _weights_q(imp, w, b, xs, 0, "Conv")
+    return _conv_q(imp, xq, xs, xz, wq, w_scale, bias, y, relu, qnode, attrs)
+
+
+def _conv_q(imp, xq, xs, xz, wq, w_scale, bias, y, relu, qnode, attrs):
+    kernel = attrs.get("kernel_shape", wq.shape[2:])
+    v, kernel, strides, dil, pads, lifted = _window(imp, xq, attrs, kernel)
+    if lifted:
+        imp.fail("quantized 1-D convolutions are not supported")
+    operands = [v, _int_const(imp, wq.transpose(2, 3, 1, 0))]
+    if bias is not None:
+        operands.append(_int_const(imp, bias))
+    out = emit("conv2d_q", *operands, stride=strides, padding=pads, dilation=dil,
+               **_requant_attrs(imp, xs, xz, w_scale, y, relu))
+    if qnode is None:
+        return [Tensor(out, CHANNELS_LAST)]
+    imp._y = y
+    return _fuse_output(imp, out, CHANNELS_LAST, (relu, qnode))
+
+
+def _dense_q(imp, aq, xs, xz, wq, w_scale, bias, y, relu, qnode, flat_of):
+    order = None
+    if flat_of is not None:          # a flattened channels-last tensor: permute W's rows (as _matmul2d)
+        src = flat_of.shape[1:]
+        order = np.arange(int(np.prod(src))).reshape(src).transpose(
+            tuple(p - 1 for p in cl_perm(len(src) + 1)[1:])).ravel()
+        av = aq.value
+    else:
+        av = imp.value(aq, PLAIN)
+    operands = [av, _int_const(imp, wq if order is None else wq[order])]
+    if bias is not None:
+        operands.append(_int_const(imp, bias))
+    out = emit("dense_q", *operands, **_requant_attrs(imp, xs, xz, w_scale, y, relu))
+    if qnode is None:
+        return [Tensor(out)]
+    imp._y = y
+    return _fuse_output(imp, out, PLAIN, (relu, qnode))
+
+
+def _qdq_dense(imp, a, b, c):
+    m = _qdq_match(imp, a, b)
+    if m is None:
+        return None
+    aq, xs, xz, (relu, qnode) = m
+    y = _per_tensor(imp, imp.env.get(qnode.input[1]), imp.env.get(qnode.input[2]) if len(qnode.input) > 2
+                    and qnode.input[2] else None, "QuantizeLinear")
+    wq, w_scale, bias = _weights_q(imp, b, c, xs, 1, "Gemm/MatMul")
+    return _dense_q(imp, aq, xs, xz, wq, w_scale, bias, y, relu, qnode, aq.flat_of)
+
+
+def _qlinear_weight(imp, w, scale, zp, axis, what):
+    wq = np.asarray(imp.known(w, f"{what} weight"))
+    s = np.asarray(imp.known(scale, f"{what} weight scale"), np.float32)
+    z = np.asarray(imp.known(zp, f"{what} weight zero point")) if zp is not None else np.zeros((), np.int8)
+    t = Tensor(const=wq.astype(np.float32))
+    imp.dequantized[id(t)] = (t, wq, s, z, axis)
+    return t
+
+
+def qlinear_conv(imp, ins, attrs):
+    x, xs, xz, w, ws, wz, ys, yz, b = (ins + [None] * 9)[:9]
+    xs, xz, _ = _per_tensor(imp, xs, xz, "QLinearConv x")
+    y = _per_tensor(imp, ys, yz, "QLinearConv y")
+    if int(attrs.get("group", 1)) != 1:
+        imp.fail("QLinearConv with group != 1 is not supported (conv2d_q)")
+    wt = _qlinear_weight(imp, w, ws, wz, 0, "QLinearConv")
+    _, wq, w_scale_raw, wzr, _ = imp.dequantized[id(wt)]
+    bias_t = None
+    if b is not None:
+        bias_t = Tensor(const=np.asarray(imp.known(b, "QLinearConv bias"), np.float32))
+        m = wq.shape[0]
+        bscale = np.float64(xs) * np.broadcast_to(w_scale_raw.ravel(), (m,)).astype(np.float64)
+        imp.dequantized[id(bias_t)] = (bias_t, np.asarray(b.const), bscale.astype(np.float32),
+                                       np.zeros(m, np.int32), 0)
+    wq, w_scale, bias = _weights_q(imp, wt, bias_t, xs, 0, "QLinearConv")
+    return _conv_q(imp, x, xs, xz, wq, w_scale, bias, y, None, None, attrs)
+
+
+def qlinear_matmul(imp, ins, attrs):
+    a, as_, az, b, bs, bz, ys, yz = (ins + [None] * 8)[:8]
+    xs, xz, _ = _per_tensor(imp, as_, az, "QLinearMatMul a")
+    y = _per_tensor(imp, ys, yz, "QLinearMatMul y")
+    if a.rank != 2 or b.const is None or np.asarray(b.const).ndim != 2:
+        imp.fail("QLinearMatMul: graphcnn imports a 2-D activation times a constant 2-D weight (dense_q)")
+    wt = _qlinear_weight(imp, b, bs, bz, 1, "QLinearMatMul")
+    wq, w_scale, _ = _weights_q(imp, wt, None, xs, 1, "QLinearMatMul")
+    return _dense_q(imp, a, xs, xz, wq, w_scale, None, y, None, None, a.flat_of)
+
+
 RULES = {
+    "QuantizeLinear": (quantize_linear, {"axis", "saturate", "block_size", "output_dtype", "precision"}),
+    "DequantizeLinear": (dequantize_linear, {"axis", "block_size"}),
+    "QLinearConv": (qlinear_conv, {"kernel_shape", "strides", "pads", "auto_pad", "dilations", "group"}),
+    "QLinearMatMul": (qlinear_matmul, set()),
     "Conv": (conv, {"kernel_shape", "strides", "pads", "auto_pad", "dilations", "group"}),
     "ConvTranspose": (conv_transpose, {"kernel_shape", "strides", "pads", "auto_pad", "dilations", "group",
                                        "output_padding", "output_shape"}),
