@@ -508,3 +508,26 @@ def test_mnist_cnn_int8_accuracy_within_one_point_of_fp32(mnist_quantized):
     print(f"mnist_cnn on the bundled test split ({len(ys)} images): fp32 {acc_fp32:.4f}, int8 {acc_int8:.4f}")
     assert acc_fp32 > 0.9                    # the fp32 model learned something, so the comparison means something
     assert acc_fp32 - acc_int8 <= 0.01
+
+
+def test_conv_with_a_fused_residual_stays_float_and_correct():
+    """resnet8's block tails are conv2d with a residual operand after fusion: conv2d_q has none, so the
+    quantize pass must leave them float (never drop the skip value)."""
+    import runpy
+    from pathlib import Path
+    from ir.passes import run_pipeline
+    ns = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "resnet8.py"))
+    m = ns["build_model"]((12, 12, 1))
+    m.build()
+    opt = run_pipeline(m.inference_graph(), "inference").graph
+    residual = [n for n in opt.nodes if n.op == "conv2d" and len(n.inputs) == 4]
+    assert residual
+    x = np.random.default_rng(0).random((16, 12, 12, 1), np.float32)
+    q = gc.quantize(m, x)
+    kept = [n for n in q.graph.nodes if n.op == "conv2d" and len(n.inputs) == 4]
+    assert len(kept) == len(residual) and any(n.op == "conv2d_q" for n in q.graph.nodes)
+    want = m.predict(x)
+    got = q.predict(x)
+    assert got.shape == want.shape and np.isfinite(got).all()
+    # int8 convs around the float block tails: close to fp32, not garbage
+    assert np.abs(got - want).max() < 0.1

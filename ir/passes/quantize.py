@@ -58,8 +58,8 @@ def prepare_for_quantization(graph: Graph) -> Graph:
 def _quantizable(node, weights) -> bool:
     if node.op not in QUANTIZABLE_OPS or node.attrs["activation"] not in QUANTIZABLE_ACTIVATIONS:
         return False
-    if node.op == "conv2d" and node.attrs.get("groups", 1) != 1:
-        return False
+    if node.op == "conv2d" and (node.attrs.get("groups", 1) != 1 or len(node.inputs) > 3):
+        return False          # grouped, or with a fused residual operand: conv2d_q has neither; stays float
     return all(v.kind == "param" and v.name in weights for v in node.inputs[1:])
 
 
