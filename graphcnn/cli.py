@@ -259,7 +259,9 @@ def _train(a, root):
     xtr, xte = preprocess(xtr, model), preprocess(xte, model)
     if model.compiled is None or a.backend or a.lr is not None:
         prev = model.compiled or {}
-        model.compile(optimizer=model.optimizer or "adam", loss=dict(prev.get("loss_config") or {},
+        # the model's own optimizer (a .gcnn, or a module that compiled it), else the module's TRAIN
+        # recipe, else Adam
+        model.compile(optimizer=model.optimizer or cfg.get("optimizer") or "adam", loss=dict(prev.get("loss_config") or {},
                                                                      name=prev.get("loss", "sparse_categorical_crossentropy")),
                       metrics=prev.get("metrics") or ["accuracy"], backend=a.backend or prev.get("backend"),
                       learning_rate=a.lr)
