@@ -956,20 +956,27 @@ def depthwise_conv2d(x, w, b, out, stride, padding, dilation, activation="linear
     return _apply_activation(out, act, activation_params)
 
 
+def _depthwise_grad_taps(kernel, image_shape, kernel_shape, dy, stride, padding, dilation):
+    """Shared set-up of the two depthwise gradients: checks (naming `kernel`), dy as (N, OH, OW, C, M),
+    the kernel width and the taps [(tap, (out rows, out cols), (in rows, in cols))]."""
+    n, h, wd, c = image_shape
+    kh, kw, wc, m = kernel_shape
+    if wc != c:
+        _fail(kernel, f"the image {tuple(image_shape)} has {c} channels but the kernel {tuple(kernel_shape)} "
+                      f"expects {wc}")
+    stride, pads, dilation, (oh, ow) = _window_geometry(kernel, image_shape, kh, kw, stride, padding, dilation)
+    _expect_shape(kernel, "dy", dy.shape, (n, oh, ow, c * m))
+    return dy.reshape(n, oh, ow, c, m), kw, _taps(kh, kw, stride, pads, dilation, (h, wd), (oh, ow))
+
+
 def depthwise_conv2d_grad_input(dy, w, out, stride, padding, dilation):
     """out (N,H,W,C) = d(sum(dy * depthwise_conv2d(x, w)))/dx."""
     _expect_rank("depthwise_conv2d_grad_input", "out", out, 4)
     _expect_rank("depthwise_conv2d_grad_input", "w", w, 4)
-    n, h, wd, c = out.shape
-    kh, kw, wc, m = w.shape
-    if wc != c:
-        _fail("depthwise_conv2d_grad_input", f"out {out.shape} has {c} channels but w {w.shape} expects {wc}")
-    stride, pads, dilation, (oh, ow) = _window_geometry("depthwise_conv2d_grad_input", out.shape, kh, kw,
-                                                         stride, padding, dilation)
-    _expect_shape("depthwise_conv2d_grad_input", "dy", dy.shape, (n, oh, ow, c * m))
-    dy5 = dy.reshape(n, oh, ow, c, m)
+    dy5, kw, taps = _depthwise_grad_taps("depthwise_conv2d_grad_input", out.shape, w.shape, dy, stride, padding,
+                                         dilation)
     out.fill(0)
-    for tap, (o_h, o_w), (i_h, i_w) in _taps(kh, kw, stride, pads, dilation, (h, wd), (oh, ow)):
+    for tap, (o_h, o_w), (i_h, i_w) in taps:
         _accumulate(out[:, i_h, i_w], (dy5[:, o_h, o_w] * w[tap // kw, tap % kw]).sum(axis=-1))
     return out
 
@@ -978,16 +985,10 @@ def depthwise_conv2d_grad_filter(x, dy, out, stride, padding, dilation):
     """out (KH,KW,C,M) = d(sum(dy * depthwise_conv2d(x, w)))/dw, summed over the batch."""
     _expect_rank("depthwise_conv2d_grad_filter", "x", x, 4)
     _expect_rank("depthwise_conv2d_grad_filter", "out", out, 4)
-    n, h, wd, c = x.shape
-    kh, kw, wc, m = out.shape
-    if wc != c:
-        _fail("depthwise_conv2d_grad_filter", f"x {x.shape} has {c} channels but out {out.shape} expects {wc}")
-    stride, pads, dilation, (oh, ow) = _window_geometry("depthwise_conv2d_grad_filter", x.shape, kh, kw,
-                                                         stride, padding, dilation)
-    _expect_shape("depthwise_conv2d_grad_filter", "dy", dy.shape, (n, oh, ow, c * m))
-    dy5 = dy.reshape(n, oh, ow, c, m)
+    dy5, kw, taps = _depthwise_grad_taps("depthwise_conv2d_grad_filter", x.shape, out.shape, dy, stride, padding,
+                                         dilation)
     out.fill(0)
-    for tap, (o_h, o_w), (i_h, i_w) in _taps(kh, kw, stride, pads, dilation, (h, wd), (oh, ow)):
+    for tap, (o_h, o_w), (i_h, i_w) in taps:
         out[tap // kw, tap % kw] = np.einsum("nhwc,nhwcm->cm", x[:, i_h, i_w], dy5[:, o_h, o_w])
     return out
 
