@@ -86,9 +86,6 @@ LEFT_OUT: dict[str, str] = {
     "test_wrap_pad": "element type",
 }
 
-# (case, backend) -> a backend bug the case exposes (strict xfail: it fails until the bug is fixed, then
-# this entry must go). The importer's graph is right: the NumPy backend matches ONNX Runtime on it.
-BACKEND_BUGS: dict = {}       # (case, backend) -> reason, for a known backend bug (none now)
 
 NOT_TENSORS: list = []
 
@@ -158,17 +155,9 @@ def test_node_case(name, backend):
     fn = gc.compile(graph, backend=backend)
     got = fn(**{k: v.astype(np.float32) for k, v in feeds.items() if k not in static})
     got = got if isinstance(got, tuple) else (got,)
-    bug = BACKEND_BUGS.get((name, backend))
-    try:
-        assert len(got) == len(want)
-        for gv, wv in zip(got, want):
-            np.testing.assert_allclose(gv, wv, rtol=1e-5, atol=1e-6, equal_nan=True)
-    except AssertionError:
-        if bug is None:
-            raise
-        RESULTS[(name, backend)] = "backend bug (xfail)"
-        pytest.xfail(bug)
-    assert bug is None, f"{name} on {backend} now matches ONNX Runtime: remove its BACKEND_BUGS entry"
+    assert len(got) == len(want)
+    for gv, wv in zip(got, want):
+        np.testing.assert_allclose(gv, wv, rtol=1e-5, atol=1e-6, equal_nan=True)
     RESULTS[(name, backend)] = "pass"
 
 

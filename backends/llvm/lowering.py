@@ -207,7 +207,9 @@ def lower_generic(cache, node, target):
     spec = spec_of(node)
     build = getattr(module, f"build_{node.op}")
     fn = cache.get((node.op, repr(spec)), lambda m, name: build(m, name, target=target, **spec))
-    return fn, [v.name for v in node.inputs] + [v.name for v in node.outputs]      # every output buffer
+    operands = [v.name for v in node.inputs] + [v.name for v in node.outputs]      # every output buffer
+    # a kernel built with a scratch argument (KernelBuilder(scratch_arg=True)) gets the shared region
+    return fn, operands + ([SCRATCH] if any(a.name == "scratch" for a in fn.args) else [])
 
 
 def lower_activation(cache, node, target):

@@ -18,7 +18,7 @@ import math
 
 from llvmlite import ir
 
-from .builder import F32, F64, PTR, KernelBuilder, Strip
+from .builder import F32, F64, KernelBuilder, Strip
 from .elementwise import check_shape, emit_map, numel
 
 
@@ -42,14 +42,9 @@ class ChannelKernel:
         self.c_padded = -(-self.c // kb.lanes) * kb.lanes
 
     def scratch(self, ty=F32) -> ir.Value:
-        """A stack buffer of C values of type ty, padded to whole vectors (allocated in the entry block)."""
-        kb = self.kb
-        if kb.b.block is not kb.entry:
-            raise RuntimeError("scratch buffers must be requested before the kernel's first loop")
-        buf = kb.b.alloca(ir.ArrayType(ty, self.c_padded))
-        buf.align = 64
-        buf.type = PTR          # llvmlite still types allocas; the kernels use opaque `ptr`
-        return buf
+        """A buffer of C values of type ty (f32 or f64), padded to whole vectors, carved from the kernel's
+        scratch argument (as every kernel's buffers: never the stack, whose size the caller cannot know)."""
+        return self.kb.scratch(self.c_padded * (2 if ty == F64 else 1))
 
     def channels(self, body) -> None:
         """body(strip) over the C channels once."""
@@ -113,7 +108,8 @@ def build_batch_norm(module: ir.Module, name: str, *, shape, epsilon: float, tar
     """`void name(ptr x, ptr gamma, ptr beta, ptr mean, ptr var, ptr out, i64 n)`: inference batch norm with
     given statistics. out may be x."""
     shape, _ = _check("batch_norm", shape, epsilon)
-    kb = KernelBuilder(module, name, 6, target, arg_names=("x", "gamma", "beta", "mean", "var", "out"))
+    kb = KernelBuilder(module, name, 6, target, arg_names=("x", "gamma", "beta", "mean", "var", "out"),
+                       scratch_arg=True)
     x, gamma, beta, mean, var, out = kb.args
     ck = ChannelKernel(kb, shape)
     scale = ck.scratch()
@@ -128,7 +124,8 @@ def build_batch_norm_train(module: ir.Module, name: str, *, shape, epsilon: floa
     the batch's statistics: mean = sum(x) / M, var = sum((x - mean)^2) / M (biased; sums in float64, the
     deviations x - mean rounded to float32 first). out may be x."""
     shape, _ = _check("batch_norm_train", shape, epsilon)
-    kb = KernelBuilder(module, name, 6, target, arg_names=("x", "gamma", "beta", "out", "batch_mean", "batch_var"))
+    kb = KernelBuilder(module, name, 6, target, arg_names=("x", "gamma", "beta", "out", "batch_mean", "batch_var"),
+                       scratch_arg=True)
     x, gamma, beta, out, mean, var = kb.args
     ck = ChannelKernel(kb, shape)
     acc, scale = ck.scratch(F64), ck.scratch()
@@ -160,7 +157,7 @@ def build_batch_norm_train_grad(module: ir.Module, name: str, *, shape, epsilon:
     Sums in float64. dx may be dy."""
     shape, _ = _check("batch_norm_train_grad", shape, epsilon)
     kb = KernelBuilder(module, name, 8, target,
-                       arg_names=("x", "dy", "gamma", "mean", "var", "dx", "dgamma", "dbeta"))
+                       arg_names=("x", "dy", "gamma", "mean", "var", "dx", "dgamma", "dbeta"), scratch_arg=True)
     x, dy, gamma, mean, var, dx, dgamma, dbeta = kb.args
     b = kb.b
     ck = ChannelKernel(kb, shape)

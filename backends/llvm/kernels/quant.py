@@ -94,15 +94,22 @@ def saturate_to_bytes(kb: KernelBuilder, y: ir.Value, lo: int, hi: int) -> ir.Va
     return kb.b.trunc(kb.b.fptosi(y, _like(kb, y, I32)), _like(kb, y, I8))
 
 
+def _scale_kernel(kernel, module, name, shape, scale, zero_point, dtype, target):
+    """The checked arguments and the `(x, out)` KernelBuilder of quantize / dequantize:
+    -> (kb, shape, (signed, lo, hi), scale, zero_point)."""
+    shape = check_shape(kernel, "shape", shape)
+    fmt = _format(kernel, "dtype", dtype)
+    scale = _check_scale(kernel, "scale", scale)
+    zero_point = _check_int(kernel, "zero_point", zero_point, fmt[1], fmt[2])
+    return KernelBuilder(module, name, 2, target, arg_names=("x", "out")), shape, fmt, scale, zero_point
+
+
 def build_quantize(module: ir.Module, name: str, *, shape, scale, zero_point: int = 0, dtype: str = "u8",
                    target) -> ir.Function:
     """`void name(ptr x, ptr out, i64 n)`: out = clamp(roundeven(x / scale) + zero_point) as u8/i8, NaN
     -> zero_point, +-inf saturate (ONNX QuantizeLinear; ir/ops/quant.py)."""
-    shape = check_shape("quantize", "shape", shape)
-    _, lo, hi = _format("quantize", "dtype", dtype)
-    scale = _check_scale("quantize", "scale", scale)
-    zero_point = _check_int("quantize", "zero_point", zero_point, lo, hi)
-    kb = KernelBuilder(module, name, 2, target, arg_names=("x", "out"))
+    kb, shape, (_, lo, hi), scale, zero_point = _scale_kernel("quantize", module, name, shape, scale, zero_point,
+                                                               dtype, target)
     x, out = kb.args
     b = kb.b
 
@@ -119,11 +126,8 @@ def build_quantize(module: ir.Module, name: str, *, shape, scale, zero_point: in
 def build_dequantize(module: ir.Module, name: str, *, shape, scale, zero_point: int = 0, dtype: str = "u8",
                      target) -> ir.Function:
     """`void name(ptr x, ptr out, i64 n)`: out = f32(x - zero_point) * f32(scale) (ONNX DequantizeLinear)."""
-    shape = check_shape("dequantize", "shape", shape)
-    signed, lo, hi = _format("dequantize", "dtype", dtype)
-    scale = _check_scale("dequantize", "scale", scale)
-    zero_point = _check_int("dequantize", "zero_point", zero_point, lo, hi)
-    kb = KernelBuilder(module, name, 2, target, arg_names=("x", "out"))
+    kb, shape, (signed, _, _), scale, zero_point = _scale_kernel("dequantize", module, name, shape, scale,
+                                                                  zero_point, dtype, target)
     x, out = kb.args
     b = kb.b
 
