@@ -83,7 +83,17 @@ class Executable:
 
     backend = "?"
 
-    def __init__(self, graph: Graph, params: dict | None = None, compute_dtype=np.float32):
+    def __init__(self, graph: Graph, params: dict | None = None, compute_dtype=np.float32, frozen_params=False):
+        """frozen_params: the caller never changes a param's values after this (gc.load's Runtime). The
+        executable then holds read-only copies of the params and constants (an in-place write raises
+        instead of going unseen) and a backend may prepare them once (the LLVM backend pre-packs GEMM
+        weights); assigning a new array to `state[name]` still works."""
+        if not isinstance(frozen_params, bool):
+            raise TypeError(f"compile: frozen_params must be a bool, got {frozen_params!r}")
+        if frozen_params and graph.updates:
+            raise IRError(f"compile: graph {graph.name!r} updates its params (a training step); "
+                          f"frozen_params=True is for graphs that only read them")
+        self.frozen_params = frozen_params
         self.graph = graph
         # float64 is a reference mode for tests (finite differences); artifacts always use float32
         self.compute_dtype = np.dtype(compute_dtype)
@@ -106,6 +116,11 @@ class Executable:
         if self.compute_dtype != np.float32:
             self.consts = {k: v.astype(self.compute_dtype) if v.dtype.kind == "f" else v
                            for k, v in self.consts.items()}
+        if frozen_params:
+            for leaves in (self.state, self.consts):
+                for k, v in leaves.items():
+                    leaves[k] = v = np.array(v, copy=True)
+                    v.flags.writeable = False
 
     @staticmethod
     def _coerce(name, arr, t, what, batch=None, dtype=np.float32):

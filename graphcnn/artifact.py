@@ -387,7 +387,8 @@ class Runtime:
         self.graph, self.meta = graph, meta
         self.name = graph.name
         self.input_shape = tuple(graph.inputs[0].shape[1:])
-        self.executable = compile_graph(graph, backend, weights, passes="inference")
+        # the runtime's weights never change: packed once for the GEMM kernels (frozen_params)
+        self.executable = compile_graph(graph, backend, weights, passes="inference", frozen_params=True)
         self.backend = self.executable.backend
 
     def predict(self, x, batch_size=256):

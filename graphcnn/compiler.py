@@ -22,11 +22,13 @@ def default_backend() -> str:
 
 
 def compile(graph: Graph, backend: str | None = None, params: dict | None = None, passes="inference",
-            print_ir_after_all: bool = False, **options):
+            print_ir_after_all: bool = False, frozen_params: bool = False, **options):
     """Compile any graph to a callable: fn(**inputs) -> array or tuple of arrays.
 
     backend: 'llvm' (native, default) or 'numpy'. params: initial values for the graph's params.
-    passes: a pipeline name ('inference', 'training', 'none') or a list of pass names."""
+    passes: a pipeline name ('inference', 'training', 'none') or a list of pass names.
+    frozen_params: the params keep their values (the executable holds read-only copies; the LLVM backend
+    then packs GEMM weights once instead of on every call)."""
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise IRError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -47,7 +49,7 @@ def compile(graph: Graph, backend: str | None = None, params: dict | None = None
                           BackendFallbackWarning, stacklevel=2)
         else:
             try:
-                exe = compile_llvm(g, params, **options)
+                exe = compile_llvm(g, params, frozen_params=frozen_params, **options)
             except LoweringError as e:
                 warnings.warn(f"graphcnn: {e}; using the NumPy backend for graph {g.name!r}",
                               BackendFallbackWarning, stacklevel=2)
@@ -55,7 +57,7 @@ def compile(graph: Graph, backend: str | None = None, params: dict | None = None
                 exe.pipeline = result
                 return exe
     from backends.numpy import compile_numpy
-    exe = compile_numpy(g, params, plan=getattr(g, "memory_plan", None))
+    exe = compile_numpy(g, params, plan=getattr(g, "memory_plan", None), frozen_params=frozen_params)
     exe.pipeline = result
     return exe
 

@@ -95,25 +95,27 @@ def portable_target():
     return dataclasses.replace(host, features=",".join(filter(None, [host.features, "-avx512vnni,-avxvnni"])))
 
 
-def compile_llvm(g, params, target):
+def compile_llvm(g, params, target, frozen_params=False):
     with mock.patch("backends.llvm.executable.host_target", lambda: target):
-        fn = gc.compile(g, backend="llvm", params=params)
+        fn = gc.compile(g, backend="llvm", params=params, frozen_params=frozen_params)
     assert fn.backend == "llvm"
     return fn
 
 
 def run(g, **feeds):
     """The graph's outputs on the NumPy backend, after checking that the LLVM backend gives the same bits
-    and dtypes both with this host's target (VNNI when it has it) and with the portable integer path
+    and dtypes both with this host's target (VNNI when it has it) and with the portable integer path,
+    each with the weights packed per call and pre-packed once (frozen_params)
     (gc.compile falling back to NumPy is an error under this suite, see conftest.py)."""
     params = feeds.pop("params", None)
     want = gc.compile(g, backend="numpy", params=params)(**feeds)
     for target in (jit.host_target(), portable_target()):
-        fn = compile_llvm(g, params, target)
-        got = fn(**feeds)
-        for a, b in zip(*((o,) if not isinstance(o, tuple) else o for o in (got, want))):
-            assert a.dtype == b.dtype
-            np.testing.assert_array_equal(a, b, err_msg=f"LLVM on {target.describe()}")
+        for frozen in (False, True):
+            fn = compile_llvm(g, params, target, frozen)
+            got = fn(**feeds)
+            for a, b in zip(*((o,) if not isinstance(o, tuple) else o for o in (got, want))):
+                assert a.dtype == b.dtype
+                np.testing.assert_array_equal(a, b, err_msg=f"LLVM on {target.describe()}, frozen={frozen}")
     return want
 
 

@@ -37,16 +37,18 @@ class LoweringError(NotImplementedError):
 
 
 class KernelCache:
-    """Generates each distinct kernel once per module."""
+    """Generates each distinct kernel once per module. `prepack`: the lowerings may pre-pack GEMM weights
+    (lowering._weights). Kernels are internal to the module, but for `exported` ones (the weight-packing
+    kernels the executable calls itself)."""
 
-    def __init__(self, module, target):
-        self.module, self.target, self.fns = module, target, {}
+    def __init__(self, module, target, prepack=False):
+        self.module, self.target, self.fns, self.prepack = module, target, {}, prepack
 
-    def get(self, key, build):
+    def get(self, key, build, exported=False):
         if key not in self.fns:
             name = f"k{len(self.fns)}_{key[0]}"
             fn = build(self.module, name)
-            fn.linkage = "internal"
+            fn.linkage = "external" if exported else "internal"
             self.fns[key] = fn
         return self.fns[key]
 
@@ -85,17 +87,18 @@ class _Frame:
 
     def __init__(self, b, layout, args, n, arena, first, scratch):
         self.b, self.layout, self.n, self.arena, self.first, self.scratch = b, layout, n, arena, first, scratch
-        self.addr = {}
+        self.args, self.addr = args, {}
         for name in layout.arg_order:
-            slot = layout.slots[name]
-            self.addr[name] = b.load(b.gep(args, [ll.Constant(I64, slot.index)], inbounds=True, source_etype=PTR),
-                                     typ=PTR)
+            self.address(name)
 
     def address(self, name):
         if name in self.addr:
             return self.addr[name]
         s = self.layout.slots[name]
-        if s.kind == "alias":
+        if s.kind == "arg":         # a leaf (or a packed weight buffer added while lowering: Layout.add_packed)
+            a = self.b.load(self.b.gep(self.args, [ll.Constant(I64, s.index)], inbounds=True, source_etype=PTR),
+                            typ=PTR)
+        elif s.kind == "alias":
             a = self.address(s.target)
         else:
             b = self.b
@@ -111,6 +114,8 @@ class _Frame:
             return self.b.mul(self.first, ll.Constant(I64, v[1]))
         if isinstance(v, tuple) and v[0] == "scratch":
             return self.scratch
+        if isinstance(v, tuple) and v[0] == "packed":          # lowering._weights
+            return self.address(self.layout.add_packed(*v[1:]))
         if isinstance(v, tuple):
             raise ValueError(f"unknown operand token {v!r}")
         return v
@@ -121,10 +126,14 @@ def _scratch_base(b, layout, n, arena):
     return b.gep(arena, [b.add(b.mul(n, ll.Constant(I64, ps)), ll.Constant(I64, fx))], inbounds=True, source_etype=I8)
 
 
-def lower_graph(g, target, entry_name=None, team=False):
+def lower_graph(g, target, entry_name=None, team=False, prepack=False):
     """-> (llvmlite module, entry function name, Layout). With team=True the module also has the team entry
     `void <entry>_team(ptr team, i64 worker)` for thread_pool (layout.team_entry_name; None when the graph
-    has no kernel worth splitting)."""
+    has no kernel worth splitting). With prepack=True (only for a graph without state updates, whose
+    caller keeps each leaf's value between calls or re-packs it: layout.packed) GEMM kernels read their
+    weights from extra leaf arguments packed once by the kernels' pack_only variants."""
+    if prepack and g.updates:
+        raise ValueError(f"lower_graph: graph {g.name!r} updates its params; its weights cannot be pre-packed")
     from .lowering import LOWERINGS
     symbol = ascii_identifier(g.name)
     module = ll.Module(name=symbol)
@@ -135,7 +144,7 @@ def lower_graph(g, target, entry_name=None, team=False):
     args, n, arena, first = fn.args
     b = ll.IRBuilder(fn.append_basic_block("entry"))
     frame = _Frame(b, layout, args, n, arena, first, _scratch_base(b, layout, n, arena))
-    cache = KernelCache(module, target)
+    cache = KernelCache(module, target, prepack=prepack)
     scratch_per_sample = scratch_fixed = 0
     calls = []          # (node, kernel, operands, count) in order: what the team entry replays
 

@@ -39,17 +39,22 @@ def default_threads() -> int:
 class NativeGraph:
     """One graph compiled to one native function, with per-thread, per-batch-size arenas."""
 
-    def __init__(self, graph, target, team_parts=1):
+    def __init__(self, graph, target, team_parts=1, prepack=False):
         if getattr(graph, "memory_plan", None) is None:
             from ir.passes.plan_memory import plan_memory
             graph = plan_memory(graph)
         self.graph = graph
         t0 = time.perf_counter()
-        module, self.entry_name, self.layout = lower_graph(graph, target, team=team_parts > 1)
+        module, self.entry_name, self.layout = lower_graph(graph, target, team=team_parts > 1, prepack=prepack)
         self.llvm_ir = str(module)
         self.jit = JitModule(self.llvm_ir)
         self.compile_seconds = time.perf_counter() - t0
         self.fn = ENTRY(self.jit.address(self.entry_name))
+        # pre-packed weights (layout.packed): packed on a call that finds a source leaf it has not seen
+        self._packers = {name: ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * p.n_ptrs, ctypes.c_int64)(
+            self.jit.address(p.kernel)) for name, p in self.layout.packed.items()}
+        self._packed = {}           # name -> (source arrays, packed bytes)
+        self._pack_lock = threading.Lock()
         assert ARENA_ALIGN % ALIGN == 0
         self.arenas = ArenaCache(lambda n: -(-self.layout.arena_bytes(n) // 4) * 4 + 4)
         # intra-op parallelism (thread_pool): the team entry and arenas with one scratch region per worker
@@ -59,6 +64,22 @@ class NativeGraph:
             self.pool_run = thread_pool.process_pool()
             self.team_arenas = ArenaCache(
                 lambda n: thread_pool.team_arena_bytes(self.layout, n, self.team_parts) + 4)
+
+    def packed(self, name: str, leaves: dict) -> np.ndarray:
+        """The packed buffer `name` for the source arrays in `leaves` (packed now unless the same arrays
+        were packed before; the caller guarantees their values do not change: frozen params)."""
+        info = self.layout.packed[name]
+        sources = tuple(leaves[s] for s in info.sources)
+        with self._pack_lock:
+            have = self._packed.get(name)
+            if have is not None and all(a is b for a, b in zip(have[0], sources)):
+                return have[1]
+            raw = np.empty(info.nbytes + ALIGN, np.uint8)          # 64-byte aligned inside
+            off = -raw.ctypes.data % ALIGN
+            out = raw[off:off + info.nbytes]
+            self._packers[name](*info.call_arguments([a.ctypes.data for a in sources], out.ctypes.data))
+            self._packed[name] = (sources, out)
+            return out
 
     def run_team(self, leaves: dict, n: int, first: int = 0) -> list:
         """__call__ with the GEMM kernels split across the process pool's workers (bit-identical to the
@@ -97,10 +118,15 @@ class BoundCall:
     def __init__(self, native: NativeGraph, arena, n: int):
         names = native.layout.arg_order
         inputs = {v.name for v in native.graph.inputs}
-        # inputs change every call; params and constants are checked by identity and keep their pointer
+        packed = native.layout.packed
+        # inputs change every call; params and constants are checked by identity and keep their pointer;
+        # a packed buffer is re-fetched (native.packed) when one of its sources changes
+        self.native = native
         self.input_slots = [(i, name) for i, name in enumerate(names) if name in inputs]
-        self.fixed_slots = [(i, name) for i, name in enumerate(names) if name not in inputs]
+        self.fixed_slots = [(i, name) for i, name in enumerate(names) if name not in inputs and name not in packed]
         self.fixed_arrays = [None] * len(self.fixed_slots)
+        self.packed_slots = [(i, name, packed[name].sources) for i, name in enumerate(names) if name in packed]
+        self.packed_arrays = [()] * len(self.packed_slots)
         self.ptrs = (ctypes.c_void_p * max(1, len(names)))()
         self.arena_address = arena.buffer.ctypes.data
         raw = arena.buffer.view(np.uint8)
@@ -123,6 +149,12 @@ class BoundCall:
             if a is not held[k]:        # first call, or a param array replaced: take its address (the held
                 held[k] = a             # reference keeps the old one from being freed and its id reused)
                 ptrs[i] = a.ctypes.data
+        for k, (i, name, sources) in enumerate(self.packed_slots):
+            have = self.packed_arrays[k]
+            if not have or any(leaves[s] is not a for s, a in zip(sources, have[0])):
+                out = self.native.packed(name, leaves)
+                self.packed_arrays[k] = (tuple(leaves[s] for s in sources), out)
+                ptrs[i] = out.ctypes.data
         fn(ptrs, n, self.arena_address, first)
 
     def run_team(self, native, leaves, n, first):
@@ -138,8 +170,8 @@ class BoundCall:
 class LlvmExecutable(Executable):
     backend = "llvm"
 
-    def __init__(self, graph, params=None, threads=None):
-        super().__init__(graph, params)
+    def __init__(self, graph, params=None, threads=None, frozen_params=False):
+        super().__init__(graph, params, frozen_params=frozen_params)
         self.target = host_target()
         self.threads = threads or default_threads()
         self._pool = None
@@ -163,7 +195,8 @@ class LlvmExecutable(Executable):
             # intra-op parallelism (opt-in, GRAPHCNN_INTRA_OP=1): a batch smaller than the thread count
             # splits the GEMM kernels' output rows across native pool workers instead of running on one core
             intra = not self.training and self.threads > 1 and thread_pool.intra_op_enabled()
-            self._main = NativeGraph(graph, self.target, team_parts=self.threads if intra else 1)
+            self._main = NativeGraph(graph, self.target, team_parts=self.threads if intra else 1,
+                                     prepack=frozen_params and not self.training)
             self._parts = [self._main]
         self.compile_seconds = time.perf_counter() - t0
         self.llvm_ir = "\n".join(p.llvm_ir for p in self._parts)
@@ -301,6 +334,6 @@ def combine_chunk_means(values, chunks, n) -> list:
     return out
 
 
-def compile_llvm(graph, params=None, threads=None, **_):
-    """Compile an optimized graph to native code for this host."""
-    return LlvmExecutable(graph, params, threads)
+def compile_llvm(graph, params=None, threads=None, frozen_params=False, **_):
+    """Compile an optimized graph to native code for this host (frozen_params: see Executable)."""
+    return LlvmExecutable(graph, params, threads, frozen_params)

@@ -6,7 +6,7 @@ With a memory plan from ir/passes/plan_memory the planned offsets are used; othe
 output gets its own buffer (the naive layout)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ir.ops import in_place_update_ops, view_ops
 
@@ -24,6 +24,20 @@ class Slot:
     target: str = ""     # alias: the value whose storage this is
 
 
+@dataclass(frozen=True)
+class PackedLeaf:
+    """A pre-packed weight buffer: the pack_only kernel `kernel` (n_ptrs pointer arguments, then i64 n),
+    called as kernel(null, sources..., null..., out, null scratch, 0), writes `nbytes` bytes to out."""
+    kernel: str
+    sources: tuple
+    nbytes: int
+    n_ptrs: int
+
+    def call_arguments(self, source_addresses, out_address) -> list:
+        nulls = self.n_ptrs - 3 - len(self.sources)
+        return [None, *source_addresses, *([None] * nulls), out_address, None, 0]
+
+
 @dataclass
 class Layout:
     """Value slots plus the arena: the planned values (`arena_per_sample * n + arena_fixed` bytes), then
@@ -35,6 +49,20 @@ class Layout:
     arg_order: list
     scratch_per_sample: int = 0
     scratch_fixed: int = 0
+    # pre-packed weights (codegen.lower_graph(prepack=True)): extra leaf arguments after the graph's own,
+    # name -> PackedLeaf; the caller fills each by calling its pack kernel on the source leaves
+    packed: dict = field(default_factory=dict)
+
+    def add_packed(self, kernel, sources) -> str:
+        """The argument holding `sources` (leaf names) packed by `kernel` (a pack_only kernel function),
+        added on first use."""
+        name = f"{kernel.name}({', '.join(sources)})"
+        if name not in self.packed:
+            self.slots[name] = Slot("arg", index=len(self.arg_order))
+            self.arg_order.append(name)
+            self.packed[name] = PackedLeaf(kernel.name, tuple(sources), int(kernel.packed_bytes),
+                                           len(kernel.args) - 1)
+        return name
 
     def scratch_offset(self) -> tuple[int, int]:
         """(per-sample, fixed) byte offset of the scratch region: after the planned values, aligned."""

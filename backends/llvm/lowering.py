@@ -27,6 +27,18 @@ def _conv_common(node):
     return dict(stride=tuple(a["stride"]), padding=tuple(map(tuple, a["padding"])), dilation=tuple(a["dilation"]))
 
 
+def _weights(cache, kind, spec, build, sources):
+    """(packing, weight operand) of a GEMM kernel: its weights packed per call (the weight value's name), or,
+    when codegen may pre-pack (cache.prepack: the graph's leaves keep their values between the calls that
+    share a packing, see codegen.lower_graph) and every source is a leaf, the token ("packed", pack
+    kernel, source names): a derived argument that the kernel's own pack_only variant fills once."""
+    if not (cache.prepack and all(v.kind in ("param", "const") for v in sources)):
+        return "per_call", sources[0].name
+    pack = cache.get((f"{kind}_pack", repr(spec)), lambda m, name: build(m, name, packing="pack_only"),
+                     exported=True)
+    return "prepacked", ("packed", pack, tuple(v.name for v in sources))
+
+
 def lower_conv2d(cache, node, target, split_rows=False):
     """split_rows: the kernel variant computing one part of the output pixels (intra-op parallelism,
     codegen's team entry), which takes (part, parts) before n."""
@@ -38,9 +50,12 @@ def lower_conv2d(cache, node, target, split_rows=False):
     if node.attrs.get("groups", 1) != 1:
         raise LoweringError(f"LLVM backend: grouped conv2d %{node.name} must be split by the "
                             f"decompose_grouped_conv pass first (it is in the inference and training pipelines)")
-    fn = cache.get(("conv2d_rows" if split_rows else "conv2d", repr(spec)),
-                   lambda m, name: conv.build_conv2d(m, name, target=target, split_rows=split_rows, **spec))
-    return fn, [x.name, w.name, node.inputs[2].name if has_bias else NULL,
+    packing, w_operand = _weights(cache, "conv2d", spec,
+                                  lambda m, name, **kw: conv.build_conv2d(m, name, target=target, **kw, **spec), [w])
+    fn = cache.get(("conv2d_rows" if split_rows else "conv2d", repr(spec), packing),
+                   lambda m, name: conv.build_conv2d(m, name, target=target, split_rows=split_rows, packing=packing,
+                                                     **spec))
+    return fn, [x.name, w_operand, node.inputs[2].name if has_bias else NULL,
                 node.inputs[3].name if has_residual else NULL, node.outputs[0].name, SCRATCH]
 
 
@@ -78,8 +93,11 @@ def lower_dense(cache, node, target):
     has_bias = len(node.inputs) > 2
     spec = dict(in_features=w.shape[0], units=w.shape[1], has_bias=has_bias, activation=node.attrs["activation"],
                 activation_params=node.attrs["activation_params"])
-    fn = cache.get(("dense", repr(spec)), lambda m, name: matmul.build_dense(m, name, target=target, **spec))
-    return fn, [x.name, w.name, node.inputs[2].name if has_bias else NULL, node.outputs[0].name, SCRATCH]
+    packing, w_operand = _weights(cache, "dense", spec,
+                                  lambda m, name, **kw: matmul.build_dense(m, name, target=target, **kw, **spec), [w])
+    fn = cache.get(("dense", repr(spec), packing),
+                   lambda m, name: matmul.build_dense(m, name, target=target, packing=packing, **spec))
+    return fn, [x.name, w_operand, node.inputs[2].name if has_bias else NULL, node.outputs[0].name, SCRATCH]
 
 
 def lower_matmul(cache, node, target):
@@ -102,15 +120,24 @@ def lower_conv2d_q(cache, node, target):
     x, w = node.inputs[:2]
     spec = dict(in_hwc=tuple(x.shape[1:]), kernel_hw=tuple(w.shape[:2]), filters=w.shape[3], **_conv_common(node),
                 **_requant_spec(node))
-    fn = cache.get(("conv2d_q", repr(spec)), lambda m, name: quant.build_conv2d_q(m, name, target=target, **spec))
-    return fn, [x.name, w.name, node.inputs[2].name if spec["has_bias"] else NULL, node.outputs[0].name, SCRATCH]
+    return _lower_int_gemm(cache, node, "conv2d_q", spec, lambda m, name, **kw: quant.build_conv2d_q(
+        m, name, target=target, **kw, **spec))
+
+
+def _lower_int_gemm(cache, node, kind, spec, build):
+    """conv2d_q / dense_q: the weights and the bias (folded with the zero points) are packed together."""
+    x = node.inputs[0]
+    packing, w_operand = _weights(cache, kind, spec, build, node.inputs[1:3])
+    fn = cache.get((kind, repr(spec), packing), lambda m, name: build(m, name, packing=packing))
+    bias = node.inputs[2].name if spec["has_bias"] and packing == "per_call" else NULL
+    return fn, [x.name, w_operand, bias, node.outputs[0].name, SCRATCH]
 
 
 def lower_dense_q(cache, node, target):
     x, w = node.inputs[:2]
     spec = dict(in_features=w.shape[0], units=w.shape[1], **_requant_spec(node))
-    fn = cache.get(("dense_q", repr(spec)), lambda m, name: quant.build_dense_q(m, name, target=target, **spec))
-    return fn, [x.name, w.name, node.inputs[2].name if spec["has_bias"] else NULL, node.outputs[0].name, SCRATCH]
+    return _lower_int_gemm(cache, node, "dense_q", spec, lambda m, name, **kw: quant.build_dense_q(
+        m, name, target=target, **kw, **spec))
 
 
 LOWERINGS = {

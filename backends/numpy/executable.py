@@ -11,8 +11,8 @@ from .codegen import generate_source
 class NumpyExecutable(Executable):
     backend = "numpy"
 
-    def __init__(self, graph, params=None, plan=None, compute_dtype=np.float32):
-        super().__init__(graph, params, compute_dtype)
+    def __init__(self, graph, params=None, plan=None, compute_dtype=np.float32, frozen_params=False):
+        super().__init__(graph, params, compute_dtype, frozen_params)
         self.source, self.fn_name, self.var = generate_source(graph)
         ns = {"np": np, "K": K}
         exec(compile(self.source, f"<graphcnn:{self.fn_name}>", "exec"), ns)
@@ -37,6 +37,7 @@ class NumpyExecutable(Executable):
             self.arenas.release(batch)
 
 
-def compile_numpy(graph, params=None, plan=None, compute_dtype=np.float32) -> NumpyExecutable:
-    """Compile an (optimized) graph with the NumPy backend (compute_dtype=float64: test reference mode)."""
-    return NumpyExecutable(graph, params, plan, compute_dtype)
+def compile_numpy(graph, params=None, plan=None, compute_dtype=np.float32, frozen_params=False) -> NumpyExecutable:
+    """Compile an (optimized) graph with the NumPy backend (compute_dtype=float64: test reference mode;
+    frozen_params: see Executable)."""
+    return NumpyExecutable(graph, params, plan, compute_dtype, frozen_params)

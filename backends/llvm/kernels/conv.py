@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from llvmlite import ir
 
 from .builder import KernelBuilder, check_activation
-from .matmul import (Epilogue, EpilogueOperands, ReductionLevel, TilePlan, column_blocks, emit_tile, for_row_tiles,
-                     gemm_builder, pack_b, packed_block, packed_floats, plan_tile)
+from .matmul import (Epilogue, EpilogueOperands, ReductionLevel, TilePlan, check_packing, column_blocks, emit_tile,
+                     finish_pack, for_row_tiles, gemm_builder, pack_b, packed_block, packed_floats, plan_tile)
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ def _for_part_row_tiles(kb: KernelBuilder, rows: int, mr: int, part, parts, body
 def build_conv2d(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, stride=(1, 1),
                  padding=((0, 0), (0, 0)), dilation=(1, 1), has_bias: bool = False, has_residual: bool = False,
                  activation: str = "linear", activation_params: tuple = (), target, plan: TilePlan | None = None,
-                 loop_order: str = "cols", split_rows: bool = False) -> ir.Function:
+                 loop_order: str = "cols", split_rows: bool = False, packing: str = "per_call") -> ir.Function:
     """void name(ptr x, ptr w, ptr b, ptr residual, ptr out, ptr scratch, [i64 part, i64 parts,] i64 n):
     out (n, OH, OW, F) = activation(conv2d(x (n, H, W, C), w (KH, KW, C, F)) + b + residual), bias,
     residual (laid out like out) and activation fused into the tile epilogue. `b` / `residual` are not
@@ -182,7 +182,11 @@ def build_conv2d(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, st
     "rows": pixel tiles outer.
     split_rows: the kernel computes only part `part` of `parts` of every image's output pixels (whole row
     tiles, so each output element runs the same tile code and reduction order as in the unsplit kernel:
-    bit-identical); each part packs the filters and pads the image into its own scratch."""
+    bit-identical); each part packs the filters and pads the image into its own scratch.
+    packing (matmul.PACKINGS): "per_call" packs w into scratch on every call; "pack_only" builds the
+    weight-packing function of this kernel (it writes the packed filters to `out` and returns;
+    fn.packed_bytes says how many); "prepacked" reads `w` as that packed buffer."""
+    check_packing(packing)
     g = conv_geometry(in_hwc, kernel_hw, filters, stride, padding, dilation)
     activation, activation_params = check_activation(activation, activation_params)
     if loop_order not in ("cols", "rows"):
@@ -196,9 +200,16 @@ def build_conv2d(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, st
     plan = plan or plan_tile(g.pixels, g.f, target, g.taps)
     blocks = column_blocks(g.pixels, g.f, plan, target, g.taps)
     k = g.taps
-    packed = kb.scratch(k * packed_floats(blocks, lanes))
+    if packing == "per_call":
+        packed = kb.scratch(k * packed_floats(blocks, lanes))
+    else:
+        packed = out if packing == "pack_only" else w
+    if packing == "pack_only":
+        pack_b(kb, w, k, g.f, 1, blocks, packed)
+        return finish_pack(kb, 4 * k * packed_floats(blocks, lanes))
     xp = kb.scratch(g.hp * g.wp * g.c) if g.padded else None
-    pack_b(kb, w, k, g.f, 1, blocks, packed)
+    if packing == "per_call":
+        pack_b(kb, w, k, g.f, 1, blocks, packed)
     if xp is not None:
         kb.memset_zero(xp, g.hp * g.wp * g.c)
     epilogue = Epilogue.of(bias=has_bias, residual=has_residual, activation=activation,

@@ -452,18 +452,27 @@ def emit_gemm(kb: KernelBuilder, *, rows: IntLike, cols: int, k: IntLike,
               b: ir.Value, b_k_stride: IntLike, b_col_stride: IntLike,
               out: ir.Value, epilogue: Epilogue, bias: ir.Value | None = None,
               mask: ir.Value | None = None, rows_hint: int | None = None,
-              plan: TilePlan | None = None) -> None:
+              plan: TilePlan | None = None, packing: str = "per_call") -> int | None:
     """out[rows x cols] = epilogue(A @ B) with A[i, kk] = a[i*a_row_stride + kk*a_k_stride] and
     B[kk, j] = b[kk*b_k_stride + j*b_col_stride]; out rows are contiguous with `cols` floats.
     B is packed into zero-padded column blocks unless its columns are already contiguous and k is a
-    runtime value (then tails use masked loads). Must be called in the entry block (scratch)."""
+    runtime value (then tails use masked loads). Must be called in the entry block (scratch).
+    packing (PACKINGS) "pack_only": only pack B into `out` and return the packed bytes; "prepacked": `b`
+    is that packed buffer (both need a static k and a B that gets packed)."""
     lanes = kb.lanes
     k_hint = k if isinstance(k, int) else None
     rows_hint = rows if isinstance(rows, int) else rows_hint
     plan = plan or plan_tile(rows_hint, cols, kb.target, k_hint)
     blocks = column_blocks(rows_hint, cols, plan, kb.target, k_hint)
     pack = not (b_col_stride == 1 and not isinstance(k, int))
-    if pack:
+    if check_packing(packing) != "per_call":
+        if not pack or not isinstance(k, int):
+            raise ValueError(f"emit_gemm: packing={packing!r} needs a static k and a packed B")
+        if packing == "pack_only":
+            pack_b(kb, b, k, b_k_stride, b_col_stride, blocks, out)
+            return 4 * k * packed_floats(blocks, lanes)
+        packed = b
+    elif pack:
         if isinstance(k, int):
             packed = kb.scratch(k * packed_floats(blocks, lanes))
         elif k is kb.n:         # x^T @ dy: the reduction runs over the batch
@@ -498,6 +507,25 @@ def emit_gemm(kb: KernelBuilder, *, rows: IntLike, cols: int, k: IntLike,
         for_row_tiles(kb, rows, blk.mr, row_tile)
 
 
+# How a GEMM kernel gets its packed weights (B): packed into scratch on every call, or once by the
+# kernel's own "pack_only" variant (same builder, same blocks, so the same layout) into a buffer the
+# "prepacked" variant then reads in place of the weights (codegen: weights that never change in a call).
+PACKINGS = ("per_call", "pack_only", "prepacked")
+
+
+def check_packing(packing: str) -> str:
+    if packing not in PACKINGS:
+        raise ValueError(f"packing must be one of {', '.join(PACKINGS)}, got {packing!r}")
+    return packing
+
+
+def finish_pack(kb: KernelBuilder, nbytes: int) -> ir.Function:
+    """Finish a "pack_only" kernel, recording the packed buffer's size (fn.packed_bytes)."""
+    fn = kb.finish()
+    fn.packed_bytes = int(nbytes)
+    return fn
+
+
 def gemm_builder(module, name, n_ptrs, target, int_arg_names=()) -> KernelBuilder:
     """A KernelBuilder for a new kernel function `void name(ptr x n_ptrs, ptr scratch, [i64 ...,] i64 n)`
     (the extra i64 arguments named by int_arg_names), set up for
@@ -511,10 +539,10 @@ def gemm_builder(module, name, n_ptrs, target, int_arg_names=()) -> KernelBuilde
 
 def build_dense(module: ir.Module, name: str, *, in_features: int, units: int, has_bias: bool,
                 activation: str = "linear", activation_params: tuple = (), target, output_mask: bool = False,
-                plan: TilePlan | None = None) -> ir.Function:
+                plan: TilePlan | None = None, packing: str = "per_call") -> ir.Function:
     """void name(ptr x, ptr w, ptr b, [ptr y,] ptr out, i64 n): out (n, units) =
     activation(x (n, in_features) @ w (in_features, units) + b) [* (y > 0) when output_mask].
-    `b` is not read when has_bias is False (may be null)."""
+    `b` is not read when has_bias is False (may be null). packing: see PACKINGS and emit_gemm."""
     _check_dim("in_features", in_features)
     _check_dim("units", units)
     activation, activation_params = check_activation(activation, activation_params)
@@ -522,12 +550,12 @@ def build_dense(module: ir.Module, name: str, *, in_features: int, units: int, h
     x, w, bias = kb.args[:3]
     mask = kb.args[3] if output_mask else None
     out, n = kb.args[-1], kb.n
-    emit_gemm(kb, rows=n, cols=units, k=in_features, a=x, a_row_stride=in_features, a_k_stride=1,
-              b=w, b_k_stride=units, b_col_stride=1, out=out,
-              epilogue=Epilogue.of(bias=has_bias, activation=activation, activation_params=activation_params,
-                                   positive_mask=output_mask),
-              bias=bias if has_bias else None, mask=mask, plan=plan)
-    return kb.finish()
+    packed = emit_gemm(kb, rows=n, cols=units, k=in_features, a=x, a_row_stride=in_features, a_k_stride=1,
+                       b=w, b_k_stride=units, b_col_stride=1, out=out,
+                       epilogue=Epilogue.of(bias=has_bias, activation=activation, activation_params=activation_params,
+                                            positive_mask=output_mask),
+                       bias=bias if has_bias else None, mask=mask, plan=plan, packing=packing)
+    return finish_pack(kb, packed) if packing == "pack_only" else kb.finish()
 
 
 def build_matmul(module: ir.Module, name: str, *, a_shape, b_shape, transpose_a: bool = False,

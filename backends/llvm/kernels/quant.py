@@ -44,8 +44,8 @@ from .builder import F32, I8, I32, I64, VOID, KernelBuilder
 I16 = ir.IntType(16)
 from .conv import _pixel_offset, _tap_loops, conv_geometry
 from .elementwise import check_shape, numel
-from .matmul import (ReductionLevel, column_blocks, emit_tile, for_row_tiles, gemm_builder, pack_b, packed_block,
-                     packed_floats, plan_tile, simplify_loops)
+from .matmul import (ReductionLevel, check_packing, column_blocks, emit_tile, finish_pack, for_row_tiles, gemm_builder,
+                     pack_b, packed_block, packed_floats, plan_tile, simplify_loops)
 
 # (signed, lo, hi) of each quantized activation dtype (ir/ops/quant.py QUANT_RANGES)
 QUANT_FORMATS = {"u8": (False, 0, 255), "i8": (True, -128, 127)}
@@ -388,15 +388,30 @@ def _requantize_tile(kb: KernelBuilder, rq: Requantization, acc, out_rows, width
             kb.store_part(saturate_to_bytes(kb, y, rq.y_min, rq.y_max), out_rows[m], v * lanes, w)
 
 
-def _int_gemm_setup(kb: KernelBuilder, rows_hint, k: int, channels: int):
-    """Column blocks and the scratch buffers (packed i32 weights, folded bias) of a conv2d_q/dense_q
-    kernel: (blocks, packed, comp, padded columns). Must run in the entry block (scratch)."""
+def _int_gemm_setup(kb: KernelBuilder, rows_hint, k: int, channels: int, packing: str, w, out):
+    """Column blocks and the buffers (packed i32 weights, then the folded bias) of a conv2d_q/dense_q
+    kernel: (blocks, packed, comp, padded columns, packed bytes). per_call: both in scratch (so this must run
+    in the entry block); pack_only: written to `out`; prepacked: read from `w` (matmul.PACKINGS)."""
     plan = plan_tile(rows_hint, channels, kb.target, k)
     blocks = column_blocks(rows_hint, channels, plan, kb.target, k)
     padded = packed_floats(blocks, kb.lanes)
-    packed = kb.scratch(k * padded)            # i32 elements: 4 bytes, as the floats scratch counts
-    comp = kb.scratch(padded)
-    return blocks, packed, comp, padded
+    if check_packing(packing) == "per_call":
+        packed = kb.scratch(k * padded)            # i32 elements: 4 bytes, as the floats scratch counts
+        comp = kb.scratch(padded)
+    else:
+        packed = out if packing == "pack_only" else w
+        comp = kb.gep(packed, k * padded)
+    return blocks, packed, comp, padded, 4 * (k * padded + padded)
+
+
+def _pack_int_weights(kb, rq, mac, red, w, bias, k, channels, blocks, packed, comp) -> None:
+    """The per-call (or pack_only) work on the weights: pack them for the tiles, fold the zero points
+    into the bias."""
+    if red is None:
+        pack_b(kb, w, k, channels, 1, blocks, packed, src_type=I8, dst_type=I32)
+    else:
+        pack_groups(kb, w, channels, red, blocks, packed)
+    _fold_zero_point_into_bias(kb, rq, w, bias, k, channels, comp, mac.a_offset)
 
 
 def _emit_tiles(kb, rq, mac, blocks, packed, comp, table, k, rows, a_row, loops, out_row):
@@ -436,10 +451,12 @@ def _choose_path(kb: KernelBuilder, rq: Requantization, levels, vnni: bool | Non
 
 def build_dense_q(module: ir.Module, name: str, *, in_features: int, units: int, has_bias: bool, x_dtype: str,
                   x_scale, w_scale, y_scale, x_zero_point: int = 0, y_zero_point: int = 0, dtype: str = "u8",
-                  y_min=None, y_max=None, target, vnni: bool | None = None) -> ir.Function:
+                  y_min=None, y_max=None, target, vnni: bool | None = None, packing: str = "per_call") -> ir.Function:
     """`void name(ptr x, ptr w, ptr b, ptr out, ptr scratch, i64 n)`: out (n, units) u8/i8 = requantized
     (x (n, in_features) u8/i8 - x_zero_point) @ w (in_features, units) i8 + b (units,) i32.
-    vnni: None uses vpdpbusd when the target has it, False never (the portable path)."""
+    vnni: None uses vpdpbusd when the target has it, False never (the portable path).
+    packing (matmul.PACKINGS): "pack_only" writes the packed weights and folded bias to `out`
+    (fn.packed_bytes), "prepacked" reads them from `w` (b is then not read)."""
     for what, v in (("in_features", in_features), ("units", units)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"dense_q: {what} must be a positive int, got {v!r}")
@@ -452,16 +469,14 @@ def build_dense_q(module: ir.Module, name: str, *, in_features: int, units: int,
     # grouped reads go up to 3 bytes past a row: rows whose length is no multiple of the group are copied
     # into scratch with slack after the last one
     x_copy = (kb.scratch(-(-in_features // 4) + 1, per_sample=True)
-              if red is not None and in_features % red.group else None)
+              if red is not None and in_features % red.group and packing != "pack_only" else None)
     k_rows = red.group_rows if red is not None else in_features
-    blocks, packed, comp, padded = _int_gemm_setup(kb, None, k_rows, units)
+    blocks, packed, comp, padded, nbytes = _int_gemm_setup(kb, None, k_rows, units, packing, w, out)
+    if packing != "prepacked":
+        _pack_int_weights(kb, rq, mac, red, w, bias if has_bias else None, in_features, units, blocks, packed, comp)
+        if packing == "pack_only":
+            return finish_pack(kb, nbytes)
     table = _multiplier_table(kb, rq, padded)
-    if red is None:
-        pack_b(kb, w, in_features, units, 1, blocks, packed, src_type=I8, dst_type=I32)
-    else:
-        pack_groups(kb, w, units, red, blocks, packed)
-    _fold_zero_point_into_bias(kb, rq, w, bias if has_bias else None, in_features, units, comp,
-                               mac.a_offset)
     src = x
     if x_copy is not None:
         memcpy, _ = _byte_intrinsics(kb)
@@ -483,10 +498,11 @@ def _byte_intrinsics(kb: KernelBuilder):
 def build_conv2d_q(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, stride=(1, 1),
                    padding=((0, 0), (0, 0)), dilation=(1, 1), has_bias: bool, x_dtype: str, x_scale, w_scale,
                    y_scale, x_zero_point: int = 0, y_zero_point: int = 0, dtype: str = "u8", y_min=None,
-                   y_max=None, target, vnni: bool | None = None) -> ir.Function:
+                   y_max=None, target, vnni: bool | None = None, packing: str = "per_call") -> ir.Function:
     """`void name(ptr x, ptr w, ptr b, ptr out, ptr scratch, i64 n)`: out (n, OH, OW, F) u8/i8 = requantized
     conv2d of x (n, H, W, C) u8/i8 (padding cells = x_zero_point) with w (KH, KW, C, F) i8 plus b (F,) i32,
-    as an implicit GEMM (rows = output pixels, k = (kh, kw, c)) on the packed weights. vnni: as dense_q."""
+    as an implicit GEMM (rows = output pixels, k = (kh, kw, c)) on the packed weights. vnni, packing: as
+    dense_q."""
     g = conv_geometry(in_hwc, kernel_hw, filters, stride, padding, dilation)
     rq = requantization("conv2d_q", channels=g.f, x_dtype=x_dtype, x_scale=x_scale, x_zero_point=x_zero_point,
                         w_scale=w_scale, y_scale=y_scale, y_zero_point=y_zero_point, dtype=dtype, y_min=y_min,
@@ -497,7 +513,10 @@ def build_conv2d_q(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, 
     k = g.taps
     mac, red = _choose_path(kb, rq, _tap_loops(g, 1), vnni)
     k_rows = red.group_rows if red is not None else k
-    blocks, packed, comp, padded = _int_gemm_setup(kb, g.pixels, k_rows, g.f)
+    blocks, packed, comp, padded, nbytes = _int_gemm_setup(kb, g.pixels, k_rows, g.f, packing, w, out)
+    if packing == "pack_only":
+        _pack_int_weights(kb, rq, mac, red, w, bias if has_bias else None, k, g.f, blocks, packed, comp)
+        return finish_pack(kb, nbytes)
     image_bytes = g.hp * g.wp * g.c
     # grouped reads go up to 3 bytes past a run of taps: then images always go through the scratch copy,
     # which has a spare dword at its end
@@ -505,12 +524,8 @@ def build_conv2d_q(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, 
     xp = kb.scratch(-(-image_bytes // 4) + 1) if copied else None
     table = _multiplier_table(kb, rq, padded)
     memcpy, memset = _byte_intrinsics(kb)
-    if red is None:
-        pack_b(kb, w, k, g.f, 1, blocks, packed, src_type=I8, dst_type=I32)
-    else:
-        pack_groups(kb, w, g.f, red, blocks, packed)
-    _fold_zero_point_into_bias(kb, rq, w, bias if has_bias else None, k, g.f, comp,
-                               mac.a_offset)
+    if packing == "per_call":
+        _pack_int_weights(kb, rq, mac, red, w, bias if has_bias else None, k, g.f, blocks, packed, comp)
     if xp is not None:
         # the border keeps x_zero_point (a real 0) for the whole call; each image overwrites the interior
         b.call(memset, [xp, ir.Constant(I8, rq.x_zero_point & 0xFF), kb.i64(image_bytes + 4),
