@@ -63,8 +63,7 @@ def quantize(model, calibration_x, method="minmax", percentile=99.99, calibratio
         raise GraphcnnError(f"quantize: calibration_images must be a positive int, got {calibration_images!r}")
     (x,) = model._prepare_x(calibration_x, "quantize").values()
     x = x[:calibration_images]
-    graph = prepare_for_quantization(model.inference_graph())
-    weights = model.get_weights()
+    graph, weights = prepare_for_quantization(model.inference_graph(), model.get_weights())
     names = calibration_targets(graph, weights)
     if not names:
         raise GraphcnnError(f"quantize: model {model.name!r} has no conv2d/dense layer to quantize")

@@ -533,3 +533,37 @@ def test_conv_with_a_fused_residual_stays_float_and_correct():
     assert got.shape == want.shape and np.isfinite(got).all()
     # int8 convs around the float block tails: close to fp32, not garbage
     assert np.abs(got - want).max() < 0.1
+
+
+def test_batch_norm_folded_convs_are_quantized_with_the_folded_weights():
+    """fold_params evaluates fold_batch_norm's weight expressions, so a Conv2D + BatchNormalization is one
+    conv2d_q whose float weights are exactly w * gamma / sqrt(var + eps), bias beta - mean * that scale."""
+    from ir.passes.quantize import prepare_for_quantization
+    L = gc.layers
+    m = gc.Sequential([L.Input((9, 9, 2)), L.Conv2D(6, 3, use_bias=False), L.BatchNormalization(),
+                       L.Activation("relu"), L.Conv2D(5, 3), L.BatchNormalization(), L.Flatten(), L.Dense(3)])
+    m.build()
+    rng = np.random.default_rng(3)
+    w = m.get_weights()
+    bn = sorted({k.split("/")[0] for k in w if "moving_mean" in k})
+    for name in bn:
+        c = w[f"{name}/gamma"].shape[0]
+        w[f"{name}/gamma"] = rng.uniform(0.5, 2, c).astype(np.float32)
+        w[f"{name}/beta"] = rng.uniform(-0.5, 0.5, c).astype(np.float32)
+        w[f"{name}/moving_mean"] = rng.uniform(-0.3, 0.3, c).astype(np.float32)
+        w[f"{name}/moving_variance"] = rng.uniform(0.2, 3, c).astype(np.float32)
+    m.set_weights(w)
+    g, fw = prepare_for_quantization(m.inference_graph(), m.get_weights())
+    convs = [n for n in g.nodes if n.op == "conv2d"]
+    assert len(convs) == 2 and all(v.kind == "param" for n in convs for v in n.inputs[1:])
+    first = convs[0]
+    scale = w[f"{bn[0]}/gamma"] / np.sqrt(w[f"{bn[0]}/moving_variance"] + np.float32(1e-3))
+    np.testing.assert_allclose(fw[first.inputs[1].name], w["conv2d/kernel"] * scale, rtol=1e-6)
+    np.testing.assert_allclose(fw[first.inputs[2].name], w[f"{bn[0]}/beta"] - w[f"{bn[0]}/moving_mean"] * scale,
+                               rtol=1e-5, atol=1e-6)
+    x = rng.uniform(0, 1, (64, 9, 9, 2)).astype(np.float32)
+    q = gc.quantize(m, x)
+    ops = [n.op for n in q.graph.nodes]
+    assert ops.count("conv2d_q") == 2 and "conv2d" not in ops and "batch_norm" not in ops
+    want, got = m.predict(x), q.predict(x)
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()

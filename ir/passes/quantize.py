@@ -24,6 +24,7 @@ from ..graph import Graph
 from ..ops.quant import QUANT_RANGES
 from ..types import IRError
 from . import run_pipeline
+from .fold_constants import FOLDERS
 
 # the float pipeline a graph goes through before quantization: bias and activations fused into conv/dense
 PREPARE_PASSES = ["verify", "drop_dropout", "fold_batch_norm", "fold_constants", "cse",
@@ -50,9 +51,50 @@ class QuantParams:
     dtype: str = ACTIVATION_DTYPE
 
 
-def prepare_for_quantization(graph: Graph) -> Graph:
-    """The float graph quantize_graph expects: dropout dropped, bias and activations fused."""
-    return run_pipeline(graph, PREPARE_PASSES).graph
+def prepare_for_quantization(graph: Graph, weights: dict) -> tuple:
+    """(the float graph quantize_graph expects, its weights): dropout dropped, batch norm folded, the
+    nodes computed from weights alone evaluated (fold_params), bias and activations fused."""
+    g = run_pipeline(graph, PREPARE_PASSES[:-2]).graph
+    g, weights = fold_params(g, weights)
+    return run_pipeline(g, PREPARE_PASSES[-2:]).graph, weights
+
+
+def fold_params(graph: Graph, weights: dict) -> tuple:
+    """(graph, weights) with every node of fold_constants.FOLDERS whose inputs are params and constants
+    replaced by a new param holding its value for these weights — fold_batch_norm's scaled kernels and
+    shifted biases, so their conv2d becomes quantizable (its weights are params). Quantization specializes
+    a graph to its weights anyway; folding cascades; params nothing reads any more are dropped."""
+    values = dict(graph.consts)
+    values.update((p.name, np.asarray(weights[p.name], np.float32)) for p in graph.params if p.name in weights)
+    results = {v.name for v in graph.result_values()}
+    folded, kept = {}, []
+    for n in graph.nodes:
+        fold = FOLDERS.get(n.op)
+        if fold is None or not all(v.name in values for v in n.inputs) or n.outputs[0].name in results:
+            kept.append(n)
+            continue
+        out = n.outputs[0]
+        values[out.name] = folded[out.name] = np.ascontiguousarray(
+            np.asarray(fold([values[v.name] for v in n.inputs], n.attrs), dtype=out.type.np_dtype))
+    if not folded:
+        return graph, weights
+    used = {v.name for n in kept for v in n.inputs} | results
+    base = Graph(graph.name)
+    for v in graph.inputs:
+        base.input(v.name, v.shape, v.dtype)
+    for v in graph.params:
+        if v.name in used:
+            base.param(v.name, v.shape, v.dtype)
+    for v in graph.const_values:
+        if v.name in used:
+            base.const(v.name, graph.consts[v.name])
+    new_weights = {k: w for k, w in weights.items() if k in used}
+    for name, arr in folded.items():
+        if name in used:
+            base.param(name, arr.shape, graph.value(name).dtype)
+            new_weights[name] = arr
+    base._counter = graph._counter
+    return base.rebuild(kept, outputs=graph.outputs, updates=graph.updates), new_weights
 
 
 def _quantizable(node, weights) -> bool:
