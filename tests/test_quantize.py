@@ -48,13 +48,19 @@ def ref_quantize(x, scale, zp, dtype):
     return out
 
 
-def ref_requant(acc, x_scale, w_scale_c, y_scale, zp, lo, hi):
+def ref_requant(acc, x_scale, w_scale_c, y_scale, zp, lo, hi, residual=None):
+    """residual: (r - r_zero_point, r_scale) of a conv2d_q with a residual operand."""
     acc = (acc + 2 ** 31) % 2 ** 32 - 2 ** 31                     # int32 wraparound
     m = np.float32(float(x_scale) * float(w_scale_c) / float(y_scale))   # Python floats are float64
-    return min(hi, max(lo, ref_round(np.float32(acc) * m) + zp))
+    t = np.float32(np.float32(acc) * m)
+    if residual is not None:
+        mr = np.float32(float(residual[1]) / float(y_scale))
+        t = np.float32(t + np.float32(np.float32(residual[0]) * mr))
+    return min(hi, max(lo, ref_round(t) + zp))
 
 
-def ref_conv2d_q(x, w, b, stride, pads, dil, xs, xzp, ws, ys, yzp, dtype, y_min=None, y_max=None):
+def ref_conv2d_q(x, w, b, stride, pads, dil, xs, xzp, ws, ys, yzp, dtype, y_min=None, y_max=None, resid=None,
+                 r_scale=None, r_zp=0):
     lo, hi = RANGES[dtype]
     lo = lo if y_min is None else y_min
     hi = hi if y_max is None else y_max
@@ -75,7 +81,8 @@ def ref_conv2d_q(x, w, b, stride, pads, dil, xs, xzp, ws, ys, yzp, dtype, y_min=
                             if 0 <= r < h and 0 <= col < wd:       # padding cells are x_zero_point
                                 for k in range(c):
                                     acc += (int(x[s, r, col, k]) - xzp) * int(w[p, q, k, o])
-                    out[s, i, j, o] = ref_requant(acc, xs, ws[o], ys, yzp, lo, hi)
+                    res = None if resid is None else (int(resid[s, i, j, o]) - r_zp, r_scale)
+                    out[s, i, j, o] = ref_requant(acc, xs, ws[o], ys, yzp, lo, hi, res)
     return out
 
 
@@ -512,9 +519,9 @@ def test_mnist_cnn_int8_accuracy_within_one_point_of_fp32(mnist_quantized):
     assert acc_fp32 - acc_int8 <= 0.01
 
 
-def test_conv_with_a_fused_residual_stays_float_and_correct():
-    """resnet8's block tails are conv2d with a residual operand after fusion: conv2d_q has none, so the
-    quantize pass must leave them float (never drop the skip value)."""
+def test_resnet8_block_tails_quantize_to_conv2d_q_with_the_residual(tmp_path):
+    """resnet8's block tails are conv2d with a residual operand after fusion: they become conv2d_q with the
+    (u8) residual added in the requantization, so every conv runs in int8 and the skip value is kept."""
     import runpy
     from pathlib import Path
     from ir.passes import run_pipeline
@@ -522,17 +529,26 @@ def test_conv_with_a_fused_residual_stays_float_and_correct():
     m = ns["build_model"]((12, 12, 1))
     m.build()
     opt = run_pipeline(m.inference_graph(), "inference").graph
-    residual = [n for n in opt.nodes if n.op == "conv2d" and len(n.inputs) == 4]
+    convs = [n for n in opt.nodes if n.op == "conv2d"]
+    residual = [n for n in convs if len(n.inputs) == 4]
     assert residual
     x = np.random.default_rng(0).random((16, 12, 12, 1), np.float32)
     q = gc.quantize(m, x)
-    kept = [n for n in q.graph.nodes if n.op == "conv2d" and len(n.inputs) == 4]
-    assert len(kept) == len(residual) and any(n.op == "conv2d_q" for n in q.graph.nodes)
+    ops = [n.op for n in q.graph.nodes]
+    assert "conv2d" not in ops and ops.count("conv2d_q") == len(convs)
+    assert sum(1 for n in q.graph.nodes if n.op == "conv2d_q" and len(n.inputs) == 4) == len(residual)
     want = m.predict(x)
     got = q.predict(x)
     assert got.shape == want.shape and np.isfinite(got).all()
-    # int8 convs around the float block tails: close to fp32, not garbage
-    assert np.abs(got - want).max() < 0.1
+    assert np.abs(got - want).max() < 0.1          # close to fp32, not garbage
+    if importlib.util.find_spec("onnxruntime") is None:
+        return
+    import onnxruntime as ort
+    from graphcnn.onnx import export
+    export(q.graph, str(tmp_path / "r.onnx"), weights=q.weights)
+    s = ort.InferenceSession(str(tmp_path / "r.onnx"), providers=["CPUExecutionProvider"])
+    theirs = s.run(None, {s.get_inputs()[0].name: np.ascontiguousarray(x.transpose(0, 3, 1, 2))})[0]
+    np.testing.assert_allclose(theirs, got, atol=0.02)
 
 
 def test_batch_norm_folded_convs_are_quantized_with_the_folded_weights():
@@ -567,3 +583,48 @@ def test_batch_norm_folded_convs_are_quantized_with_the_folded_weights():
     assert ops.count("conv2d_q") == 2 and "conv2d" not in ops and "batch_norm" not in ops
     want, got = m.predict(x), q.predict(x)
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("case", LLVM_CONV_CASES[:5], ids=lambda c: f"x{c[0]}k{c[1]}zp{c[7]}")
+@pytest.mark.parametrize("rdt,rzp", [("u8", 17), ("i8", -128)])
+def test_llvm_conv2d_q_with_a_residual_is_bit_identical_to_numpy_and_naive(case, rdt, rzp):
+    xshape, (kh, kw, f), stride, padding, dil, xdt, ydt, xzp = case
+    rng = np.random.default_rng(sum(xshape) * 3 + f + abs(rzp))
+    lo, hi = RANGES[xdt]
+    x = rng.integers(lo, hi + 1, xshape).astype(NP[xdt])
+    w = rng.integers(-128, 128, (kh, kw, xshape[3], f)).astype(np.int8)
+    b = rng.integers(-20000, 20000, f).astype(np.int32)
+    ws = tuple(float(v) for v in rng.uniform(0.0005, 0.01, f).astype(np.float32))
+    yzp = 3 if ydt == "u8" else -4
+    g = gc.Graph("cqr")
+    xv = g.input("x", (None,) + xshape[1:], xdt)
+    wv, bv = g.param("w", w.shape, "i8"), g.param("b", b.shape, "i32")
+    probe = emit("conv2d_q", xv, wv, bv, stride=stride, padding=padding, dilation=dil, x_scale=0.03,
+                 x_zero_point=xzp, w_scale=ws, y_scale=0.2, y_zero_point=yzp, dtype=ydt)
+    rv = g.input("r", (None,) + tuple(probe.shape[1:]), rdt)
+    g.output(emit("conv2d_q", xv, wv, bv, rv, stride=stride, padding=padding, dilation=dil, x_scale=0.03,
+                  x_zero_point=xzp, w_scale=ws, y_scale=0.2, y_zero_point=yzp, dtype=ydt, r_scale=0.37,
+                  r_zero_point=rzp, y_min=yzp if ydt == "u8" else None))
+    g = g.rebuild([n for n in g.nodes if n.outputs[0] is not probe])
+    r = rng.integers(*RANGES[rdt], (xshape[0],) + tuple(probe.shape[1:]), endpoint=True).astype(NP[rdt])
+    a = g.nodes[-1].attrs
+    got = run(g, x=x, r=r, params={"w": w, "b": b})
+    want = ref_conv2d_q(x, w, b, a["stride"], a["padding"], a["dilation"], 0.03, xzp, ws, 0.2, yzp, ydt,
+                        y_min=a["y_min"], resid=r, r_scale=0.37, r_zp=rzp)
+    np.testing.assert_array_equal(got, want)
+    assert want.size < 40 or len(np.unique(want)) > 5
+
+
+def test_conv2d_q_residual_attributes_are_checked():
+    g = gc.Graph("cqr")
+    x = g.input("x", (None, 4, 4, 2), "u8")
+    w, b = g.param("w", (3, 3, 2, 3), "i8"), g.param("b", (3,), "i32")
+    common = dict(x_scale=0.1, w_scale=(0.1,) * 3, y_scale=0.1)
+    with pytest.raises(IRError, match="without a residual"):
+        emit("conv2d_q", x, w, b, r_scale=0.5, **common)
+    with pytest.raises(IRError, match="needs r_scale"):
+        emit("conv2d_q", x, w, b, g.input("r", (None, 2, 2, 3), "u8"), **common)
+    with pytest.raises(IRError, match="residual must have the output's shape"):
+        emit("conv2d_q", x, w, b, g.input("r2", (None, 4, 4, 3), "u8"), r_scale=0.5, **common)
+    with pytest.raises(IRError, match="residual's dtype"):
+        emit("conv2d_q", x, w, b, g.input("r3", (None, 2, 2, 3)), r_scale=0.5, **common)

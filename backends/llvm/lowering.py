@@ -120,13 +120,18 @@ def lower_conv2d_q(cache, node, target):
     x, w = node.inputs[:2]
     spec = dict(in_hwc=tuple(x.shape[1:]), kernel_hw=tuple(w.shape[:2]), filters=w.shape[3], **_conv_common(node),
                 **_requant_spec(node))
-    return _lower_int_gemm(cache, node, "conv2d_q", spec, lambda m, name, **kw: quant.build_conv2d_q(
+    if len(node.inputs) > 3:
+        r = node.inputs[3]
+        spec.update(r_dtype=r.dtype, r_scale=node.attrs["r_scale"], r_zero_point=node.attrs["r_zero_point"])
+    fn, operands = _lower_int_gemm(cache, node, "conv2d_q", spec, lambda m, name, **kw: quant.build_conv2d_q(
         m, name, target=target, **kw, **spec))
+    return fn, operands[:3] + [node.inputs[3].name if len(node.inputs) > 3 else NULL] + operands[3:]
 
 
 def _lower_int_gemm(cache, node, kind, spec, build):
     """conv2d_q / dense_q: the weights and the bias (folded with the zero points) are packed together."""
     x = node.inputs[0]
+    # weights and bias only (a conv2d_q residual, inputs[3], is an activation)
     packing, w_operand = _weights(cache, kind, spec, build, node.inputs[1:3])
     fn = cache.get((kind, repr(spec), packing), lambda m, name: build(m, name, packing=packing))
     bias = node.inputs[2].name if spec["has_bias"] and packing == "per_call" else NULL

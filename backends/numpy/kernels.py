@@ -1385,10 +1385,13 @@ def requant_multiplier(x_scale, w_scale, y_scale):
     return m.astype(np.float32)
 
 
-def _requantize(acc, m, y_zero_point, y_min, y_max, out):
-    """out = clamp(rint(f32(acc) * m) + y_zero_point, y_min, y_max); acc int32 (rows, F), m (F,)."""
+def _requantize(acc, m, y_zero_point, y_min, y_max, out, residual=None):
+    """out = clamp(rint(f32(acc) * m [+ residual]) + y_zero_point, y_min, y_max); acc int32 (rows, F),
+    m (F,), residual the f32 term f32(r - r_zero_point) * mr shaped like acc (ir/ops/quant.py)."""
     y = acc.astype(np.float32)
     np.multiply(y, m, out=y)
+    if residual is not None:
+        np.add(y, residual, out=y)
     np.rint(y, out=y)
     y += np.float32(y_zero_point)
     np.clip(y, y_min, y_max, out=y)
@@ -1426,9 +1429,10 @@ def dequantize(x, out, scale, zero_point=0):
 
 
 def conv2d_q(x, w, b, out, stride, padding, dilation, x_scale, w_scale, y_scale, x_zero_point=0,
-             y_zero_point=0, dtype="u8", y_min=None, y_max=None):
+             y_zero_point=0, dtype="u8", y_min=None, y_max=None, residual=None, r_scale=None, r_zero_point=0):
     """out (N,OH,OW,F) u8/i8 = requantized conv of x (N,H,W,C) u8/i8 (padding = x_zero_point) with
-    w (KH,KW,C,F) i8 plus b (F,) i32 or None."""
+    w (KH,KW,C,F) i8 plus b (F,) i32 or None, plus the u8/i8 residual (laid out like out; r_scale,
+    r_zero_point) when given."""
     _expect_rank("conv2d_q", "x", x, 4)
     _expect_rank("conv2d_q", "w", w, 4)
     lo, hi = _quant_out("conv2d_q", out, dtype)
@@ -1440,6 +1444,11 @@ def conv2d_q(x, w, b, out, stride, padding, dilation, x_scale, w_scale, y_scale,
         _expect_shape("conv2d_q", "b", np.shape(b), (f,))
     stride, pads, dilation, (oh, ow) = _window_geometry("conv2d_q", x.shape, kh, kw, stride, padding, dilation)
     _expect_shape("conv2d_q", "out", out.shape, (n, oh, ow, f))
+    if residual is not None:
+        _expect_shape("conv2d_q", "residual", residual.shape, out.shape)
+        if r_scale is None:
+            _fail("conv2d_q", "a residual needs r_scale")
+        mr = np.float32(np.float64(r_scale) / np.float64(y_scale))
     m = requant_multiplier(x_scale, w_scale, y_scale)
     y_min = lo if y_min is None else y_min
     y_max = hi if y_max is None else y_max
@@ -1450,7 +1459,11 @@ def conv2d_q(x, w, b, out, stride, padding, dilation, x_scale, w_scale, y_scale,
         # padded cells hold x_zero_point, i.e. 0 after subtracting it
         cols = _windows(_padded(xs, pads, 0), kh, kw, stride, dilation, oh, ow).reshape(-1, k)
         acc = _accumulate_int32(np.matmul(cols, w2), b)
-        _requantize(acc, m, y_zero_point, y_min, y_max, out[s:e])
+        res = None
+        if residual is not None:
+            res = np.multiply(np.subtract(residual[s:e].reshape(-1, f), r_zero_point, dtype=np.int32).astype(np.float32),
+                              mr, dtype=np.float32)
+        _requantize(acc, m, y_zero_point, y_min, y_max, out[s:e], res)
     return out
 
 

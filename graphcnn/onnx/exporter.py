@@ -422,6 +422,10 @@ def conv2d_q(ex, node):
     ins = [xf] + _weight_and_bias_dq(ex, node, np.ascontiguousarray(np.asarray(W).transpose(3, 2, 0, 1)), axis=0)
     y = ex.add("Conv", ins, hint=node.name, kernel_shape=list(W.shape[:2]), strides=list(a["stride"]),
                dilations=list(a["dilation"]), pads=_pads(a["padding"]), group=1)
+    if len(node.inputs) > 3:        # the fused residual: Add of its dequantized values before requantizing
+        r = node.inputs[3]
+        rf = _dequantized(ex, ex.get(r, NCHW), a["r_scale"], a["r_zero_point"], r.type.dtype, f"{node.name}_r")
+        y = ex.add("Add", [y, rf], hint=f"{node.name}_residual")
     ex.put(node.outputs[0], _requantized(ex, node, y), NCHW)
 
 

@@ -22,6 +22,11 @@ conv2d_q / dense_q:
     i.e. the float32-multiplier requantization (not gemmlowp's fixed-point rule): acc converts to
     float32 with round-to-nearest-even, one float32 multiply, rint half to even. A fused relu or clip
     is the output clamp [y_min, y_max] (the pass derives it: relu -> y_min = y_zero_point).
+conv2d_q with a residual r (u8/i8, laid out like y, per-tensor r_scale / r_zero_point; needs the bias):
+    mr     = f32(f64(r_scale) / f64(y_scale))
+    y[c]   = clamp(rint(f32(acc[c]) * m[c] + f32(r - r_zero_point) * mr) + y_zero_point, y_min, y_max)
+    (two float32 multiplies and one float32 add, never fused into an FMA): the residual block's
+    relu(conv + b + r) in one kernel, activations int8 on both paths.
 """
 from __future__ import annotations
 
@@ -145,8 +150,8 @@ class Conv2DQ(ConvBase):
     """y = requant(conv(x - x_zero_point, w) + b); x (N,H,W,C) u8/i8, w (KH,KW,C,F) i8, b (F,) i32,
     y (N,OH,OW,F) u8/i8. Arithmetic and rounding: see the module doc."""
     name = "conv2d_q"
-    inputs = ("x", "w", "b?")
-    attrs = dict(ConvBase.attrs, **REQUANT_ATTRS)
+    inputs = ("x", "w", "b?", "residual?")
+    attrs = dict(ConvBase.attrs, **REQUANT_ATTRS, r_scale=None, r_zero_point=0)
     differentiable = False
 
     def normalize(self, types, attrs):
@@ -157,8 +162,21 @@ class Conv2DQ(ConvBase):
         if len(types) > 2 and types[2].shape != (w.shape[3],):
             raise IRError(f"conv2d_q: bias must have shape ({w.shape[3]},), got {types[2]}")
         _check_reduction(self.name, w.shape[0] * w.shape[1] * w.shape[2])
-        stride, dil, pads, _ = self._geom(x.shape[1:3], w.shape[:2], attrs)
-        out = _check_requant(self.name, x, w.shape[3], types, attrs)
+        stride, dil, pads, out_hw = self._geom(x.shape[1:3], w.shape[:2], attrs)
+        out = _check_requant(self.name, x, w.shape[3], types[:3], attrs)
+        if len(types) > 3:
+            r = types[3]
+            check_quant_dtype(r.dtype, "residual's dtype", self.name)
+            want = (x.shape[0],) + tuple(out_hw) + (w.shape[3],)
+            if tuple(r.shape) != want:
+                raise IRError(f"conv2d_q: residual must have the output's shape {want}, got {r}")
+            if attrs["r_scale"] is None:
+                raise IRError("conv2d_q: a residual operand needs r_scale (and r_zero_point)")
+            out["r_scale"] = check_scale(attrs["r_scale"], "r_scale", self.name)
+            out["r_zero_point"] = check_int_in(attrs["r_zero_point"], *QUANT_RANGES[r.dtype], "r_zero_point",
+                                               self.name)
+        elif attrs["r_scale"] is not None or attrs["r_zero_point"] != 0:
+            raise IRError("conv2d_q: r_scale / r_zero_point given without a residual operand")
         return dict(out, stride=stride, padding=pads, dilation=dil)
 
     def infer(self, types, attrs):

@@ -5,8 +5,8 @@ dequantize nodes (arithmetic defined in ir/ops/quant.py).
 
 Scheme: activations per-tensor u8 (asymmetric, zero exactly representable), weights per output channel
 symmetric i8 in [-127, 127], biases i32 in units of x_scale * w_scale[c]. A conv2d (groups=1) or dense
-whose weights are params, with its fused bias and a linear/relu/clip activation, becomes conv2d_q /
-dense_q; the activation becomes the output clamp. max_pool2d, flatten and reshape run on the u8 values
+whose weights are params, with its fused bias (and, for conv2d, fused residual) and a linear/relu/clip
+activation, becomes conv2d_q / dense_q; the activation becomes the output clamp. max_pool2d, flatten and reshape run on the u8 values
 unchanged (they commute with the quantization map). Every other op gets float inputs: a quantized value
 is dequantized once, where a float consumer (softmax, an output) first needs it.
 
@@ -100,18 +100,18 @@ def fold_params(graph: Graph, weights: dict) -> tuple:
 def _quantizable(node, weights) -> bool:
     if node.op not in QUANTIZABLE_OPS or node.attrs["activation"] not in QUANTIZABLE_ACTIVATIONS:
         return False
-    if node.op == "conv2d" and (node.attrs.get("groups", 1) != 1 or len(node.inputs) > 3):
-        return False          # grouped, or with a fused residual operand: conv2d_q has neither; stays float
-    return all(v.kind == "param" and v.name in weights for v in node.inputs[1:])
+    if node.op == "conv2d" and node.attrs.get("groups", 1) != 1:
+        return False          # grouped: conv2d_q has no groups; stays float
+    return all(v.kind == "param" and v.name in weights for v in node.inputs[1:3])
 
 
 def calibration_targets(graph: Graph, weights: dict) -> list:
-    """Names of the float values whose range quantize_graph needs: the inputs and outputs of every
-    conv2d/dense it will quantize."""
+    """Names of the float values whose range quantize_graph needs: the inputs (a fused residual
+    included) and outputs of every conv2d/dense it will quantize."""
     names = []
     for n in graph.nodes:
         if _quantizable(n, weights):
-            for v in (n.inputs[0], n.outputs[0]):
+            for v in (n.inputs[0], *n.inputs[3:], n.outputs[0]):
                 if v.name not in names:
                     names.append(v.name)
     return names
@@ -219,10 +219,16 @@ def quantize_graph(graph: Graph, weights: dict, ranges: dict) -> tuple:
                 bq = quantize_bias(weights[n.inputs[2].name], xp.scale, w_scale)
                 operands.append(q.param(n.inputs[2].name, bq.shape, "i32"))
                 new_weights[n.inputs[2].name] = bq
+            elif len(n.inputs) > 3:
+                raise IRError(f"quantize: conv2d %{out.name} has a residual but no bias operand")
             y_min, y_max = output_clamp(n.attrs["activation"], n.attrs["activation_params"], yp)
             attrs = {"x_scale": xp.scale, "x_zero_point": xp.zero_point, "w_scale": tuple(float(s) for s in w_scale),
                      "y_scale": yp.scale, "y_zero_point": yp.zero_point, "dtype": yp.dtype,
                      "y_min": y_min, "y_max": y_max}
+            if len(n.inputs) > 3:     # the fused residual: added in the requantization (ir/ops/quant.py)
+                rq, rp = quantized_of(n.inputs[3])
+                operands.append(rq)
+                attrs.update(r_scale=rp.scale, r_zero_point=rp.zero_point)
             if n.op == "conv2d":
                 attrs.update({k: n.attrs[k] for k in ("stride", "padding", "dilation")})
             qval[out.name] = (q.add_node(f"{n.op}_q", operands, attrs, [out.name])[0], yp)

@@ -27,7 +27,7 @@ Signatures (n = runtime batch size; shapes are compile-time):
     quantize(ptr x, ptr out, i64 n)                          f32 -> u8/i8
     dequantize(ptr x, ptr out, i64 n)                        u8/i8 -> f32
     dense_q(ptr x, ptr w, ptr b, ptr out, ptr scratch, i64 n)     b may be null (has_bias False)
-    conv2d_q(ptr x, ptr w, ptr b, ptr out, ptr scratch, i64 n)
+    conv2d_q(ptr x, ptr w, ptr b, ptr r, ptr out, ptr scratch, i64 n)    r may be null (no residual)
 """
 from __future__ import annotations
 
@@ -374,8 +374,24 @@ def _fold_zero_point_into_bias(kb: KernelBuilder, rq: Requantization, w, bias, k
         kb.store(start, comp, c)
 
 
-def _requantize_tile(kb: KernelBuilder, rq: Requantization, acc, out_rows, width: int, comp, table, col0) -> None:
-    """acc[m][v] (i32 vectors) -> out_rows[m][v*lanes ...] as u8/i8, only the first `width` columns."""
+@dataclass(frozen=True)
+class ResidualTerm:
+    """The residual of a conv2d_q (ir/ops/quant.py): f32(r - zero_point) * multiplier added before rint."""
+    signed: bool
+    zero_point: int
+    multiplier: float          # f32(f64(r_scale) / f64(y_scale))
+
+
+def residual_term(kernel: str, r_dtype, r_scale, r_zero_point, y_scale) -> ResidualTerm:
+    signed, lo, hi = _format(kernel, "r_dtype", r_dtype)
+    mr = np.float32(np.float64(_check_scale(kernel, "r_scale", r_scale)) / np.float64(_check_scale(kernel, "y_scale", y_scale)))
+    return ResidualTerm(signed, _check_int(kernel, "r_zero_point", r_zero_point, lo, hi), float(mr))
+
+
+def _requantize_tile(kb: KernelBuilder, rq: Requantization, acc, out_rows, width: int, comp, table, col0,
+                     residual_rows=None, res: ResidualTerm | None = None) -> None:
+    """acc[m][v] (i32 vectors) -> out_rows[m][v*lanes ...] as u8/i8, only the first `width` columns; with
+    residual_rows (byte rows laid out like out_rows) the residual term is added before rounding."""
     b = kb.b
     lanes = kb.lanes
     for m, row in enumerate(acc):
@@ -384,6 +400,10 @@ def _requantize_tile(kb: KernelBuilder, rq: Requantization, acc, out_rows, width
             w = min(lanes, width - v * lanes)
             total = b.add(value, kb.load_part(comp, col, w, etype=I32))
             y = b.fmul(b.sitofp(total, kb.vec_type()), kb.load_part(table, col, w))
+            if residual_rows is not None:
+                r = b.sub(widen(kb, kb.load_part(residual_rows[m], v * lanes, w, etype=I8), res.signed),
+                          _int_const(value, res.zero_point))
+                y = b.fadd(y, b.fmul(b.sitofp(r, kb.vec_type()), kb.const(res.multiplier, like=y)))
             y = b.fadd(kb.intrinsic("roundeven", y), kb.const(rq.y_zero_point, like=y))
             kb.store_part(saturate_to_bytes(kb, y, rq.y_min, rq.y_max), out_rows[m], v * lanes, w)
 
@@ -414,9 +434,11 @@ def _pack_int_weights(kb, rq, mac, red, w, bias, k, channels, blocks, packed, co
     _fold_zero_point_into_bias(kb, rq, w, bias, k, channels, comp, mac.a_offset)
 
 
-def _emit_tiles(kb, rq, mac, blocks, packed, comp, table, k, rows, a_row, loops, out_row):
+def _emit_tiles(kb, rq, mac, blocks, packed, comp, table, k, rows, a_row, loops, out_row, residual_row=None,
+                res=None):
     """Every (row tile, column block) of an int8 GEMM: a_row(r) points at row r's first A byte, loops(nr)
-    is the reduction nest over k packed rows, out_row(r, col) the output byte of (row r, column col)."""
+    is the reduction nest over k packed rows, out_row(r, col) the output byte of (row r, column col),
+    residual_row(r, col) the residual byte there (conv2d_q with a residual)."""
     lanes = kb.lanes
     for which, blk in enumerate(blocks):
         nr = blk.nv * lanes
@@ -428,7 +450,9 @@ def _emit_tiles(kb, rq, mac, blocks, packed, comp, table, k, rows, a_row, loops,
                 acc = emit_tile(kb, a_rows, packed_block(kb, packed, k, blocks, which, lj.index), loops(nr),
                                 blk.nv, nr, mac=mac)
                 _requantize_tile(kb, rq, acc, [out_row(kb.add(r0, m), col0) for m in range(mr)], blk.width,
-                                 comp, table, col0)
+                                 comp, table, col0,
+                                 None if residual_row is None else
+                                 [residual_row(kb.add(r0, m), col0) for m in range(mr)], res)
         for_row_tiles(kb, rows, blk.mr, row_tile)
 
 
@@ -498,17 +522,19 @@ def _byte_intrinsics(kb: KernelBuilder):
 def build_conv2d_q(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, stride=(1, 1),
                    padding=((0, 0), (0, 0)), dilation=(1, 1), has_bias: bool, x_dtype: str, x_scale, w_scale,
                    y_scale, x_zero_point: int = 0, y_zero_point: int = 0, dtype: str = "u8", y_min=None,
-                   y_max=None, target, vnni: bool | None = None, packing: str = "per_call") -> ir.Function:
-    """`void name(ptr x, ptr w, ptr b, ptr out, ptr scratch, i64 n)`: out (n, OH, OW, F) u8/i8 = requantized
-    conv2d of x (n, H, W, C) u8/i8 (padding cells = x_zero_point) with w (KH, KW, C, F) i8 plus b (F,) i32,
-    as an implicit GEMM (rows = output pixels, k = (kh, kw, c)) on the packed weights. vnni, packing: as
-    dense_q."""
+                   y_max=None, r_dtype=None, r_scale=None, r_zero_point: int = 0, target,
+                   vnni: bool | None = None, packing: str = "per_call") -> ir.Function:
+    """`void name(ptr x, ptr w, ptr b, ptr r, ptr out, ptr scratch, i64 n)`: out (n, OH, OW, F) u8/i8 =
+    requantized conv2d of x (n, H, W, C) u8/i8 (padding cells = x_zero_point) with w (KH, KW, C, F) i8 plus
+    b (F,) i32, plus the residual r (laid out like out, dtype r_dtype; None: no residual, r not read), as an
+    implicit GEMM (rows = output pixels, k = (kh, kw, c)) on the packed weights. vnni, packing: as dense_q."""
     g = conv_geometry(in_hwc, kernel_hw, filters, stride, padding, dilation)
     rq = requantization("conv2d_q", channels=g.f, x_dtype=x_dtype, x_scale=x_scale, x_zero_point=x_zero_point,
                         w_scale=w_scale, y_scale=y_scale, y_zero_point=y_zero_point, dtype=dtype, y_min=y_min,
                         y_max=y_max)
-    kb = gemm_builder(module, name, 4, target)
-    x, w, bias, out = kb.args
+    res = None if r_dtype is None else residual_term("conv2d_q", r_dtype, r_scale, r_zero_point, y_scale)
+    kb = gemm_builder(module, name, 5, target)
+    x, w, bias, residual, out = kb.args
     b = kb.b
     k = g.taps
     mac, red = _choose_path(kb, rq, _tap_loops(g, 1), vnni)
@@ -542,8 +568,11 @@ def build_conv2d_q(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, 
         else:
             src = x_img
         out_img = kb.gep(out, kb.mul(li.index, g.pixels * g.f), I8)
+        res_img = kb.gep(residual, kb.mul(li.index, g.pixels * g.f), I8) if res is not None else None
         _emit_tiles(kb, rq, mac, blocks, packed, comp, table, k_rows, g.pixels,
                     a_row=lambda p: kb.gep(src, _pixel_offset(kb, g, p), I8),
                     loops=(lambda nr: _tap_loops(g, nr)) if red is None else red.levels,
-                    out_row=lambda p, col: kb.gep(out_img, kb.add(kb.mul(p, g.f), col), I8))
+                    out_row=lambda p, col: kb.gep(out_img, kb.add(kb.mul(p, g.f), col), I8),
+                    residual_row=None if res is None else
+                    (lambda p, col: kb.gep(res_img, kb.add(kb.mul(p, g.f), col), I8)), res=res)
     return kb.finish()
