@@ -354,6 +354,73 @@ def test_grouped_reduction_needs_a_contiguous_innermost_run():
     assert grouped_reduction(_tap_loops(geometry(2, (2, 3)), 1), 2).run == 2  # runs of c
 
 
+@pytest.mark.parametrize("dtype", ["u8", "i8"])
+@pytest.mark.parametrize("shape", [(3, 1, 1, 1), (3, 1, 2, 5), (2, 3, 5, 7), (1, 2, 2, 37), (2, 7, 1, 16), (5, 4, 4, 33)])
+def test_global_avg_pool2d_on_int8_rounds_half_to_even_like_naive(dtype, shape):
+    """The mean of the bytes, rint(f32(sum) / f32(H*W)) half to even, in the input's dtype: checked
+    against exact rational arithmetic (fractions), with halves forced in."""
+    from fractions import Fraction
+    lo, hi = RANGES[dtype]
+    rng = np.random.default_rng(sum(shape))
+    x = rng.integers(lo, hi + 1, shape).astype(NP[dtype])
+    x[0, ..., 0] = hi                                         # the extremes stay representable
+    if shape[1] * shape[2] == 2:
+        x[-1, 0, 0, :], x[-1, -1, -1, :] = 3, 4              # sum 7 over 2 pixels: 3.5 -> 4
+    g = gc.Graph("gap")
+    y = emit("global_avg_pool2d", g.input("x", (None,) + shape[1:], dtype))
+    assert y.dtype == dtype and y.shape == (None, shape[3])
+    g.output(y)
+    got = run(g, x=x)
+
+    def naive(values):
+        m = Fraction(int(values.astype(np.int64).sum()), values.size)
+        f, r = divmod(m, 1)
+        return int(f) + (1 if r > Fraction(1, 2) or (r == Fraction(1, 2) and f % 2) else 0)
+    want = np.array([[naive(x[n, :, :, c]) for c in range(shape[3])] for n in range(shape[0])])
+    np.testing.assert_array_equal(got.astype(np.int64), want)
+
+
+@pytest.mark.parametrize("dtype", ["u8", "i8"])
+@pytest.mark.parametrize("shape", [(3, 1, 1, 1), (2, 3, 5, 7), (1, 2, 2, 67), (2, 7, 1, 16)])
+def test_global_max_pool2d_on_int8_keeps_the_dtype(dtype, shape):
+    lo, hi = RANGES[dtype]
+    x = np.random.default_rng(sum(shape) + 1).integers(lo, hi + 1, shape).astype(NP[dtype])
+    x[-1] = lo                                                # a sample of only the minimum
+    g = gc.Graph("gmp")
+    y = emit("global_max_pool2d", g.input("x", (None,) + shape[1:], dtype))
+    assert y.dtype == dtype
+    g.output(y)
+    got = run(g, x=x)
+    want = np.array([[max(int(v) for v in x[n, :, :, c].ravel()) for c in range(shape[3])] for n in range(shape[0])])
+    np.testing.assert_array_equal(got.astype(np.int64), want)
+
+
+@pytest.mark.parametrize("pool", ["GlobalAveragePooling2D", "GlobalMaxPooling2D"])
+def test_quantized_global_pools_keep_the_scale_and_export_to_onnx(tmp_path, pool):
+    """conv2d_q -> global pool stays u8 (no dequantize before the pool), and ONNX Runtime runs the export
+    (DequantizeLinear, the pool, QuantizeLinear with the conv's output scale) to the same probabilities."""
+    L = gc.layers
+    m = gc.Sequential([L.Input((6, 6, 2)), L.Conv2D(5, 3, activation="relu"), getattr(L, pool)(), L.Dense(3)])
+    m.build()
+    x = np.random.default_rng(5).random((32, 6, 6, 2), np.float32)
+    q = gc.quantize(m, x)
+    ops = [n.op for n in q.graph.nodes]
+    op = "global_avg_pool2d" if "Average" in pool else "global_max_pool2d"
+    assert ops[:4] == ["quantize", "conv2d_q", op, "dense_q"], ops
+    gap = q.graph.nodes[2]
+    assert gap.outputs[0].dtype == "u8"
+    want, got = m.predict(x), q.predict(x)
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max() + 0.01
+    if importlib.util.find_spec("onnxruntime") is None:
+        return
+    import onnxruntime as ort
+    from graphcnn.onnx import export
+    export(q.graph, str(tmp_path / "gap.onnx"), weights=q.weights)
+    s = ort.InferenceSession(str(tmp_path / "gap.onnx"), providers=["CPUExecutionProvider"])
+    theirs = s.run(None, {s.get_inputs()[0].name: np.ascontiguousarray(x.transpose(0, 3, 1, 2))})[0]
+    np.testing.assert_allclose(theirs, got, atol=1e-5)
+
+
 def test_llvm_backend_refuses_int8_values_in_float_kernels_instead_of_misreading_them():
     g = gc.Graph("cat")
     x = g.input("x", (None, 4, 4, 1), "u8")

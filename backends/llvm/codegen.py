@@ -29,7 +29,8 @@ VOID = ll.VoidType()
 # int8 values (ir/ops/quant.py) and the ops whose lowering handles them (kernels/quant.py); every other op
 # meeting a u8/i8 value is refused, since its float kernel would misread the bytes
 QUANTIZED_DTYPES = ("i8", "u8")
-QUANTIZED_LOWERINGS = frozenset({"quantize", "dequantize", "conv2d_q", "dense_q", "max_pool2d"})
+QUANTIZED_LOWERINGS = frozenset({"quantize", "dequantize", "conv2d_q", "dense_q", "max_pool2d",
+                                 "global_avg_pool2d", "global_max_pool2d"})
 
 
 class LoweringError(NotImplementedError):

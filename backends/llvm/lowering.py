@@ -192,9 +192,8 @@ SPECS = {
     **{op: (elementwise, lambda nd: dict(shape=_shape(nd.inputs[0]), axis=nd.attrs["axis"]))
        for op in ("softmax", "log_softmax", "softmax_grad", "log_softmax_grad")},
     **{op: (pool, _pool_spec) for op in ("max_pool2d", "avg_pool2d", "max_pool2d_grad", "avg_pool2d_grad")},
-    **{op: (pool, lambda nd: dict(in_hwc=_shape(nd.inputs[0])[1:] if nd.op == "global_avg_pool2d"
-                                  else tuple(nd.attrs["input_shape"])))
-       for op in ("global_avg_pool2d", "global_avg_pool2d_grad")},
+    "global_avg_pool2d": (pool, lambda nd: dict(in_hwc=_shape(nd.inputs[0])[1:], dtype=nd.inputs[0].dtype)),
+    "global_avg_pool2d_grad": (pool, lambda nd: dict(in_hwc=tuple(nd.attrs["input_shape"]))),
     **{op: (loss, lambda nd: dict(num_classes=nd.inputs[0].shape[1], from_logits=nd.attrs["from_logits"],
                                   has_weight=_has_weight(nd)))
        for op in ("sparse_categorical_crossentropy", "sparse_categorical_crossentropy_grad",
@@ -216,8 +215,8 @@ SPECS = {
        for op in ("reduce_sum", "reduce_mean")},
     "reduce_grad": (reduce_kernels, lambda nd: dict(out_shape=_shape(nd.outputs[0]), axis=tuple(nd.attrs["axis"]),
                                             mean=nd.attrs["mean"])),
-    **{op: (reduce_kernels, lambda nd: dict(in_hwc=_shape(nd.inputs[0])[1:]))
-       for op in ("global_max_pool2d", "global_max_pool2d_grad")},
+    "global_max_pool2d": (reduce_kernels, lambda nd: dict(in_hwc=_shape(nd.inputs[0])[1:], dtype=nd.inputs[0].dtype)),
+    "global_max_pool2d_grad": (reduce_kernels, lambda nd: dict(in_hwc=_shape(nd.inputs[0])[1:])),
     "concat": (shape_kernels, lambda nd: dict(shapes=[_shape(v) for v in nd.inputs], axis=nd.attrs["axis"])),
     "slice": (shape_kernels, lambda nd: dict(in_shape=_shape(nd.inputs[0]), axis=nd.attrs["axis"], start=nd.attrs["start"],
                                      stop=nd.attrs["stop"])),

@@ -403,10 +403,16 @@ def avg_pool2d_grad(dy, out, pool, stride, padding, count_include_pad=False):
 
 
 def global_avg_pool2d(x, out):
-    """out (N,C) = mean of x (N,H,W,C) over H and W."""
+    """out (N,C) = mean of x (N,H,W,C) over H and W. u8/i8 x (same scale and zero point out):
+    rint(f32(int32 sum) / f32(H*W)), half to even (ir/ops/nn.py GlobalAvgPool2D)."""
     _expect_rank("global_avg_pool2d", "x", x, 4)
     _expect_shape("global_avg_pool2d", "out", out.shape, (x.shape[0], x.shape[3]))
-    np.mean(x, axis=(1, 2), out=out)
+    if x.dtype.kind == "f":
+        np.mean(x, axis=(1, 2), out=out)
+        return out
+    total = x.sum(axis=(1, 2), dtype=np.int32).astype(np.float32)
+    np.rint(total / np.float32(x.shape[1] * x.shape[2]), out=total)
+    out[...] = total.astype(out.dtype)
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ir.graph import Graph
+from ir.passes.quantize import PASS_THROUGH_OPS
 
 from ..atomic_file import write_file_atomically
 from ..errors import GraphcnnError
@@ -230,7 +231,18 @@ def _pool(op):
 
 def _global_pool(op):
     def rule(ex, node):
-        y = ex.add(op, [ex.get(node.inputs[0], NCHW)], hint=node.name)
+        x = node.inputs[0]
+        if x.type.dtype == "f32":
+            y = ex.add(op, [ex.get(x, NCHW)], hint=node.name)
+        else:
+            # the mean of u8/i8 values (ir/ops/nn.py GlobalAvgPool2D) in QDQ form, which ONNX Runtime
+            # fuses into its integer pool: DequantizeLinear -> GlobalAveragePool -> QuantizeLinear, both
+            # with the scale and zero point of x (the pool keeps them)
+            scale, zero_point = _quant_params_of(ex, x)
+            f = _dequantized(ex, ex.get(x, NCHW), scale, zero_point, x.type.dtype, node.name)
+            y = ex.add("QuantizeLinear", [ex.add(op, [f], hint=node.name), _scale(ex, scale, f"{node.name}_scale"),
+                                          _zero_point(ex, zero_point, x.type.dtype, f"{node.name}_zero_point")],
+                       hint=node.name)
         ex.put(node.outputs[0], ex.add("Flatten", [y], hint=node.name, axis=1))
     return rule
 
@@ -341,7 +353,7 @@ def dense(ex, node):
 
 # -- int8 (ir/ops/quant.py) as QDQ: QuantizeLinear / DequantizeLinear around float Conv / Gemm, the form
 # ONNX Runtime fuses into its integer kernels (QLinearConv, QGemm). u8 values between layers stay u8:
-# MaxPool, Flatten and Reshape run on them directly.
+# MaxPool, Flatten and Reshape run on them directly; GlobalAveragePool between DQ and Q (_global_pool).
 ONNX_QUANT_NP = {"u8": np.uint8, "i8": np.int8}
 
 
@@ -361,6 +373,20 @@ def quantize(ex, node):
                                   _zero_point(ex, a["zero_point"], a["dtype"], f"{node.name}_zero_point")],
                hint=node.name)
     ex.put(node.outputs[0], q, form)
+
+
+def _quant_params_of(ex, v):
+    """(scale, zero point) of a u8/i8 value: those its producer quantized it with, through the ops
+    that keep them (ir/passes/quantize.py PASS_THROUGH_OPS)."""
+    n = v.producer
+    while n is not None and n.op in PASS_THROUGH_OPS:
+        n = n.inputs[0].producer
+    if n is not None and n.op == "quantize":
+        return n.attrs["scale"], n.attrs["zero_point"]
+    if n is not None and n.op in ("conv2d_q", "dense_q"):
+        return n.attrs["y_scale"], n.attrs["y_zero_point"]
+    ex.fail(f"the scale of the {v.type.dtype} value %{v.name} is unknown (it is a graph input or comes from "
+            f"{n.op if n else 'no node'})")
 
 
 def _dequantized(ex, name, scale, zero_point, dtype, hint):

@@ -327,12 +327,27 @@ class AvgPool2DGrad(PoolBase):
 
 @register
 class GlobalAvgPool2D(Op):
+    """The mean over H and W; f32, or u8/i8 quantized values, which keep their scale and zero point
+    (the mean commutes with the affine quantization map): y = rint(f32(int32 sum) / f32(H*W)), rounding
+    half to even. The mean of bytes is a byte, so no clamp is needed."""
     name = "global_avg_pool2d"
     inputs = ("x",)
+    DTYPES = ("f32", "u8", "i8")
+    # the int32 sum of H*W bytes (|q| <= 255) must not overflow
+    MAX_QUANTIZED_PIXELS = (2 ** 31 - 1) // 255
+
+    def normalize(self, types, attrs):
+        x = types[0]
+        if x.dtype not in self.DTYPES:
+            raise IRError(f"global_avg_pool2d: x must be one of {', '.join(self.DTYPES)}, got {x}")
+        if x.dtype != "f32" and x.rank == 4 and x.shape[1] * x.shape[2] > self.MAX_QUANTIZED_PIXELS:
+            raise IRError(f"global_avg_pool2d: {x} has more than {self.MAX_QUANTIZED_PIXELS} pixels; "
+                          "their int32 sum could overflow")
+        return attrs
 
     def infer(self, types, attrs):
         _nhwc(types[0], self.name)
-        return [TensorType((types[0].shape[0], types[0].shape[3]))]
+        return [TensorType((types[0].shape[0], types[0].shape[3]), types[0].dtype)]
 
     def flops(self, node, batch):
         return node.inputs[0].type.numel(batch)
@@ -559,13 +574,20 @@ class DepthwiseConv2DGradFilter(ConvBase):
 
 @register
 class GlobalMaxPool2D(Op):
-    """(N,H,W,C) -> (N,C): the max over H and W; NaN propagates (like np.max)."""
+    """(N,H,W,C) -> (N,C): the max over H and W; NaN propagates (like np.max). f32, or u8/i8 quantized
+    values, which keep their scale and zero point (as in max_pool2d)."""
     name = "global_max_pool2d"
     inputs = ("x",)
+    DTYPES = ("f32", "u8", "i8")
+
+    def normalize(self, types, attrs):
+        if types[0].dtype not in self.DTYPES:
+            raise IRError(f"global_max_pool2d: x must be one of {', '.join(self.DTYPES)}, got {types[0]}")
+        return attrs
 
     def infer(self, types, attrs):
         _nhwc(types[0], self.name)
-        return [TensorType((types[0].shape[0], types[0].shape[3]))]
+        return [TensorType((types[0].shape[0], types[0].shape[3]), types[0].dtype)]
 
     def flops(self, node, batch):
         return node.inputs[0].type.numel(batch)

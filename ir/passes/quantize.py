@@ -6,9 +6,10 @@ dequantize nodes (arithmetic defined in ir/ops/quant.py).
 Scheme: activations per-tensor u8 (asymmetric, zero exactly representable), weights per output channel
 symmetric i8 in [-127, 127], biases i32 in units of x_scale * w_scale[c]. A conv2d (groups=1) or dense
 whose weights are params, with its fused bias (and, for conv2d, fused residual) and a linear/relu/clip
-activation, becomes conv2d_q / dense_q; the activation becomes the output clamp. max_pool2d, flatten and reshape run on the u8 values
-unchanged (they commute with the quantization map). Every other op gets float inputs: a quantized value
-is dequantized once, where a float consumer (softmax, an output) first needs it.
+activation, becomes conv2d_q / dense_q; the activation becomes the output clamp. max_pool2d,
+global_max_pool2d, global_avg_pool2d (the mean rounded half to even), flatten and reshape run on the u8
+values, keeping their scale. Every other op gets float inputs: a quantized value is dequantized once, where a float consumer
+(softmax, an output) first needs it.
 
 Activation ranges come from calibration: the caller runs the float graph on calibration batches
 (the IR cannot run graphs: graphcnn/quantize.py does it with a backend) and hands `ValueRange`s for the
@@ -31,7 +32,8 @@ PREPARE_PASSES = ["verify", "drop_dropout", "fold_batch_norm", "fold_constants",
                   "fuse_bias_activation", "dce"]
 QUANTIZABLE_OPS = ("conv2d", "dense")
 QUANTIZABLE_ACTIVATIONS = ("linear", "relu", "clip")
-PASS_THROUGH_OPS = ("max_pool2d", "flatten", "reshape")   # same op on the u8 values, same scale
+# the same op on the u8 values, same scale and zero point (they commute with the quantization map)
+PASS_THROUGH_OPS = ("max_pool2d", "global_max_pool2d", "global_avg_pool2d", "flatten", "reshape")
 ACTIVATION_DTYPE = "u8"
 WEIGHT_QMAX = 127          # symmetric weights use [-127, 127] (no -128: w and -w quantize alike)
 

@@ -294,24 +294,46 @@ def build_avg_pool2d_grad(module: ir.Module, name: str, *, in_hwc, pool, stride,
     return kb.finish()
 
 
-def build_global_avg_pool2d(module: ir.Module, name: str, *, in_hwc, target) -> ir.Function:
+def build_global_avg_pool2d(module: ir.Module, name: str, *, in_hwc, dtype: str = "f32", target) -> ir.Function:
     """`void name(ptr x, ptr out, i64 n)`: out (n,C) = mean of x (n,H,W,C) over H and W (summed in
-    pixel order, then divided by H*W)."""
+    pixel order, then divided by H*W). dtype "u8"/"i8": the bytes are summed exactly in int32, then
+    out = roundeven(f32(sum) / f32(H*W)), as the NumPy reference does (ir/ops/nn.py GlobalAvgPool2D)."""
     h, w, c = _image_shape(in_hwc, "global_avg_pool2d")
+    if dtype != "f32" and dtype not in INT8_POOL_FORMATS:
+        raise ValueError(f"global_avg_pool2d: dtype must be f32, u8 or i8, got {dtype!r}")
+    if dtype != "f32" and h * w > (2 ** 31 - 1) // 255:
+        raise ValueError(f"global_avg_pool2d: {h}x{w} pixels of {dtype} could overflow the int32 sum")
     kb = KernelBuilder(module, name, 2, target, arg_names=("x", "out"))
     x, out = kb.args
     b = kb.b
     vty = kb.vec_type()
+    etype = F32 if dtype == "f32" else I8
+    ity = ir.VectorType(ir.IntType(32), kb.lanes)
+    signed = INT8_POOL_FORMATS.get(dtype, (False,))[0]
+
+    def load(img, at, width):
+        v = kb.load_part(img, at, width, kb.lanes, etype=etype)
+        if dtype == "f32":
+            return v
+        return b.sext(v, ity) if signed else b.zext(v, ity)
+
+    zero = kb.const(0.0, like=vty) if dtype == "f32" else ir.Constant(ity, [0] * kb.lanes)
+    add = b.fadd if dtype == "f32" else b.add
     with kb.for_range(kb.n, name="batch") as lb:
-        x_img = kb.gep(x, kb.mul(lb.index, h * w * c))
+        x_img = kb.gep(x, kb.mul(lb.index, h * w * c), etype)
         for block in channel_blocks(c, kb.lanes):
             with kb.for_range(h * w, name="pixel") as lp:
-                accs = [lp.carry(kb.const(0.0, like=vty)) for _ in block]
+                accs = [lp.carry(zero) for _ in block]
                 for a, (off, width) in zip(accs, block):
-                    lp.next(a, b.fadd(a, kb.load_part(x_img, kb.add(kb.mul(lp.index, c), off), width)))
+                    lp.next(a, add(a, load(x_img, kb.add(kb.mul(lp.index, c), off), width)))
             for a, (off, width) in zip(accs, block):
-                mean = b.fdiv(lp.result(a), kb.const(h * w, like=vty))
-                kb.store_part(mean, out, kb.add(kb.mul(lb.index, c), off), width)
+                total = lp.result(a)
+                if dtype == "f32":
+                    y = b.fdiv(total, kb.const(h * w, like=vty))
+                else:       # |mean| <= 255 fits i32; the mean of bytes is a byte: no clamp
+                    mean = kb.intrinsic("roundeven", b.fdiv(b.sitofp(total, vty), kb.const(h * w, like=vty)))
+                    y = b.trunc(b.fptosi(mean, ity), ir.VectorType(I8, kb.lanes))
+                kb.store_part(y, out, kb.add(kb.mul(lb.index, c), off), width)
     return kb.finish()
 
 

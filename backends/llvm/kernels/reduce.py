@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from llvmlite import ir
 
-from .builder import F32, I1, KernelBuilder
+from .builder import F32, I1, I8, KernelBuilder
 from .elementwise import check_shape, emit_map, emit_sum_to, numel
-from .pool import _image_shape, channel_blocks
+from .pool import INT8_POOL_FORMATS, _image_shape, channel_blocks
 
 
 def _axes(kernel: str, shape, axis) -> tuple:
@@ -83,19 +83,31 @@ def _nan_max(kb: KernelBuilder, acc: ir.Value, v: ir.Value) -> ir.Value:
     return b.select(b.fcmp_unordered("uno", acc, acc), acc, b.select(b.fcmp_unordered(">", v, acc), v, acc))
 
 
-def build_global_max_pool2d(module: ir.Module, name: str, *, in_hwc, target) -> ir.Function:
-    """`void name(ptr x, ptr out, i64 n)`: out (n,C) = max over H and W of x (n,H,W,C); NaN propagates."""
+def build_global_max_pool2d(module: ir.Module, name: str, *, in_hwc, dtype: str = "f32", target) -> ir.Function:
+    """`void name(ptr x, ptr out, i64 n)`: out (n,C) = max over H and W of x (n,H,W,C); NaN propagates.
+    dtype "u8"/"i8": integer compares on the bytes (a quantized value keeps its scale)."""
     h, w, c = _image_shape(in_hwc, "global_max_pool2d")
+    if dtype != "f32" and dtype not in INT8_POOL_FORMATS:
+        raise ValueError(f"global_max_pool2d: dtype must be f32, u8 or i8, got {dtype!r}")
     kb = KernelBuilder(module, name, 2, target, arg_names=("x", "out"))
     x, out = kb.args
+    if dtype == "f32":
+        etype, lanes, init, combine = F32, kb.lanes, kb.const(float("-inf"), like=kb.vec_type()), \
+            lambda a, v: _nan_max(kb, a, v)
+    else:
+        signed, smallest = INT8_POOL_FORMATS[dtype]
+        compare = kb.b.icmp_signed if signed else kb.b.icmp_unsigned
+        etype, lanes = I8, 4 * kb.lanes
+        init = ir.Constant(kb.vec_type(lanes, I8), [smallest] * lanes)
+        combine = lambda a, v: kb.b.select(compare(">", v, a), v, a)        # noqa: E731
     with kb.for_range(kb.n, name="batch") as lb:
-        x_img = kb.gep(x, kb.mul(lb.index, h * w * c))
-        for block in channel_blocks(c, kb.lanes):
+        x_img = kb.gep(x, kb.mul(lb.index, h * w * c), etype)
+        for block in channel_blocks(c, lanes):
             with kb.for_range(h * w, name="pix") as lp:
-                accs = [lp.carry(kb.const(float("-inf"), like=kb.vec_type())) for _ in block]
+                accs = [lp.carry(init) for _ in block]
                 pix = kb.mul(lp.index, c)
                 for a, (off, width) in zip(accs, block):
-                    lp.next(a, _nan_max(kb, a, kb.load_part(x_img, kb.add(pix, off), width)))
+                    lp.next(a, combine(a, kb.load_part(x_img, kb.add(pix, off), width, lanes, etype=etype)))
             for a, (off, width) in zip(accs, block):
                 kb.store_part(lp.result(a), out, kb.add(kb.mul(lb.index, c), off), width)
     return kb.finish()
