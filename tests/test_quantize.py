@@ -618,6 +618,28 @@ def test_resnet8_block_tails_quantize_to_conv2d_q_with_the_residual(tmp_path):
     np.testing.assert_allclose(theirs, got, atol=0.02)
 
 
+@pytest.mark.parametrize("max_value", [6.0, None])
+def test_a_fused_clip_becomes_the_quantized_output_clamp(max_value):
+    """ReLU(max_value=6) fuses into the conv as clip(0, 6): conv2d_q clamps at the quantized bounds (the
+    zero point and q(6)); an unbounded side clamps at the dtype's end."""
+    L = gc.layers
+    m = gc.Sequential([L.Input((7, 7, 2)), L.Conv2D(4, 3), L.ReLU(max_value=max_value), L.Flatten(), L.Dense(3)])
+    m.build()
+    w = m.get_weights()
+    w["conv2d/kernel"] = w["conv2d/kernel"] * 8            # outputs well past 6, so the clamp matters
+    m.set_weights(w)
+    x = np.random.default_rng(2).random((64, 7, 7, 2), np.float32)
+    q = gc.quantize(m, x, method="minmax")
+    conv = next(n for n in q.graph.nodes if n.op == "conv2d_q")
+    a = conv.attrs
+    top = 255 if max_value is None else min(255, round(max_value / a["y_scale"]) + a["y_zero_point"])
+    assert (a["y_min"], a["y_max"]) == (a["y_zero_point"], top)
+    if max_value is not None:
+        assert a["y_scale"] * (a["y_max"] - a["y_zero_point"]) == pytest.approx(6.0, abs=a["y_scale"])
+    want, got = m.predict(x), q.predict(x)
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max() + 0.01
+
+
 def test_batch_norm_folded_convs_are_quantized_with_the_folded_weights():
     """fold_params evaluates fold_batch_norm's weight expressions, so a Conv2D + BatchNormalization is one
     conv2d_q whose float weights are exactly w * gamma / sqrt(var + eps), bias beta - mean * that scale."""

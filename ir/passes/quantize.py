@@ -169,8 +169,9 @@ def output_clamp(activation: str, params, qp: QuantParams) -> tuple:
         return max(lo, qp.zero_point), hi
     if activation == "clip":
         bounds = dict(params)
-        q = lambda r: int(np.clip(round(r / qp.scale) + qp.zero_point, lo, hi))  # noqa: E731
-        return q(bounds["min"]), q(bounds["max"])
+        # a bound of None is no bound; a bound is the quantized value of that float (rounded half to even)
+        q = lambda r, none: none if r is None else int(np.clip(round(r / qp.scale) + qp.zero_point, lo, hi))  # noqa: E731
+        return q(bounds["min_value"], lo), q(bounds["max_value"], hi)
     return lo, hi
 
 
