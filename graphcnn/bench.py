@@ -2,6 +2,7 @@
 
     graphcnn bench examples/mnist_cnn.py --vs torch,onnxruntime,tflite,keras --rounds 5
     python benchmarks/compare.py examples/lenet5.py --threads 2        (the same code, from a checkout)
+    graphcnn bench examples/mnist_cnn.py --int8 --vs onnxruntime,tflite   (int8 inference: graphcnn/bench_int8.py)
 
 Systems: graphcnn three ways - `gc.load(saved).predict` (graphcnn-runtime), `model.predict` and
 `model.fit` (graphcnn-model), the compiled `.so` called through ctypes (graphcnn-so) - and each peer that

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 
 import numpy as np
 
@@ -134,7 +135,10 @@ def write_tflite_int8(ctx, model, calib):
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     conv.representative_dataset = lambda: ([calib[i:i + 1]] for i in range(len(calib)))
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    with contextlib.redirect_stdout(io.StringIO()):     # the converter prints its SavedModel's signature
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        # the converter prints its SavedModel's signature, and warns that the float input has no
+        # quantization statistics: it is meant to stay float
+        warnings.filterwarnings("ignore", "Statistics for quantized inputs")
         content = conv.convert()
     with open(ctx.path(TFLiteInt8.file), "wb") as f:
         f.write(content)
