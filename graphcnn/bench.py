@@ -215,7 +215,8 @@ def bench_data(input_shape, images=None, split="train", flag="--images"):
     x, y = mnist.load_data()[0 if split == "train" else 1]
     images = len(x) if images is None else images
     if images > len(x):
-        raise GraphcnnError(f"{flag} {images}: the bundled MNIST subset has {len(x)} {'training' if split == 'train' else 'test'} images")
+        raise GraphcnnError(f"{flag} {images}: the bundled MNIST subset has {len(x)} "
+                            f"{'training' if split == 'train' else 'test'} images")
     x = x[:images].astype(np.float32) / np.float32(255)
     shape = tuple(input_shape)
     if int(np.prod(shape)) != 28 * 28:

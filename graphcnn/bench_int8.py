@@ -179,17 +179,22 @@ def build_systems(ctx, a, peers, skipped, say=print):
 
 def agreement(built, x, y):
     """{test_images, fp32_test_accuracy, systems: {name: {agreement_pct, test_accuracy,
-    accuracy_loss_points}}}: each int8 system's classes of the test images against fp32 graphcnn's."""
-    ref = built["graphcnn-runtime"].runtime.predict(x, batch_size=CHUNK).argmax(1)
+    accuracy_loss_points, max_abs_diff}}}: each int8 system's classes of the test images against fp32
+    graphcnn's; max_abs_diff (the largest output difference from fp32) tells systems apart whose classes
+    coincide."""
+    want = built["graphcnn-runtime"].runtime.predict(x, batch_size=CHUNK)
+    ref = want.argmax(1)
     fp32 = float(np.mean(ref == y))
     rows = {}
     for name, s in built.items():
         if name == "graphcnn-runtime":
             continue
-        cls = np.asarray(s.outputs(x)).reshape(len(x), -1).argmax(1)
+        got = np.asarray(s.outputs(x)).reshape(want.shape)
+        cls = got.argmax(1)
         acc = float(np.mean(cls == y))
         rows[name] = {"agreement_pct": 100.0 * float(np.mean(cls == ref)), "test_accuracy": acc,
-                      "accuracy_loss_points": 100.0 * (fp32 - acc)}
+                      "accuracy_loss_points": 100.0 * (fp32 - acc),
+                      "max_abs_diff": float(np.max(np.abs(got - want)))}
     return {"test_images": len(x), "fp32_test_accuracy": fp32, "systems": rows}
 
 
@@ -198,5 +203,6 @@ def format_agreement(report):
              f"{100 * report['fp32_test_accuracy']:.2f}%):"]
     for name, r in report["systems"].items():
         lines.append(f"  {name}: same class as fp32 for {r['agreement_pct']:.2f}%, test accuracy "
-                     f"{100 * r['test_accuracy']:.2f}% ({-r['accuracy_loss_points']:+.2f} points)")
+                     f"{100 * r['test_accuracy']:.2f}% ({round(-r['accuracy_loss_points'], 2) + 0.0:+.2f} points), "
+                     f"outputs within {r['max_abs_diff']:.2g} of fp32")
     return "\n".join(lines)

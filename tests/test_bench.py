@@ -241,15 +241,18 @@ def test_int8_rows_and_agreement_match_an_independent_computation(tiny_cnn, tmp_
     (xtr, _), (xte, yte) = gc.datasets.mnist.load_data()
     xtr = xtr[:64].astype(np.float32).reshape(-1, 28, 28, 1) / np.float32(255)
     xte = xte.astype(np.float32).reshape(-1, 28, 28, 1) / np.float32(255)
-    fp32 = ctx.model.predict(xte).argmax(1)
-    int8 = gc.quantize(ctx.model, xtr, method="minmax").predict(xte).argmax(1)
+    fp32_out = ctx.model.predict(xte)
+    int8_out = gc.quantize(ctx.model, xtr, method="minmax").predict(xte)
+    fp32, int8 = fp32_out.argmax(1), int8_out.argmax(1)
     assert report["fp32_test_accuracy"] == pytest.approx(np.mean(fp32 == yte))
     row = report["systems"]["graphcnn-int8"]
     assert row["agreement_pct"] == pytest.approx(100 * np.mean(int8 == fp32))
     assert row["test_accuracy"] == pytest.approx(np.mean(int8 == yte))
     assert row["accuracy_loss_points"] == pytest.approx(100 * (np.mean(fp32 == yte) - np.mean(int8 == yte)))
+    assert row["max_abs_diff"] == pytest.approx(np.max(np.abs(int8_out - fp32_out)), abs=1e-5)
     # the .so runs the same int8 graph with the same kernels
-    assert report["systems"]["graphcnn-int8-so"]["agreement_pct"] == pytest.approx(row["agreement_pct"], abs=0.2)
+    so = report["systems"]["graphcnn-int8-so"]
+    assert so["agreement_pct"] == pytest.approx(row["agreement_pct"], abs=0.2) and so["max_abs_diff"] >= 0
     text = bench_int8.format_agreement(report)
     assert f"graphcnn-int8: same class as fp32 for {row['agreement_pct']:.2f}%" in text
 
