@@ -16,7 +16,7 @@ import warnings
 
 import numpy as np
 
-from .bench import (DEFAULT_CALIBRATION_IMAGES, TRAIN_BATCH, GraphcnnRuntime, GraphcnnSharedLibrary, OnnxRuntime,
+from .bench import (DEFAULT_CALIBRATION_IMAGES, PEERS, TRAIN_BATCH, GraphcnnRuntime, GraphcnnSharedLibrary, OnnxRuntime,
                     TFLite, _tensorflow, bench_data, keras_twin, nchw, write_shared_files, write_shared_library)
 from .errors import GraphcnnError
 
@@ -161,7 +161,7 @@ def build_systems(ctx, a, peers, skipped, say=print):
              "graphcnn-int8-so": GraphcnnInt8SharedLibrary(ctx)}
     writers = {"onnxruntime": lambda: write_onnxruntime_int8(ctx, calib),
                "tflite": lambda: write_tflite_int8(ctx, model, calib)}
-    for p in peers:
+    for p in [p for p in PEERS if p in peers]:            # the table's order, whatever --vs's
         if p not in INT8_PEERS:
             skipped[p] = f"no int8 row (--int8 compares {', '.join(INT8_PEERS.values())})"
             continue
