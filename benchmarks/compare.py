@@ -4,6 +4,7 @@ peak RSS. The code is graphcnn/bench.py (`graphcnn bench`); this script runs it 
 
     python benchmarks/compare.py examples/mnist_cnn.py --threads 2 --rounds 5
     python benchmarks/compare.py examples/resnet8.py --vs torch,onnxruntime --rounds 3
+    python benchmarks/compare.py examples/mnist_cnn.py --int8 --vs onnxruntime,tflite     (int8 inference)
 """
 import os
 import sys

@@ -5,6 +5,8 @@ speed does not depend on the weights) and calibrated on 500 training images.
 
     python benchmarks/int8.py --batch 256 --images 4096 --rounds 7
     GRAPHCNN_THREADS=1 python benchmarks/int8.py --backend llvm
+
+`graphcnn bench MODEL --int8` times the int8 model against ONNX Runtime's and TFLite's int8 as well.
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
     graphcnn bench examples/mnist_cnn.py --vs torch,onnxruntime,tflite,keras --rounds 5
     python benchmarks/compare.py examples/lenet5.py --threads 2        (the same code, from a checkout)
+    graphcnn bench examples/mnist_cnn.py --int8 --vs onnxruntime,tflite   (int8 inference: graphcnn/bench_int8.py)
 
 Systems: graphcnn three ways - `gc.load(saved).predict` (graphcnn-runtime), `model.predict` and
 `model.fit` (graphcnn-model), the compiled `.so` called through ctypes (graphcnn-so) - and each peer that
@@ -46,6 +47,7 @@ TRAIN_BATCH = 128
 TRAIN_MEASURES = ("train_first_s", "train_epoch_s")
 RSS_MEASURE = "peak_rss_mb"
 SUPPORTED_LAYERS = "Input, Conv2D, MaxPool2D, AveragePool2D, Flatten, Dropout, Dense"
+DEFAULT_CALIBRATION_IMAGES = 500
 
 
 # -- options ------------------------------------------------------------------------------------------
@@ -62,6 +64,12 @@ def add_arguments(ap, default_model=None):
     ap.add_argument("--no-train", action="store_true", help="skip the training rows")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
     ap.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON here")
+    ap.add_argument("--int8", action="store_true",
+                    help="int8 inference: graphcnn's quantized model (.gcnn and .so) against ONNX Runtime's and "
+                         "TFLite's static int8 quantization, with an agreement report")
+    ap.add_argument("--calibration-images", type=int, default=None, metavar="N",
+                    help=f"with --int8: calibrate every system on the first N bundled training images "
+                         f"(default {DEFAULT_CALIBRATION_IMAGES})")
 
 
 def _comma_list(text, allowed, flag):
@@ -90,6 +98,11 @@ def check_arguments(a):
             raise GraphcnnError(f"{flag} must be an integer >= 1, got {value!r}")
     if a.images < TRAIN_BATCH and not a.no_train:
         raise GraphcnnError(f"--images must be >= the training batch {TRAIN_BATCH}, got {a.images}")
+    n = getattr(a, "calibration_images", None)
+    if n is not None and not getattr(a, "int8", False):
+        raise GraphcnnError("--calibration-images N sets the int8 calibration: it needs --int8")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise GraphcnnError(f"--calibration-images must be an integer >= 1, got {n!r}")
     return batches, _comma_list(a.vs, PEERS, "--vs")
 
 
@@ -194,14 +207,16 @@ def model_flops(model_spec, input_shape, images: int, batches):
 
 
 # -- data ----------------------------------------------------------------------------------------------
-def bench_data(input_shape, images: int):
-    """The first `images` bundled MNIST training images as float32 in [0, 1], shaped for the model
-    (N,) + input_shape (28x28x1 or 784), and their int64 labels."""
+def bench_data(input_shape, images=None, split="train", flag="--images"):
+    """The first `images` (all when None) bundled MNIST images of `split` (train or test) as float32 in
+    [0, 1], shaped for the model (N,) + input_shape (28x28x1 or 784), and their int64 labels."""
     import numpy as np
     from .datasets import mnist
-    (x, y), _ = mnist.load_data()
+    x, y = mnist.load_data()[0 if split == "train" else 1]
+    images = len(x) if images is None else images
     if images > len(x):
-        raise GraphcnnError(f"--images {images}: the bundled MNIST subset has {len(x)} training images")
+        raise GraphcnnError(f"{flag} {images}: the bundled MNIST subset has {len(x)} "
+                            f"{'training' if split == 'train' else 'test'} images")
     x = x[:images].astype(np.float32) / np.float32(255)
     shape = tuple(input_shape)
     if int(np.prod(shape)) != 28 * 28:
@@ -258,11 +273,11 @@ class GraphcnnModel:
 
 class GraphcnnRuntime:
     """gc.load(saved .gcnn).predict."""
-    name, trains = "graphcnn-runtime", False
+    name, trains, file = "graphcnn-runtime", False, "model.gcnn"
 
     def __init__(self, ctx):
         from .artifact import load
-        self.ctx, self.runtime = ctx, load(ctx.path("model.gcnn"))
+        self.ctx, self.runtime = ctx, load(ctx.path(self.file))
         self.threads = int(os.environ.get("GRAPHCNN_THREADS", "1"))
 
     def infer(self, b):
@@ -273,11 +288,11 @@ class GraphcnnRuntime:
 class GraphcnnSharedLibrary:
     """NAME_predict of the .so that `graphcnn compile --emit so,h` builds, called through ctypes with a
     workspace allocated once per batch size. Uses NAME_set_threads(int) when the library has it."""
-    name, trains = "graphcnn-so", False
+    name, trains, info_file = "graphcnn-so", False, "so.json"
 
     def __init__(self, ctx):
         import numpy as np
-        with open(ctx.path("so.json")) as f:
+        with open(ctx.path(self.info_file)) as f:
             info = json.load(f)
         self.ctx, self.np = ctx, np
         self.lib = ctypes.CDLL(ctx.path(info["file"]))
@@ -313,7 +328,7 @@ class GraphcnnSharedLibrary:
         def call():
             code = predict(*args)
             if code != 0:
-                raise GraphcnnError(f"graphcnn-so: {self.ctx.path('so.json')}: predict returned error {code}")
+                raise GraphcnnError(f"{self.name}: {self.ctx.path(self.info_file)}: predict returned error {code}")
         call.keep = (xb, ws, out)          # the buffers live as long as the call
         return call, out
 
@@ -428,14 +443,14 @@ class TorchEager:
 
 class OnnxRuntime:
     """ONNX Runtime (CPU provider) on graphcnn's own ONNX export of the trained model (NCHW input)."""
-    name, trains = "onnxruntime", False
+    name, trains, file = "onnxruntime", False, "model.onnx"
 
     def __init__(self, ctx):
         import onnxruntime as ort
         so = ort.SessionOptions()
         so.intra_op_num_threads = ctx.threads
         so.inter_op_num_threads = 1
-        self.sess = ort.InferenceSession(ctx.path("model.onnx"), so, providers=["CPUExecutionProvider"])
+        self.sess = ort.InferenceSession(ctx.path(self.file), so, providers=["CPUExecutionProvider"])
         self.input = self.sess.get_inputs()[0].name
         self.ctx, self.threads = ctx, ctx.threads
 
@@ -540,7 +555,7 @@ class KerasTF:
 class TFLite:
     """The TFLite interpreter (ai_edge_litert when installed, else tf.lite) on the converted Keras twin,
     one interpreter per batch size (resizing in between would be timed otherwise)."""
-    name, trains = "tflite", False
+    name, trains, file = "tflite", False, "model.tflite"
 
     def __init__(self, ctx):
         try:
@@ -548,7 +563,7 @@ class TFLite:
         except ImportError:
             Interpreter = _tensorflow(ctx.threads).lite.Interpreter
         self.make, self.ctx, self.threads = Interpreter, ctx, ctx.threads
-        with open(ctx.path("model.tflite"), "rb") as f:
+        with open(ctx.path(self.file), "rb") as f:
             self.content = f.read()
 
     def _interpreter(self, b):
@@ -587,23 +602,30 @@ class Context:
         return os.path.join(self.folder, name)
 
 
-def write_shared_files(ctx, systems, graphcnn_model):
+def write_shared_files(ctx, systems, model):
     """Save the trained graphcnn model (.gcnn), build its .so, export it to ONNX: the files the
     inference systems (and their RSS children) load."""
-    graphcnn_model.model.save(ctx.path("model.gcnn"))
+    model.save(ctx.path("model.gcnn"))
     if "graphcnn-so" in systems:
-        from ir.passes import run_pipeline
-        from .export import write_native_library
-        g = run_pipeline(graphcnn_model.model.inference_graph(), "inference").graph
-        paths = write_native_library(g, graphcnn_model.model.weights, ctx.folder, ["so", "h"])
-        so = next(p for p in paths if p.endswith(".so"))
-        info = {"file": os.path.basename(so), "symbol": os.path.splitext(os.path.basename(so))[0],
-                "output_shape": list(g.outputs[0].type.shape[1:])}
-        with open(ctx.path("so.json"), "w") as f:
-            json.dump(info, f)
+        write_shared_library(ctx, model.inference_graph(), model.weights, "so.json")
     if "onnxruntime" in systems:
         from .onnx import export
-        export(graphcnn_model.model, ctx.path("model.onnx"))
+        export(model, ctx.path("model.onnx"))
+
+
+def write_shared_library(ctx, graph, weights, info_file, subfolder=""):
+    """The .so + .h of `graph` (optimized here) in ctx.folder/subfolder, and info_file (json: the library's
+    path relative to ctx.folder, its symbol prefix, the output shape) that GraphcnnSharedLibrary reads."""
+    from ir.passes import run_pipeline
+    from .export import write_native_library
+    g = run_pipeline(graph, "inference").graph
+    folder = ctx.path(subfolder)
+    os.makedirs(folder, exist_ok=True)
+    so = next(p for p in write_native_library(g, weights, folder, ["so", "h"]) if p.endswith(".so"))
+    info = {"file": os.path.relpath(so, ctx.folder), "symbol": os.path.splitext(os.path.basename(so))[0],
+            "output_shape": list(g.outputs[0].type.shape[1:])}
+    with open(ctx.path(info_file), "w") as f:
+        json.dump(info, f)
 
 
 def check_agreement(ctx, built, reference):
@@ -806,7 +828,8 @@ def rss_child_main(name, a, folder):
     """Body of the RSS child (python -m graphcnn.bench --rss-child NAME ...): prints {"vmhwm_kb": N}."""
     batches, _ = check_arguments(a)
     ctx = Context(a.model, a.images, a.threads, folder)
-    s = SYSTEMS[name](ctx)
+    from .bench_int8 import INT8_CLASSES
+    s = {**SYSTEMS, **INT8_CLASSES}[name](ctx)
     if s.trains and not a.no_train:
         s.epoch()
     for b in batches:
@@ -842,12 +865,39 @@ def _set_thread_env(threads):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def build_systems(ctx, peers, skipped):
+    """The fp32 systems: graphcnn three ways and the installed peers, in the table's order; a peer that
+    cannot express the model is added to `skipped` with the reason."""
+    built = {"graphcnn-model": GraphcnnModel(ctx)}
+    write_shared_files(ctx, list(GRAPHCNN_SYSTEMS) + peers, built["graphcnn-model"].model)
+    built["graphcnn-runtime"] = GraphcnnRuntime(ctx)
+    built["graphcnn-so"] = GraphcnnSharedLibrary(ctx)
+    for p in [p for p in PEERS if p in peers]:
+        if p == "tflite":
+            continue                     # built from the Keras twin below
+        try:
+            built[p] = SYSTEMS[p](ctx)
+        except GraphcnnError as e:       # a peer that cannot express this model: listed, not fatal
+            skipped[p] = str(e)
+    if "tflite" in peers:
+        try:
+            keras_sys = built.get("keras") or KerasTF(ctx)
+            with open(ctx.path("model.tflite"), "wb") as f:
+                f.write(keras_sys.tflite_bytes())
+            built["tflite"] = TFLite(ctx)
+        except GraphcnnError as e:
+            skipped["tflite"] = str(e)
+    check_agreement(ctx, built, built["graphcnn-model"])
+    return {s: built[s] for s in list(GRAPHCNN_SYSTEMS) + list(PEERS) if s in built}
+
+
 def run(a, out=None):
     """Run the benchmark for parsed arguments `a` (see add_arguments); prints the report and returns the
     results dict (also written to a.json when given)."""
     out = out or sys.stdout
     batches, wanted = check_arguments(a)
     peers, skipped = installed_peers(wanted)
+    int8 = getattr(a, "int8", False)
     _set_thread_env(a.threads)
 
     def say(text):
@@ -859,31 +909,17 @@ def run(a, out=None):
     with tempfile.TemporaryDirectory(prefix="graphcnn-bench-") as folder:
         ctx = Context(a.model, a.images, a.threads, folder)
         flops = model_flops(a.model, ctx.model.input_shape, a.images, batches)
-        built = {}
-        built["graphcnn-model"] = GraphcnnModel(ctx)
-        write_shared_files(ctx, list(GRAPHCNN_SYSTEMS) + peers, built["graphcnn-model"])
-        built["graphcnn-runtime"] = GraphcnnRuntime(ctx)
-        built["graphcnn-so"] = GraphcnnSharedLibrary(ctx)
-        for p in [p for p in PEERS if p in peers]:
-            if p == "tflite":
-                continue                     # built from the Keras twin below
-            try:
-                built[p] = SYSTEMS[p](ctx)
-            except GraphcnnError as e:       # a peer that cannot express this model: listed, not fatal
-                skipped[p] = str(e)
-        if "tflite" in peers:
-            try:
-                keras_sys = built.get("keras") or KerasTF(ctx)
-                with open(ctx.path("model.tflite"), "wb") as f:
-                    f.write(keras_sys.tflite_bytes())
-                built["tflite"] = TFLite(ctx)
-            except GraphcnnError as e:
-                skipped["tflite"] = str(e)
-        check_agreement(ctx, built, built["graphcnn-model"])
-        order = [s for s in list(GRAPHCNN_SYSTEMS) + list(PEERS) if s in built]
-        built = {s: built[s] for s in order}
+        if int8:
+            from . import bench_int8
+            built, int8_report = bench_int8.build_systems(ctx, a, peers, skipped, say)
+            present = [s for s in built if s in bench_int8.INT8_PEERS.values()]
+        else:
+            built = build_systems(ctx, peers, skipped)
+            present = [p for p in PEERS if p in built]
+        order = list(built)
         probes = {"1": lambda: fma_peak_gflops(1), str(a.threads): lambda: fma_peak_gflops(a.threads)}
-        samples = run_rounds(built, batches, a.rounds, a.repeats, not a.no_train, probes, progress=say)
+        samples = run_rounds(built, batches, a.rounds, a.repeats, not a.no_train and not int8, probes,
+                             progress=say)
         # the peak is the best probe of any round (load only lowers it); the rest are medians
         peaks = samples.pop("fma_gflops")
         peak1, peak_all = max(peaks["1"]), max(peaks[str(a.threads)])
@@ -891,10 +927,13 @@ def run(a, out=None):
         if not a.no_rss:
             table[RSS_MEASURE] = {s: child_rss_mb(s, a, folder) for s in order}
     load_after = os.getloadavg()
-    present = [p for p in PEERS if p in built]
     threads = {s: built[s].threads for s in order}
-    say(f"\n{ctx.model.name} ({a.model}): {a.rounds} interleaved rounds, medians; {a.images} training images, "
-        f"batch {TRAIN_BATCH}, Adam")
+    if int8:
+        say(f"\n{ctx.model.name} ({a.model}) int8 inference: {a.rounds} interleaved rounds, medians; "
+            f"{int8_report['trained']}; calibrated on {int8_report['calibration_images']} training images")
+    else:
+        say(f"\n{ctx.model.name} ({a.model}): {a.rounds} interleaved rounds, medians; {a.images} training images, "
+            f"batch {TRAIN_BATCH}, Adam")
     say(f"machine: {info['cpu']}, {info['cores']} cores; flags {' '.join(info['flags'])}; LLVM {info['llvm_target']}")
     say(f"threads: " + ", ".join(f"{s} {t}" for s, t in threads.items()))
     say(f"load average (1, 5, 15 min): before {' '.join(f'{v:.2f}' for v in load_before)}, "
@@ -904,12 +943,17 @@ def run(a, out=None):
     for p, why in skipped.items():
         say(f"skipped {p}: {why}")
     say("")
-    peak_by_system = {s: peak1 if t == 1 else peak_all for s, t in threads.items()}
+    # the probe is an fp32 FMA peak: int8 rows (VNNI, 4x the MACs per instruction) are not set against it
+    peak_by_system = {s: peak1 if t == 1 else peak_all for s, t in threads.items()
+                      if not int8 or s == "graphcnn-runtime"}
     say(format_table(table, order, present, flops, peak_by_system))
     say("ratios: graphcnn / fastest peer in the row's unit (times and MB: < 1 is better; images/s: > 1 is better)")
     results = {"model": ctx.model.name, "spec": a.model, "rounds": a.rounds, "machine": info, "threads": threads,
                "load_before": load_before, "load_after": load_after, "fma_peak_gflops": peaks,
                "flops": flops, "medians": table, "samples": samples, "skipped": skipped}
+    if int8:
+        say(bench_int8.format_agreement(int8_report))
+        results["int8"] = int8_report
     if a.json:
         from .atomic_file import write_file_atomically
         write_file_atomically(a.json, json.dumps(results, indent=1).encode())

@@ -464,6 +464,9 @@ def cmd_export(a):
 
 def cmd_bench(a):
     if a.model.lower().endswith(".onnx"):        # the peer is ONNX Runtime on the same file
+        if a.int8:
+            raise UsageError("--int8 quantizes a graphcnn model (a .py or .gcnn MODEL); an .onnx MODEL is "
+                             "timed in fp32 only")
         from .onnx.compare import run_cli
         run_cli(a)
         return EXIT_OK

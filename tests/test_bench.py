@@ -177,3 +177,114 @@ def test_smoke_run_without_peers(tmp_path):
     assert res["flops"]["b1_s"] >= 2 * 784 * 10
     import json
     assert json.loads(out.read_text())["model"] == res["model"]
+
+
+# -- --int8 -------------------------------------------------------------------------------------------
+TINY_CNN = '''import graphcnn as gc
+from graphcnn import layers
+model = gc.Sequential([layers.Input((28, 28, 1)), layers.Conv2D(4, 3, activation="relu"), layers.MaxPool2D(2),
+                       layers.Flatten(), layers.Dense(10, activation="softmax")], name="tiny_cnn")
+TRAIN = {"epochs": 1, "batch_size": 64}
+'''
+
+
+@pytest.fixture
+def tiny_cnn(tmp_path):
+    """A quantizable model (conv2d + dense; seed_dense's sigmoid dense stays float) that trains in a second."""
+    path = tmp_path / "tiny_cnn.py"
+    path.write_text(TINY_CNN)
+    return str(path)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"int8": True, "calibration_images": 0}, "--calibration-images must be an integer >= 1"),
+    ({"int8": True, "calibration_images": -5}, "--calibration-images must be an integer >= 1"),
+    ({"calibration_images": 100}, "needs --int8"),
+])
+def test_int8_bad_options(kw, message):
+    with pytest.raises(GraphcnnError, match=message):
+        bench.check_arguments(args(**kw))
+
+
+def test_int8_cli_usage_errors_exit_2(capsys, tmp_path):
+    from graphcnn.cli import main
+    model = os.path.join(ROOT, "examples", "seed_dense.py")
+    assert main(["bench", model, "--int8", "--calibration-images", "0"]) == 2
+    assert "--calibration-images must be an integer >= 1" in capsys.readouterr().err
+    assert main(["bench", model, "--calibration-images", "10"]) == 2
+    assert "needs --int8" in capsys.readouterr().err
+    assert main(["bench", str(tmp_path / "m.onnx"), "--int8"]) == 2
+    assert "--int8" in capsys.readouterr().err
+
+
+def int8_args(spec, **kw):
+    return args(**dict({"model": spec, "int8": True, "calibration_images": 64, "images": 256, "threads": 1}, **kw))
+
+
+def test_int8_calibration_beyond_the_bundled_images(tiny_cnn, tmp_path):
+    from graphcnn import bench_int8
+    ctx = bench.Context(tiny_cnn, 256, 1, str(tmp_path))
+    with pytest.raises(GraphcnnError, match="--calibration-images 9000: the bundled MNIST subset has 8000"):
+        bench_int8.build_systems(ctx, int8_args(tiny_cnn, calibration_images=9000), [], {}, say=lambda s: None)
+
+
+def test_int8_rows_and_agreement_match_an_independent_computation(tiny_cnn, tmp_path):
+    """The report's numbers are those of gc.quantize's runtime on the same calibration images, against the
+    trained fp32 model, on the bundled test split; torch has no int8 row and says so."""
+    from graphcnn import bench_int8
+    ctx = bench.Context(tiny_cnn, 256, 1, str(tmp_path))
+    skipped = {}
+    built, report = bench_int8.build_systems(ctx, int8_args(tiny_cnn), ["torch"], skipped, say=lambda s: None)
+    assert list(built) == ["graphcnn-runtime", "graphcnn-int8", "graphcnn-int8-so"]
+    assert "no int8 row" in skipped["torch"]
+    assert report["calibration_images"] == 64 and report["test_images"] == 2000
+    (xtr, _), (xte, yte) = gc.datasets.mnist.load_data()
+    xtr = xtr[:64].astype(np.float32).reshape(-1, 28, 28, 1) / np.float32(255)
+    xte = xte.astype(np.float32).reshape(-1, 28, 28, 1) / np.float32(255)
+    fp32_out = ctx.model.predict(xte)
+    int8_out = gc.quantize(ctx.model, xtr, method="minmax").predict(xte)
+    fp32, int8 = fp32_out.argmax(1), int8_out.argmax(1)
+    assert report["fp32_test_accuracy"] == pytest.approx(np.mean(fp32 == yte))
+    row = report["systems"]["graphcnn-int8"]
+    assert row["agreement_pct"] == pytest.approx(100 * np.mean(int8 == fp32))
+    assert row["test_accuracy"] == pytest.approx(np.mean(int8 == yte))
+    assert row["accuracy_loss_points"] == pytest.approx(100 * (np.mean(fp32 == yte) - np.mean(int8 == yte)))
+    assert row["max_abs_diff"] == pytest.approx(np.max(np.abs(int8_out - fp32_out)), abs=1e-5)
+    # the .so runs the same int8 graph with the same kernels
+    so = report["systems"]["graphcnn-int8-so"]
+    assert so["agreement_pct"] == pytest.approx(row["agreement_pct"], abs=0.2) and so["max_abs_diff"] >= 0
+    text = bench_int8.format_agreement(report)
+    assert f"graphcnn-int8: same class as fp32 for {row['agreement_pct']:.2f}%" in text
+
+
+@pytest.mark.parametrize("peer", ["onnxruntime", "tflite"])
+def test_int8_peer_rows(peer, tiny_cnn, tmp_path):
+    """onnxruntime-int8 / tflite-int8: the peer's own quantization of the same trained network (skipped when
+    the peer is not installed) classifies the test images mostly as fp32 graphcnn does."""
+    from graphcnn import bench_int8
+    if not bench.installed_peers([peer])[0]:
+        pytest.skip(f"{peer} is not installed")
+    bench._set_thread_env(1)
+    ctx = bench.Context(tiny_cnn, 1024, 1, str(tmp_path))
+    skipped = {}
+    built, report = bench_int8.build_systems(ctx, int8_args(tiny_cnn, images=1024), [peer], skipped,
+                                             say=lambda s: None)
+    row = bench_int8.INT8_PEERS[peer]
+    assert row in built, skipped
+    assert report["systems"][row]["agreement_pct"] > 80
+    built[row].infer(1)()          # the timed call runs
+
+
+def test_int8_smoke_run_without_peers(tiny_cnn, tmp_path):
+    """One round through bench.run: the int8 rows are timed in the same rounds as the fp32 runtime, their
+    peak RSS comes from child processes, and the JSON has the int8 section."""
+    import json
+    out = tmp_path / "r.json"
+    a = int8_args(tiny_cnn, vs="", rounds=1, repeats=1, json=str(out), quiet=True)
+    res = bench.run(a)
+    rows = {"graphcnn-runtime", "graphcnn-int8", "graphcnn-int8-so"}
+    assert set(res["medians"]) == {"b1_s", "b256_s", "peak_rss_mb"}           # no training rows with --int8
+    assert all(set(per) == rows and all(v > 0 for v in per.values()) for per in res["medians"].values())
+    section = json.loads(out.read_text())["int8"]
+    assert set(section["systems"]) == rows - {"graphcnn-runtime"}
+    assert 0 <= section["systems"]["graphcnn-int8"]["agreement_pct"] <= 100
