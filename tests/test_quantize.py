@@ -608,6 +608,10 @@ def test_resnet8_block_tails_quantize_to_conv2d_q_with_the_residual(tmp_path):
     got = q.predict(x)
     assert got.shape == want.shape and np.isfinite(got).all()
     assert np.abs(got - want).max() < 0.1          # close to fp32, not garbage
+    # the residual is per sample like x: the graph splits across threads, to the same bits
+    assert q.executable.split_blockers == []
+    one, two = (gc.compile(q.graph, backend="llvm", params=q.weights, threads=t) for t in (1, 2))
+    np.testing.assert_array_equal(one(x), two(x))
     if importlib.util.find_spec("onnxruntime") is None:
         return
     import onnxruntime as ort

@@ -89,6 +89,12 @@ def weights_batched(node) -> bool:
     return any(v.type.batched for v in node.inputs[1:])
 
 
+def kernel_or_bias_batched(node) -> bool:
+    """weights_batched for a conv with a fused residual (inputs x, w, b, residual): a batched kernel or
+    bias mixes samples; the residual is per sample like x (output row i reads residual row i)."""
+    return any(v.type.batched for v in node.inputs[1:3])
+
+
 class ConvBase(Op):
     attrs = {"stride": 1, "padding": "valid", "dilation": 1}
 
@@ -145,9 +151,7 @@ class Conv2D(ConvBase):
         return [TensorType((x.shape[0],) + out + (w.shape[3],))]
 
     def couples_batch(self, node):
-        # a batched kernel or bias mixes samples; the residual is per sample like x (output row i reads
-        # residual row i)
-        return any(v.type.batched for v in node.inputs[1:3])
+        return kernel_or_bias_batched(node)
 
     def flops(self, node, batch):
         kh, kw, c, _ = node.inputs[1].shape

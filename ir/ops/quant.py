@@ -35,7 +35,7 @@ import numbers
 
 from ..types import IRError, TensorType
 from . import REQUIRED, Op, register
-from .nn import ConvBase, _nhwc
+from .nn import ConvBase, _nhwc, kernel_or_bias_batched
 
 # the integer range of each quantized activation dtype
 QUANT_RANGES = {"u8": (0, 255), "i8": (-128, 127)}
@@ -153,6 +153,9 @@ class Conv2DQ(ConvBase):
     inputs = ("x", "w", "b?", "residual?")
     attrs = dict(ConvBase.attrs, **REQUANT_ATTRS, r_scale=None, r_zero_point=0)
     differentiable = False
+
+    def couples_batch(self, node):
+        return kernel_or_bias_batched(node)
 
     def normalize(self, types, attrs):
         x, w = types[0], types[1]
