@@ -37,6 +37,7 @@ BUSY = 2         # try-lock: one call at a time
 WORKERS = 3      # pthreads created so far (ids 1..WORKERS)
 PARTS = 4        # workers taking part in the current job (including the caller, worker 0)
 FN, ARGS, N, ARENA, FIRST = 5, 6, 7, 8, 9
+STOP = 10        # own_lifecycle pools: set by PREFIX_stop, workers seeing it exit
 ARRIVED = 16     # barrier arrive count
 PHASE = 24       # barrier phase
 TEAM_SLOTS = 32
@@ -137,10 +138,16 @@ def define_barrier(module, name="gcpool_barrier") -> ll.Function:
     return fn
 
 
-def define_pool(module, prefix="gcpool") -> ll.Function:
+def define_pool(module, prefix="gcpool", own_lifecycle=False) -> ll.Function:
     """Add the pool (its team global, the worker main and `PREFIX_run`) to module; returns PREFIX_run:
     i32 run(ptr team_fn, ptr args, i64 n, ptr arena, i64 first, i64 parts) -> 1 when the job ran on the
-    pool, 0 when the pool is busy or has no worker (the caller runs the single-threaded entry instead)."""
+    pool, 0 when the pool is busy or has no worker (the caller runs the single-threaded entry instead).
+
+    own_lifecycle (the exported .so, whose code can be unloaded): workers are joinable (their ids kept in
+    PREFIX_tids) and a module destructor `PREFIX_stop` wakes them with STOP set and joins them (skipped
+    when a call holds the pool at that moment); a constructor registers `PREFIX_forked` with
+    pthread_atfork, which resets the pool in a forked child (a child has none of the parent's workers).
+    Without it (the JIT's process pool) workers are detached and live as long as the process."""
     team_ty = ll.ArrayType(I64, TEAM_SLOTS)
     team_global = ll.GlobalVariable(module, team_ty, name=f"{prefix}_team")
     team_global.linkage = "internal"
@@ -192,6 +199,13 @@ def define_pool(module, prefix="gcpool") -> ll.Function:
     b.branch(top)
     # run the job if this worker takes part
     b.position_at_end(run)
+    if own_lifecycle:
+        live, leave = wm.append_basic_block("live"), wm.append_basic_block("leave")
+        stop = b.load_atomic(_slot(b, team, STOP), "acquire", 8, typ=I64)
+        b.cbranch(b.icmp_unsigned("!=", stop, c(0)), leave, live)
+        b.position_at_end(leave)
+        b.ret(null)
+        b.position_at_end(live)
     parts = team_field(b, team, PARTS)
     b.cbranch(b.icmp_unsigned("<", wid, parts), call, after)
     b.position_at_end(call)
@@ -199,19 +213,26 @@ def define_pool(module, prefix="gcpool") -> ll.Function:
     b.call(indirect_callee(fnp, team_fn_ty), [team, wid])
     b.branch(after)
     b.position_at_end(after)
+    after_run = b.block
     b.branch(top)
     seen.add_incoming(seen0, entry)
     seen.add_incoming(seen, spun)
     seen.add_incoming(seen, slept)
-    seen.add_incoming(g, after)
+    seen.add_incoming(g, after_run)
     i.add_incoming(c(0), entry)
     i.add_incoming(i1, spun)
     i.add_incoming(c(0), slept)
-    i.add_incoming(c(0), after)
+    i.add_incoming(c(0), after_run)
 
     # run
     pthread_create = _declare(module, "pthread_create", I32, [PTR, PTR, PTR, PTR])
     pthread_detach = _declare(module, "pthread_detach", I32, [I64])
+    if own_lifecycle:
+        tids_ty = ll.ArrayType(I64, MAX_THREADS + 1)
+        tids = ll.GlobalVariable(module, tids_ty, name=f"{prefix}_tids")
+        tids.linkage = "internal"
+        tids.initializer = ll.Constant(tids_ty, None)
+        tids.type = PTR
     run_fn = ll.Function(module, ll.FunctionType(I32, [PTR, PTR, I64, PTR, I64, I64]), name=f"{prefix}_run")
     run_fn.attributes.add("nounwind")
     fn_arg, args, n, arena, first, want = run_fn.args
@@ -240,7 +261,10 @@ def define_pool(module, prefix="gcpool") -> ll.Function:
     rc = b.call(pthread_create, [tid, null, wm, warg])
     b.cbranch(b.icmp_signed("==", rc, ll.Constant(I32, 0)), grow_ok, grow_done)
     b.position_at_end(grow_ok)
-    b.call(pthread_detach, [b.load(tid, typ=I64)])
+    if own_lifecycle:                   # joined by PREFIX_stop
+        b.store(b.load(tid, typ=I64), b.gep(tids, [new_id], inbounds=True, source_etype=I64))
+    else:
+        b.call(pthread_detach, [b.load(tid, typ=I64)])
     b.store(new_id, _slot(b, team, WORKERS))
     b.branch(grow_top)
     b.position_at_end(grow_done)
@@ -267,7 +291,75 @@ def define_pool(module, prefix="gcpool") -> ll.Function:
     # the team entry ends with every worker past its last barrier: the job fields are free again
     _store_atomic(b, c(0), _slot(b, team, BUSY), "release")
     b.ret(ll.Constant(I32, 1))
+    if own_lifecycle:
+        _define_lifecycle(module, prefix, team_global, tids, syscall)
     return run_fn
+
+
+def _define_lifecycle(module, prefix, team, tids, syscall):
+    """PREFIX_stop (a destructor: stop and join the workers) and PREFIX_forked (atfork child handler:
+    forget the workers, which do not exist in the child), registered by the constructor PREFIX_init."""
+    c = lambda v: ll.Constant(I64, v)
+    null = ll.Constant(PTR, None)
+    stop = ll.Function(module, ll.FunctionType(VOID, []), name=f"{prefix}_stop")
+    stop.linkage = "internal"
+    stop.attributes.add("nounwind")
+    b = ll.IRBuilder(stop.append_basic_block("entry"))
+    got = b.cmpxchg(_slot(b, team, BUSY), c(0), c(1), "acquire", "monotonic")
+    mine, leave = stop.append_basic_block("mine"), stop.append_basic_block("leave")
+    b.cbranch(b.extract_value(got, 1), mine, leave)
+    b.position_at_end(leave)            # a call is running (or no pool): leave the workers alone
+    b.ret_void()
+    b.position_at_end(mine)
+    have = team_field(b, team, WORKERS)
+    _store_atomic(b, c(1), _slot(b, team, STOP), "seq_cst")
+    b.atomic_rmw("add", _slot(b, team, GEN), ll.Constant(I32, 1), "seq_cst")
+    b.call(syscall, [c(SYS_FUTEX), _slot(b, team, GEN), c(FUTEX_WAKE_PRIVATE), c(MAX_THREADS)])
+    pthread_join = _declare(module, "pthread_join", I32, [I64, PTR])
+    entry = b.block
+    top, body, done = (stop.append_basic_block(s) for s in ("join", "join_body", "joined"))
+    b.branch(top)
+    b.position_at_end(top)
+    k = b.phi(I64)
+    k.add_incoming(c(1), entry)
+    b.cbranch(b.icmp_signed("<=", k, have), body, done)
+    b.position_at_end(body)
+    b.call(pthread_join, [b.load(b.gep(tids, [k], inbounds=True, source_etype=I64), typ=I64), null])
+    k.add_incoming(b.add(k, c(1)), body)
+    b.branch(top)
+    b.position_at_end(done)
+    b.store(c(0), _slot(b, team, WORKERS))
+    _store_atomic(b, c(0), _slot(b, team, STOP), "release")
+    _store_atomic(b, c(0), _slot(b, team, BUSY), "release")
+    b.ret_void()
+
+    forked = ll.Function(module, ll.FunctionType(VOID, []), name=f"{prefix}_forked")
+    forked.linkage = "internal"
+    forked.attributes.add("nounwind")
+    b = ll.IRBuilder(forked.append_basic_block("entry"))
+    for k in (WORKERS, SLEEPERS, BUSY, ARRIVED, STOP):
+        b.store(c(0), _slot(b, team, k))
+    b.ret_void()
+
+    init = ll.Function(module, ll.FunctionType(VOID, []), name=f"{prefix}_init")
+    init.linkage = "internal"
+    init.attributes.add("nounwind")
+    b = ll.IRBuilder(init.append_basic_block("entry"))
+    atfork = _declare(module, "pthread_atfork", I32, [PTR, PTR, PTR])
+    b.call(atfork, [null, null, forked])
+    b.ret_void()
+    _add_structor(module, "llvm.global_ctors", init)
+    _add_structor(module, "llvm.global_dtors", stop)
+
+
+def _add_structor(module, symbol, fn, priority=65535):
+    """Append fn to llvm.global_ctors / llvm.global_dtors (module with one entry each)."""
+    entry_ty = ll.LiteralStructType([I32, PTR, PTR])
+    arr_ty = ll.ArrayType(entry_ty, 1)
+    gv = ll.GlobalVariable(module, arr_ty, name=symbol)
+    gv.linkage = "appending"
+    gv.initializer = ll.Constant(arr_ty, [ll.Constant(entry_ty, [ll.Constant(I32, priority), fn,
+                                                                  ll.Constant(PTR, None)])])
 
 
 class _IndirectCallee(ll.CastInstr):
