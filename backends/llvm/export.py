@@ -143,17 +143,17 @@ class ApiShape:
 
     def workspace_size_threads(self, batch: int, threads: int) -> int:
         """The exact value NAME_workspace_size_threads(batch, threads) returns: the most any mode of a
-        (batch, threads) call may use, so it never decreases as batch grows:
-        threads == 1: workspace_size(batch); otherwise the max of workspace_size(batch), the chunked
-        call's batch * TOTAL_PER_IMAGE + min(batch, threads) * (TOTAL_FIXED + 64) + 64 (splittable graphs),
-        and the team call's arena with one scratch region per thread (thread_pool.team_arena_bytes) for
-        batch 1 (splittable) or for `batch` (a graph coupling its samples) + 64."""
+        (batch, threads) call may use, so it never decreases as batch grows. threads == 1:
+        workspace_size(batch); otherwise the max of workspace_size(batch), the chunked call's
+        batch * TOTAL_PER_IMAGE + min(batch, threads) * (TOTAL_FIXED + 64) + 64 (splittable graphs,
+        batch >= 2) and the team call's arena with one scratch region per thread
+        (thread_pool.team_arena_bytes) + 64, for batch 1 (splittable) or `batch` (a coupling graph)."""
         if batch <= 0 or batch > self.max_batch or threads < 1 or threads > MAX_THREADS:
             return 0
         size = self.workspace_size(batch)
         if threads == 1:
             return size
-        if self.splittable:
+        if self.splittable and batch >= 2:
             size = max(size, batch * self.total_per_sample + min(batch, threads) * self.chunk_stride_fixed()
                        + ALIGN)
         if self.team:
@@ -409,7 +409,7 @@ def _workspace_threads_ir(b, shape, batch, threads):
     if shape.splittable:
         chunked = b.add(b.add(b.mul(batch, _i64(shape.total_per_sample)),
                               b.mul(_umin(b, batch, threads), _i64(shape.chunk_stride_fixed()))), _i64(ALIGN))
-        size = b.select(multi, _umax(b, size, chunked), size)
+        size = b.select(b.and_(multi, b.icmp_signed(">=", batch, _i64(2))), _umax(b, size, chunked), size)
     if shape.team:
         (ps, fx), (sps, sfx) = shape.team_offset, shape.team_scratch
         n = _i64(1) if shape.splittable else batch
