@@ -295,7 +295,7 @@ def _define_run(module, name, shape, entry, layout, globals_by_leaf):
 
 
 # the job a chunked call publishes (the pool's ARGS field points at it): i64 slots
-JOB_INPUT, JOB_OUTPUT, JOB_ARENA, JOB_BATCH, JOB_SLOTS = 0, 1, 2, 3, 4
+JOB_INPUT, JOB_OUTPUT, JOB_ARENA, JOB_BATCH, JOB_CHUNKS, JOB_SLOTS = 0, 1, 2, 3, 4, 5
 
 
 def _umin(b, x, y):
@@ -307,9 +307,11 @@ def _umax(b, x, y):
 
 
 def _define_chunk_team(module, name, shape, entry, layout, globals_by_leaf):
-    """internal void NAME_chunks(ptr team, i64 worker): worker w of PARTS runs the single-threaded entry on
-    images [w * batch / PARTS, (w + 1) * batch / PARTS) in its own arena, copies its output rows, and
-    waits at the barrier so the caller (worker 0) returns only when every chunk is done."""
+    """internal void NAME_chunks(ptr team, i64 worker): the workers claim chunks c of the job's CHUNKS
+    (thread_pool.claim_loop on line 0) and run the single-threaded entry on images
+    [c * batch / CHUNKS, (c + 1) * batch / CHUNKS) in chunk c's own arena, then copy its output rows;
+    worker 0 returns when every chunk is done. A worker that is not scheduled leaves its chunks to the
+    others, so the caller never waits for it."""
     fn = ll.Function(module, ll.FunctionType(VOID, [PTR, I64]), name=f"{name}_chunks")
     fn.linkage = "internal"
     fn.attributes.add("nounwind")
@@ -317,27 +319,32 @@ def _define_chunk_team(module, name, shape, entry, layout, globals_by_leaf):
     b = ll.IRBuilder(fn.append_basic_block("entry"))
     args = _alloca_args(b, layout)
     job = thread_pool.team_field(b, team, thread_pool.ARGS, PTR)
-    parts = thread_pool.team_field(b, team, thread_pool.PARTS)
 
     def field(k, typ=I64):
         v = b.load(b.gep(job, [_i64(k)], inbounds=True, source_etype=I64), typ=I64)
         return b.inttoptr(v, PTR) if typ is PTR else v
 
-    inp, out, base, batch = field(JOB_INPUT, PTR), field(JOB_OUTPUT, PTR), field(JOB_ARENA, PTR), field(JOB_BATCH)
-    lo = b.udiv(b.mul(worker, batch), parts)
-    hi = b.udiv(b.mul(b.add(worker, _i64(1)), batch), parts)
-    n = b.sub(hi, lo)
-    # chunk arena: lo * TOTAL_PER_IMAGE + worker * (TOTAL_FIXED + 64), aligned up to 64
-    off = b.add(b.mul(lo, _i64(shape.total_per_sample)), b.mul(worker, _i64(shape.chunk_stride_fixed())))
-    off = b.and_(b.add(off, _i64(ALIGN - 1)), _i64(-ALIGN))
-    arena = b.gep(base, [off], inbounds=True, source_etype=I8)
-    my_in = b.gep(inp, [b.mul(lo, _i64(shape.input_bytes))], inbounds=True, source_etype=I8)
-    my_out = b.gep(out, [b.mul(lo, _i64(shape.output_bytes))], inbounds=True, source_etype=I8)
-    leaf_ptr = {shape.input_name: my_in, **globals_by_leaf}
-    _store_leaves(b, layout, args, leaf_ptr)
-    _call_entry(b, entry, args, n, arena, lo)
-    _copy_output(module, b, shape, layout, arena, n, my_out, leaf_ptr)
-    b.call(thread_pool.define_barrier(module), [team])
+    inp, out, base = field(JOB_INPUT, PTR), field(JOB_OUTPUT, PTR), field(JOB_ARENA, PTR)
+    batch, chunks = field(JOB_BATCH), field(JOB_CHUNKS)
+
+    def run_chunk(c):
+        lo = b.udiv(b.mul(c, batch), chunks)
+        hi = b.udiv(b.mul(b.add(c, _i64(1)), batch), chunks)
+        n = b.sub(hi, lo)
+        # chunk arena: lo * TOTAL_PER_IMAGE + c * (TOTAL_FIXED + 64), aligned up to 64
+        off = b.add(b.mul(lo, _i64(shape.total_per_sample)), b.mul(c, _i64(shape.chunk_stride_fixed())))
+        off = b.and_(b.add(off, _i64(ALIGN - 1)), _i64(-ALIGN))
+        arena = b.gep(base, [off], inbounds=True, source_etype=I8)
+        my_in = b.gep(inp, [b.mul(lo, _i64(shape.input_bytes))], inbounds=True, source_etype=I8)
+        my_out = b.gep(out, [b.mul(lo, _i64(shape.output_bytes))], inbounds=True, source_etype=I8)
+        leaf_ptr = {shape.input_name: my_in, **globals_by_leaf}
+        _store_leaves(b, layout, args, leaf_ptr)
+        _call_entry(b, entry, args, n, arena, lo)
+        _copy_output(module, b, shape, layout, arena, n, my_out, leaf_ptr)
+
+    thread_pool.claim_loop(b, fn, module, team, 0, chunks, run_chunk, "chunk")
+    with b.if_then(b.icmp_unsigned("==", worker, _i64(0))):
+        thread_pool.wait_done(b, fn, module, team, 0, chunks, "chunks")
     b.ret_void()
     return fn
 
@@ -374,11 +381,12 @@ def _define_run_threads(module, name, shape, entry, layout, globals_by_leaf, poo
         chunked, not_chunked = fn.append_basic_block("chunked"), fn.append_basic_block("not_chunked")
         b.cbranch(b.and_(multi, b.icmp_signed(">=", batch, _i64(2))), chunked, not_chunked)
         b.position_at_end(chunked)
+        chunks = _umin(b, batch, threads)
         for k, v in ((JOB_INPUT, b.ptrtoint(inp, I64)), (JOB_OUTPUT, b.ptrtoint(out, I64)),
-                     (JOB_ARENA, b.ptrtoint(arena, I64)), (JOB_BATCH, batch)):
+                     (JOB_ARENA, b.ptrtoint(arena, I64)), (JOB_BATCH, batch), (JOB_CHUNKS, chunks)):
             b.store(v, b.gep(job, [_i64(k)], inbounds=True, source_etype=I64))
         chunk_fn = _define_chunk_team(module, name, shape, entry, layout, globals_by_leaf)
-        ran = b.call(pool_run, [chunk_fn, job, batch, arena, _i64(0), _umin(b, batch, threads)])
+        ran = b.call(pool_run, [chunk_fn, job, batch, arena, _i64(0), chunks])
         done = fn.append_basic_block("chunked_done")
         b.cbranch(b.icmp_unsigned("!=", ran, _i32(0)), done, single)
         b.position_at_end(done)
@@ -462,7 +470,7 @@ def build_module(g, weights, name=None, target=None):
     pool = thread_pool.available()      # Linux x86-64: the library owns a pthread pool (thread_pool.py)
     try:
         module, entry_name, layout = lower_graph(g, target or host_target(), entry_name=f"{name}_graph",
-                                                 team=pool)
+                                                 team="claim" if pool else False)
         entry = module.get_global(entry_name)
         entry.linkage = "internal"          # only the C API is exported; lets LLVM inline the graph
         team_entry = None
@@ -478,7 +486,8 @@ def build_module(g, weights, name=None, target=None):
         _define_predict(module, name, run, checked=True)
         pool_run = None
         if pool and (shape.splittable or shape.team):
-            pool_run = thread_pool.define_pool(module, prefix=f"{name}_pool", own_lifecycle=True)
+            pool_run = thread_pool.define_pool(module, prefix=f"{name}_pool", own_lifecycle=True,
+                                               claim_lines=max(1, layout.team_lines))
             pool_run.linkage = "internal"
         else:
             shape.splittable = shape.team = False

@@ -38,9 +38,14 @@ WORKERS = 3      # pthreads created so far (ids 1..WORKERS)
 PARTS = 4        # workers taking part in the current job (including the caller, worker 0)
 FN, ARGS, N, ARENA, FIRST = 5, 6, 7, 8, 9
 STOP = 10        # own_lifecycle pools: set by PREFIX_stop, workers seeing it exit
+INSIDE = 11      # claim pools: workers inside the current job
+CLOSED = 12      # claim pools: the caller finished the job; a worker arriving now leaves it alone
 ARRIVED = 16     # barrier arrive count
 PHASE = 24       # barrier phase
 TEAM_SLOTS = 32
+# claim pools: after the 32 slots, one 64-byte line per work item (a split node, or the chunks of a chunked
+# call), zeroed by `run` before each job: next piece to claim, pieces done, ready (worker 0 reached it)
+LINE_SLOTS, CLAIM, DONE, READY = 8, 0, 1, 2
 
 MAX_THREADS = 64
 SPIN_BEFORE_SLEEP = 1 << 17      # pause iterations an idle worker spins (~ a few ms) before it sleeps
@@ -87,6 +92,58 @@ def _declare(module, name, ret, args, var_arg=False):
 
 def _pause(b, module):
     b.call(_declare(module, "llvm.x86.sse2.pause", VOID, []), [])
+
+
+def line_slot(b, team, line, field):
+    """Pointer to field CLAIM/DONE/READY of work-item line `line` (an int or an i64 value)."""
+    k = ll.Constant(I64, line) if isinstance(line, int) else line
+    return b.gep(team, [b.add(b.mul(k, ll.Constant(I64, LINE_SLOTS)), ll.Constant(I64, TEAM_SLOTS + field))],
+                 inbounds=True, source_etype=I64)
+
+
+def spin_until(b, fn, module, ptr, done_if, label):
+    """Spin (pause; sched_yield every SPIN_BEFORE_YIELD pauses) until done_if(atomic acquire load of the i64
+    at ptr) holds; the builder continues in the block after the wait."""
+    entry = b.block
+    loop, spin, yld, done = (fn.append_basic_block(f"{label}_{s}") for s in ("loop", "spin", "yield", "done"))
+    b.branch(loop)
+    b.position_at_end(loop)
+    i = b.phi(I64)
+    i.add_incoming(ll.Constant(I64, 0), entry)
+    now = b.load_atomic(ptr, "acquire", 8, typ=I64)
+    b.cbranch(done_if(now), done, spin)
+    b.position_at_end(spin)
+    _pause(b, module)
+    nxt = b.add(i, ll.Constant(I64, 1))
+    b.cbranch(b.icmp_unsigned("==", nxt, ll.Constant(I64, SPIN_BEFORE_YIELD)), yld, loop)
+    i.add_incoming(nxt, spin)
+    b.position_at_end(yld)
+    b.call(_declare(module, "sched_yield", I32, []), [])
+    b.branch(loop)
+    i.add_incoming(ll.Constant(I64, 0), yld)
+    b.position_at_end(done)
+
+
+def claim_loop(b, fn, module, team, line, pieces, body, label):
+    """while ((p = CLAIM++) < pieces) { body(p); DONE++ } for work-item `line` (dynamic claiming: a worker
+    that comes late, or never, leaves its pieces to the others)."""
+    entry = b.block
+    top, work, out = (fn.append_basic_block(f"{label}_{s}") for s in ("claim", "work", "claimed"))
+    b.branch(top)
+    b.position_at_end(top)
+    p = b.atomic_rmw("add", line_slot(b, team, line, CLAIM), ll.Constant(I64, 1), "monotonic")
+    b.cbranch(b.icmp_unsigned("<", p, pieces), work, out)
+    b.position_at_end(work)
+    body(p)
+    b.atomic_rmw("add", line_slot(b, team, line, DONE), ll.Constant(I64, 1), "release")
+    b.branch(top)
+    b.position_at_end(out)
+    del entry
+
+
+def wait_done(b, fn, module, team, line, pieces, label):
+    """Wait until every piece of work-item `line` is done (acquire: their writes are visible)."""
+    spin_until(b, fn, module, line_slot(b, team, line, DONE), lambda v: b.icmp_unsigned(">=", v, pieces), label)
 
 
 def team_field(b, team, k, typ=I64):
@@ -138,7 +195,7 @@ def define_barrier(module, name="gcpool_barrier") -> ll.Function:
     return fn
 
 
-def define_pool(module, prefix="gcpool", own_lifecycle=False) -> ll.Function:
+def define_pool(module, prefix="gcpool", own_lifecycle=False, claim_lines=0) -> ll.Function:
     """Add the pool (its team global, the worker main and `PREFIX_run`) to module; returns PREFIX_run:
     i32 run(ptr team_fn, ptr args, i64 n, ptr arena, i64 first, i64 parts) -> 1 when the job ran on the
     pool, 0 when the pool is busy or has no worker (the caller runs the single-threaded entry instead).
@@ -147,8 +204,14 @@ def define_pool(module, prefix="gcpool", own_lifecycle=False) -> ll.Function:
     PREFIX_tids) and a module destructor `PREFIX_stop` wakes them with STOP set and joins them (skipped
     when a call holds the pool at that moment); a constructor registers `PREFIX_forked` with
     pthread_atfork, which resets the pool in a forked child (a child has none of the parent's workers).
-    Without it (the JIT's process pool) workers are detached and live as long as the process."""
-    team_ty = ll.ArrayType(I64, TEAM_SLOTS)
+    Without it (the JIT's process pool) workers are detached and live as long as the process.
+
+    claim_lines > 0 (the exported .so): team functions claim their work dynamically (claim_loop over the
+    work-item lines, zeroed here before each job), so the caller never waits for a worker that was not
+    scheduled: a worker enters a job only by INSIDE += 1 while CLOSED is 0 (read after the increment), and
+    `run` sets CLOSED once worker 0 returns and waits only for workers INSIDE. A worker that wakes late
+    finds CLOSED set, or a later job whose fields it then reads consistently."""
+    team_ty = ll.ArrayType(I64, TEAM_SLOTS + LINE_SLOTS * claim_lines)
     team_global = ll.GlobalVariable(module, team_ty, name=f"{prefix}_team")
     team_global.linkage = "internal"
     team_global.initializer = ll.Constant(team_ty, None)
@@ -206,12 +269,22 @@ def define_pool(module, prefix="gcpool", own_lifecycle=False) -> ll.Function:
         b.position_at_end(leave)
         b.ret(null)
         b.position_at_end(live)
+    if claim_lines:
+        enter, leave_job = wm.append_basic_block("enter"), wm.append_basic_block("leave_job")
+        b.atomic_rmw("add", _slot(b, team, INSIDE), c(1), "seq_cst")
+        closed = b.load_atomic(_slot(b, team, CLOSED), "seq_cst", 8, typ=I64)
+        b.cbranch(b.icmp_unsigned("!=", closed, c(0)), leave_job, enter)
+        b.position_at_end(enter)
     parts = team_field(b, team, PARTS)
-    b.cbranch(b.icmp_unsigned("<", wid, parts), call, after)
+    b.cbranch(b.icmp_unsigned("<", wid, parts), call, leave_job if claim_lines else after)
     b.position_at_end(call)
     fnp = team_field(b, team, FN, PTR)
     b.call(indirect_callee(fnp, team_fn_ty), [team, wid])
-    b.branch(after)
+    b.branch(leave_job if claim_lines else after)
+    if claim_lines:
+        b.position_at_end(leave_job)
+        b.atomic_rmw("sub", _slot(b, team, INSIDE), c(1), "seq_cst")
+        b.branch(after)
     b.position_at_end(after)
     after_run = b.block
     b.branch(top)
@@ -276,6 +349,11 @@ def define_pool(module, prefix="gcpool", own_lifecycle=False) -> ll.Function:
     _store_atomic(b, c(0), _slot(b, team, BUSY), "release")
     b.ret(ll.Constant(I32, 0))
     b.position_at_end(go)
+    if claim_lines:
+        memset = _declare(module, "llvm.memset.p0.i64", VOID, [PTR, ll.IntType(8), I64, ll.IntType(1)])
+        b.call(memset, [line_slot(b, team, 0, 0), ll.Constant(ll.IntType(8), 0), c(8 * LINE_SLOTS * claim_lines),
+                        ll.Constant(ll.IntType(1), 0)])
+        b.store(c(0), _slot(b, team, CLOSED))
     for k, v in ((PARTS, parts), (FN, b.ptrtoint(fn_arg, I64)), (ARGS, b.ptrtoint(args, I64)), (N, n),
                  (ARENA, b.ptrtoint(arena, I64)), (FIRST, first)):
         b.store(v, _slot(b, team, k))
@@ -288,6 +366,9 @@ def define_pool(module, prefix="gcpool", own_lifecycle=False) -> ll.Function:
     b.branch(work)
     b.position_at_end(work)
     b.call(indirect_callee(b.inttoptr(b.ptrtoint(fn_arg, I64), PTR), team_fn_ty), [team, c(0)])
+    if claim_lines:     # worker 0 saw every piece done; close the job and wait for workers still inside it
+        _store_atomic(b, c(1), _slot(b, team, CLOSED), "seq_cst")
+        spin_until(b, run_fn, module, _slot(b, team, INSIDE), lambda v: b.icmp_unsigned("==", v, c(0)), "inside")
     # the team entry ends with every worker past its last barrier: the job fields are free again
     _store_atomic(b, c(0), _slot(b, team, BUSY), "release")
     b.ret(ll.Constant(I32, 1))
@@ -337,7 +418,7 @@ def _define_lifecycle(module, prefix, team, tids, syscall):
     forked.linkage = "internal"
     forked.attributes.add("nounwind")
     b = ll.IRBuilder(forked.append_basic_block("entry"))
-    for k in (WORKERS, SLEEPERS, BUSY, ARRIVED, STOP):
+    for k in (WORKERS, SLEEPERS, BUSY, ARRIVED, STOP, INSIDE, CLOSED):
         b.store(c(0), _slot(b, team, k))
     b.ret_void()
 
