@@ -14,6 +14,10 @@ The same IR serves the JIT runtime (a process-wide pool module, `process_pool()`
     team entry `void gc_NAME_team(ptr team, i64 worker)` (codegen.lower_graph): every worker runs the whole
                graph; split kernels work on their part, other nodes run on worker 0 only, `barrier` between
 
+The exported .so builds its pool with own_lifecycle (joinable workers, a destructor joining them, an
+atfork reset) and claim_lines (work claimed through atomic counters instead of static parts and
+barriers; see define_pool), so a worker the OS has not scheduled never holds a call up.
+
 The barrier is a sense-reversing spin barrier (atomic arrive count + phase), with sched_yield after a
 spin budget so an oversubscribed machine still makes progress. Linux x86-64 only (futex syscall number,
 `pause`); `available()` says whether this host can use it.
