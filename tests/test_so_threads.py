@@ -304,3 +304,54 @@ def test_python_size_rule_matches_the_library(cnn):
         for threads in (-1, 0, 1, 2, 3, 64, 65):
             assert shape.workspace_size_threads(batch, threads) == cnn.workspace_size_threads(batch, threads), \
                 (batch, threads)
+
+
+def test_dlclose_joins_the_pool(cnn, tmp_path):
+    """dlopen, threaded calls (workers created), dlclose, again: the destructor stops and joins the workers
+    before the code is unmapped (a live worker would crash the process). Linux (/proc) only."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("counts threads through /proc/self/status")
+    src = tmp_path / "reload.c"
+    src.write_text(textwrap.dedent("""
+        #include <dlfcn.h>
+        #include <stdint.h>
+        #include <stdio.h>
+        #include <stdlib.h>
+        #include <string.h>
+        typedef size_t (*size_fn)(int64_t, int);
+        static int threads_now(void) {          /* this process's thread count, from /proc */
+            char line[256]; int n = -1;
+            FILE *f = fopen("/proc/self/status", "r");
+            if (!f) return -1;
+            while (fgets(line, sizeof line, f)) if (!strncmp(line, "Threads:", 8)) n = atoi(line + 8);
+            fclose(f);
+            return n;
+        }
+        typedef int (*predict_fn)(const float *, int64_t, float *, void *, int);
+        int main(int argc, char **argv) {
+            static float x[3 * 784], y[3 * 10];
+            for (int round = 0; round < 8; round++) {
+                void *h = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
+                if (!h) { fprintf(stderr, "%s\\n", dlerror()); return 1; }
+                size_fn size = (size_fn)dlsym(h, "mnist_cnn_workspace_size_threads");
+                predict_fn predict = (predict_fn)dlsym(h, "mnist_cnn_predict_threads");
+                if (!size || !predict) return 2;
+                for (int batch = 1; batch <= 3; batch++) {
+                    void *ws = malloc(size(batch, 3));
+                    if (predict(x, batch, y, ws, 3) != 0) return 3;
+                    free(ws);
+                }
+                if (threads_now() != 3) return 5;          /* the caller and 2 workers */
+                if (dlclose(h) != 0) return 4;
+                if (threads_now() != 1) return 6;          /* the destructor joined them */
+            }
+            puts("ok");
+            return 0;
+        }
+    """))
+    exe = tmp_path / "reload"
+    res = subprocess.run([c_compiler(), "-std=c99", "-Wall", str(src), "-o", str(exe), "-ldl"], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run([str(exe), cnn.path], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", (res.returncode, res.stderr)
