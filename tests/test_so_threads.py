@@ -355,3 +355,31 @@ def test_dlclose_joins_the_pool(cnn, tmp_path):
     assert res.returncode == 0, res.stderr
     res = subprocess.run([str(exe), cnn.path], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", (res.returncode, res.stderr)
+
+
+def test_no_room_for_workers_runs_on_the_caller(cnn):
+    """Under RLIMIT_AS with no room for a thread stack, pthread_create fails: the pool stays empty and the
+    threaded call runs on the calling thread, with the same result (no crash, no error code)."""
+    script = textwrap.dedent(f"""
+        import resource, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import numpy as np
+        from test_so_threads import Lib, same_bits
+        lib = Lib({os.path.dirname(cnn.path)!r}, "mnist_cnn", 784, 10)
+        xs = [lib.images(1, 1), lib.images(5, 5)]
+        refs = [lib.reference(x) for x in xs]
+        wss = [np.zeros(lib.workspace_size_threads(x.shape[0], 2), np.uint8) for x in xs]
+        outs = [np.zeros((x.shape[0], 10), np.float32) for x in xs]
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[0])
+        limit = pages * resource.getpagesize() + (1 << 20)       # 1 MiB to grow: no 8 MiB thread stack
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        for x, ref, ws, out in zip(xs, refs, wss, outs):
+            rc = lib.predict_threads(x.ctypes.data, x.shape[0], out.ctypes.data, ws.ctypes.data, 2)
+            assert rc == 0 and same_bits(out, ref), rc
+        print("ok")
+    """)
+    if not os.path.exists("/proc/self/statm"):
+        pytest.skip("needs /proc/self/statm")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", (res.returncode, res.stderr[-2000:])
