@@ -383,3 +383,38 @@ def test_no_room_for_workers_runs_on_the_caller(cnn):
         pytest.skip("needs /proc/self/statm")
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", (res.returncode, res.stderr[-2000:])
+
+
+@pytest.fixture(scope="module")
+def coupled(tmp_path_factory):
+    """A graph whose output mixes the images of a batch (y - mean over the batch of y, y = relu(conv(x))):
+    never cut into chunks; every batch splits inside the convolution instead."""
+    if c_compiler() is None:
+        pytest.skip("no C compiler (cc, gcc or clang) on PATH: the shared library cannot be linked")
+    import graphcnn as gc
+    from backends.llvm.export import build_module, write_native
+    from ir.passes import run_pipeline
+    g = gc.Graph("coupled")
+    x = g.input("x", (None, 28, 28, 1))
+    w = g.param("w", (3, 3, 1, 32))
+    y = gc.ops.relu(gc.ops.conv2d(x, w, stride=1, padding="valid"))
+    g.output(gc.ops.sub(y, gc.ops.reduce_mean(y, axis=0)))
+    opt = run_pipeline(g, "inference").graph
+    weights = {"w": np.random.default_rng(0).standard_normal((3, 3, 1, 32)).astype(np.float32)}
+    tmp = tmp_path_factory.mktemp("so_threads_coupled")
+    write_native(opt, weights, str(tmp), ["so", "h"])
+    lib = Lib(str(tmp), "coupled", 784, 26 * 26 * 32)
+    lib.shape = build_module(opt, weights)[2]
+    return lib
+
+
+def test_graph_coupling_the_batch_splits_inside_the_kernels(coupled):
+    assert not coupled.shape.splittable and coupled.shape.team
+    assert "the batch is not cut" in coupled.header
+    for batch in (1, 3, 8):
+        x = coupled.images(batch, seed=batch)
+        ref = coupled.reference(x)
+        for threads in THREADS:
+            assert coupled.workspace_size_threads(batch, threads) == coupled.shape.workspace_size_threads(batch, threads)
+            assert same_bits(coupled.threaded(x, threads), ref), (batch, threads)
+            assert same_bits(coupled.threaded(x, threads, checked=True), ref), (batch, threads)
