@@ -18,11 +18,13 @@ globals, runs the graph once for the whole batch with the arena in the workspace
 out of the arena. Nothing is allocated and there is no global mutable state, so calls with separate
 workspaces may run concurrently. See docs/embedding.md.
 
-`predict_threads` uses the library's own pthread pool (thread_pool.define_pool with own_lifecycle: the
-internal NAME_pool_* symbols, workers created on first use, joined by a destructor): a per-sample graph
-cuts a batch >= 2 into min(batch, threads) chunks, each run by one worker through the same graph entry in
-its own slice of the workspace (NAME_chunks); batch 1 runs the team entry (codegen: conv output rows
-split across workers). The pool is taken with a try-lock; a busy pool means this call runs alone.
+`predict_threads` uses the library's own pthread pool (thread_pool.define_pool with own_lifecycle and
+claim_lines: the internal NAME_pool_* symbols, workers created on first use, joined by a destructor, work
+claimed through atomic counters): a per-sample graph cuts a batch >= 2 into chunks of
+min(CHUNK_IMAGES, ceil(batch / threads)) images, claimed by the workers and run through the same graph entry
+in the claiming worker's own arena (NAME_chunk, NAME_chunks); batch 1 runs the claim team entry (codegen:
+conv row-tile pieces claimed by the workers). The pool is taken with a try-lock; a busy pool means this
+call runs its chunks (or the whole batch) alone.
 
 No user text reaches the C or LLVM output unquoted: NAME is ir.types.ascii_identifier(graph name) (an
 ASCII identifier; a name it had to change carries a digest, so distinct names stay distinct), symbol
@@ -59,8 +61,11 @@ STACK_BOUND_BYTES = 16384
 
 # error codes shared by the header and the generated code
 OK, ERR_NULL_ARG, ERR_BAD_BATCH, ERR_WORKSPACE_TOO_SMALL, ERR_BAD_THREADS = 0, 1, 2, 3, 4
-# predict_threads: 1 .. MAX_THREADS threads (the pool's own cap)
+# predict_threads: 1 .. MAX_THREADS threads (the pool's own cap); a chunked call cuts the batch into chunks of
+# at most CHUNK_IMAGES images (small enough that the caller can take over a slow worker's share, large
+# enough that the per-call cost of a chunk, e.g. packing weights, stays ~1%; arenas stay cache-sized)
 MAX_THREADS = thread_pool.MAX_THREADS
+CHUNK_IMAGES = 16
 # batch * (any per-sample byte count) + fixed + slack must stay far from 2^64; 2^48 bytes (256 TiB) is
 # beyond any real address space, and 2^31 - 1 images keeps the batch an int in every kernel loop.
 MAX_TOTAL_BYTES = 1 << 48
@@ -136,26 +141,30 @@ class ApiShape:
             return 0
         return batch * self.total_per_sample + self.total_fixed + ALIGN
 
-    def chunk_stride_fixed(self) -> int:
-        """Fixed bytes per chunk arena of a chunked call (its own fixed part, plus up to 63 bytes that align
-        the chunk's arena to 64)."""
-        return self.total_fixed + ALIGN
+    def chunk_images(self, batch: int, threads: int) -> int:
+        """Images per chunk of a chunked call: min(CHUNK_IMAGES, ceil(batch / threads))."""
+        return min(CHUNK_IMAGES, -(-batch // threads))
+
+    def chunk_arena_stride(self, images: int) -> int:
+        """Bytes of one worker's arena in a chunked call (the arena of `images` images, plus up to 63
+        bytes that align it to 64)."""
+        return images * self.total_per_sample + self.total_fixed + ALIGN
 
     def workspace_size_threads(self, batch: int, threads: int) -> int:
-        """The exact value NAME_workspace_size_threads(batch, threads) returns: the most any mode of a
-        (batch, threads) call may use, so it never decreases as batch grows. threads == 1:
-        workspace_size(batch); otherwise the max of workspace_size(batch), the chunked call's
-        batch * TOTAL_PER_IMAGE + min(batch, threads) * (TOTAL_FIXED + 64) + 64 (splittable graphs,
-        batch >= 2) and the team call's arena with one scratch region per thread
-        (thread_pool.team_arena_bytes) + 64, for batch 1 (splittable) or `batch` (a coupling graph)."""
+        """The exact value NAME_workspace_size_threads(batch, threads) returns; it never decreases as batch
+        grows. threads == 1: workspace_size(batch). Otherwise the max of: for batch >= 2 of a splittable
+        graph, one chunk arena per thread, threads * chunk_arena_stride(chunk_images(batch, threads)) + 64
+        (else workspace_size(batch)); and, with a team entry, the team call's arena with one scratch region
+        per thread (thread_pool.team_arena_bytes) + 64, for batch 1 (splittable) or `batch` (a coupling
+        graph)."""
         if batch <= 0 or batch > self.max_batch or threads < 1 or threads > MAX_THREADS:
             return 0
-        size = self.workspace_size(batch)
         if threads == 1:
-            return size
+            return self.workspace_size(batch)
         if self.splittable and batch >= 2:
-            size = max(size, batch * self.total_per_sample + min(batch, threads) * self.chunk_stride_fixed()
-                       + ALIGN)
+            size = threads * self.chunk_arena_stride(self.chunk_images(batch, threads)) + ALIGN
+        else:
+            size = self.workspace_size(batch)
         if self.team:
             size = max(size, self.team_size(1 if self.splittable else batch, threads))
         return size
@@ -295,7 +304,7 @@ def _define_run(module, name, shape, entry, layout, globals_by_leaf):
 
 
 # the job a chunked call publishes (the pool's ARGS field points at it): i64 slots
-JOB_INPUT, JOB_OUTPUT, JOB_ARENA, JOB_BATCH, JOB_CHUNKS, JOB_SLOTS = 0, 1, 2, 3, 4, 5
+JOB_INPUT, JOB_OUTPUT, JOB_ARENA, JOB_BATCH, JOB_CHUNK, JOB_CHUNKS, JOB_STRIDE, JOB_SLOTS = range(8)
 
 
 def _umin(b, x, y):
@@ -306,43 +315,50 @@ def _umax(b, x, y):
     return b.select(b.icmp_unsigned(">", x, y), x, y)
 
 
-def _define_chunk_team(module, name, shape, entry, layout, globals_by_leaf):
-    """internal void NAME_chunks(ptr team, i64 worker): the workers claim chunks c of the job's CHUNKS
-    (thread_pool.claim_loop on line 0) and run the single-threaded entry on images
-    [c * batch / CHUNKS, (c + 1) * batch / CHUNKS) in chunk c's own arena, then copy its output rows;
-    worker 0 returns when every chunk is done. A worker that is not scheduled leaves its chunks to the
-    others, so the caller never waits for it."""
+def _job_field(b, job, k, typ=I64):
+    v = b.load(b.gep(job, [_i64(k)], inbounds=True, source_etype=I64), typ=I64)
+    return b.inttoptr(v, PTR) if typ is PTR else v
+
+
+def _define_chunk(module, name, shape, entry, layout, globals_by_leaf):
+    """internal void NAME_chunk(ptr job, i64 c, i64 slot): chunk c of the job (images
+    [c * CHUNK, min((c + 1) * CHUNK, batch))) through the single-threaded entry, in arena `slot` of the job's
+    workspace (slot * STRIDE aligned up to 64), then its output rows copied out."""
+    fn = ll.Function(module, ll.FunctionType(VOID, [PTR, I64, I64]), name=f"{name}_chunk")
+    fn.linkage = "internal"
+    fn.attributes.add("nounwind")
+    job, c, slot = fn.args
+    b = ll.IRBuilder(fn.append_basic_block("entry"))
+    args = _alloca_args(b, layout)
+    inp, out, base = _job_field(b, job, JOB_INPUT, PTR), _job_field(b, job, JOB_OUTPUT, PTR), _job_field(b, job, JOB_ARENA, PTR)
+    batch, size, stride = _job_field(b, job, JOB_BATCH), _job_field(b, job, JOB_CHUNK), _job_field(b, job, JOB_STRIDE)
+    lo = b.mul(c, size)
+    n = b.sub(_umin(b, b.add(lo, size), batch), lo)
+    off = b.and_(b.add(b.mul(slot, stride), _i64(ALIGN - 1)), _i64(-ALIGN))
+    arena = b.gep(base, [off], inbounds=True, source_etype=I8)
+    my_in = b.gep(inp, [b.mul(lo, _i64(shape.input_bytes))], inbounds=True, source_etype=I8)
+    my_out = b.gep(out, [b.mul(lo, _i64(shape.output_bytes))], inbounds=True, source_etype=I8)
+    leaf_ptr = {shape.input_name: my_in, **globals_by_leaf}
+    _store_leaves(b, layout, args, leaf_ptr)
+    _call_entry(b, entry, args, n, arena, lo)
+    _copy_output(module, b, shape, layout, arena, n, my_out, leaf_ptr)
+    b.ret_void()
+    return fn
+
+
+def _define_chunk_team(module, name, chunk):
+    """internal void NAME_chunks(ptr team, i64 worker): the workers claim chunks of the job's CHUNKS
+    (thread_pool.claim_loop on line 0) and run each in their own arena (slot = worker); worker 0 returns
+    when every chunk is done. A worker that is not scheduled leaves its chunks to the others, so the
+    caller never waits for it."""
     fn = ll.Function(module, ll.FunctionType(VOID, [PTR, I64]), name=f"{name}_chunks")
     fn.linkage = "internal"
     fn.attributes.add("nounwind")
     team, worker = fn.args
     b = ll.IRBuilder(fn.append_basic_block("entry"))
-    args = _alloca_args(b, layout)
     job = thread_pool.team_field(b, team, thread_pool.ARGS, PTR)
-
-    def field(k, typ=I64):
-        v = b.load(b.gep(job, [_i64(k)], inbounds=True, source_etype=I64), typ=I64)
-        return b.inttoptr(v, PTR) if typ is PTR else v
-
-    inp, out, base = field(JOB_INPUT, PTR), field(JOB_OUTPUT, PTR), field(JOB_ARENA, PTR)
-    batch, chunks = field(JOB_BATCH), field(JOB_CHUNKS)
-
-    def run_chunk(c):
-        lo = b.udiv(b.mul(c, batch), chunks)
-        hi = b.udiv(b.mul(b.add(c, _i64(1)), batch), chunks)
-        n = b.sub(hi, lo)
-        # chunk arena: lo * TOTAL_PER_IMAGE + c * (TOTAL_FIXED + 64), aligned up to 64
-        off = b.add(b.mul(lo, _i64(shape.total_per_sample)), b.mul(c, _i64(shape.chunk_stride_fixed())))
-        off = b.and_(b.add(off, _i64(ALIGN - 1)), _i64(-ALIGN))
-        arena = b.gep(base, [off], inbounds=True, source_etype=I8)
-        my_in = b.gep(inp, [b.mul(lo, _i64(shape.input_bytes))], inbounds=True, source_etype=I8)
-        my_out = b.gep(out, [b.mul(lo, _i64(shape.output_bytes))], inbounds=True, source_etype=I8)
-        leaf_ptr = {shape.input_name: my_in, **globals_by_leaf}
-        _store_leaves(b, layout, args, leaf_ptr)
-        _call_entry(b, entry, args, n, arena, lo)
-        _copy_output(module, b, shape, layout, arena, n, my_out, leaf_ptr)
-
-    thread_pool.claim_loop(b, fn, module, team, 0, chunks, run_chunk, "chunk")
+    chunks = _job_field(b, job, JOB_CHUNKS)
+    thread_pool.claim_loop(b, fn, module, team, 0, chunks, lambda c: b.call(chunk, [job, c, worker]), "chunk")
     with b.if_then(b.icmp_unsigned("==", worker, _i64(0))):
         thread_pool.wait_done(b, fn, module, team, 0, chunks, "chunks")
     b.ret_void()
@@ -352,7 +368,7 @@ def _define_chunk_team(module, name, shape, entry, layout, globals_by_leaf):
 def _define_run_threads(module, name, shape, entry, layout, globals_by_leaf, pool_run, team_entry):
     """internal i32 NAME_run_threads(input, batch, output, workspace, workspace_bytes, check_size, threads):
     the checks (null, batch, threads, workspace), then one of: threads == 1 or no pool: the single-threaded
-    call; a splittable graph and batch >= 2: min(batch, threads) chunks on the pool; batch 1 (or a graph
+    call; a splittable graph and batch >= 2: chunks of ApiShape.chunk_images on the pool; batch 1 (or a graph
     coupling its samples) with a team entry: the team call (kernels split across `threads` workers).
     A busy pool (another caller holds it: try-lock) or a pool without workers runs the single-threaded
     call in the same workspace."""
@@ -381,16 +397,33 @@ def _define_run_threads(module, name, shape, entry, layout, globals_by_leaf, poo
         chunked, not_chunked = fn.append_basic_block("chunked"), fn.append_basic_block("not_chunked")
         b.cbranch(b.and_(multi, b.icmp_signed(">=", batch, _i64(2))), chunked, not_chunked)
         b.position_at_end(chunked)
-        chunks = _umin(b, batch, threads)
+        size = _chunk_images_ir(b, batch, threads)
+        chunks = b.udiv(b.add(batch, b.sub(size, _i64(1))), size)
+        stride = b.add(b.mul(size, _i64(shape.total_per_sample)), _i64(shape.total_fixed + ALIGN))
         for k, v in ((JOB_INPUT, b.ptrtoint(inp, I64)), (JOB_OUTPUT, b.ptrtoint(out, I64)),
-                     (JOB_ARENA, b.ptrtoint(arena, I64)), (JOB_BATCH, batch), (JOB_CHUNKS, chunks)):
+                     (JOB_ARENA, b.ptrtoint(arena, I64)), (JOB_BATCH, batch), (JOB_CHUNK, size),
+                     (JOB_CHUNKS, chunks), (JOB_STRIDE, stride)):
             b.store(v, b.gep(job, [_i64(k)], inbounds=True, source_etype=I64))
-        chunk_fn = _define_chunk_team(module, name, shape, entry, layout, globals_by_leaf)
-        ran = b.call(pool_run, [chunk_fn, job, batch, arena, _i64(0), chunks])
-        done = fn.append_basic_block("chunked_done")
-        b.cbranch(b.icmp_unsigned("!=", ran, _i32(0)), done, single)
+        chunk = _define_chunk(module, name, shape, entry, layout, globals_by_leaf)
+        chunk_team = _define_chunk_team(module, name, chunk)
+        ran = b.call(pool_run, [chunk_team, job, batch, arena, _i64(0), _umin(b, chunks, threads)])
+        done, alone = fn.append_basic_block("chunked_done"), fn.append_basic_block("chunked_alone")
+        b.cbranch(b.icmp_unsigned("!=", ran, _i32(0)), done, alone)
         b.position_at_end(done)
         b.ret(_i32(OK))
+        # the pool is busy (or has no worker): every chunk on this thread, in arena 0 (the workspace may be
+        # smaller than workspace_size(batch))
+        b.position_at_end(alone)
+        loop_top, loop_body = fn.append_basic_block("alone_loop"), fn.append_basic_block("alone_body")
+        b.branch(loop_top)
+        b.position_at_end(loop_top)
+        c = b.phi(I64)
+        c.add_incoming(_i64(0), alone)
+        b.cbranch(b.icmp_unsigned("<", c, chunks), loop_body, done)
+        b.position_at_end(loop_body)
+        b.call(chunk, [job, c, _i64(0)])
+        c.add_incoming(b.add(c, _i64(1)), loop_body)
+        b.branch(loop_top)
         b.position_at_end(not_chunked)
     if team_entry is not None:
         teamed, team_done = fn.append_basic_block("team"), fn.append_basic_block("team_done")
@@ -410,14 +443,20 @@ def _define_run_threads(module, name, shape, entry, layout, globals_by_leaf, poo
     return fn
 
 
+def _chunk_images_ir(b, batch, threads):
+    """ApiShape.chunk_images: min(CHUNK_IMAGES, ceil(batch / threads)) (i64 values, both >= 1)."""
+    return _umin(b, b.udiv(b.add(batch, b.sub(threads, _i64(1))), threads), _i64(CHUNK_IMAGES))
+
+
 def _workspace_threads_ir(b, shape, batch, threads):
     """ApiShape.workspace_size_threads for a checked batch and thread count (i64 values)."""
     size = b.add(b.mul(batch, _i64(shape.total_per_sample)), _i64(shape.total_fixed + ALIGN))
     multi = b.icmp_signed(">", threads, _i64(1))
     if shape.splittable:
-        chunked = b.add(b.add(b.mul(batch, _i64(shape.total_per_sample)),
-                              b.mul(_umin(b, batch, threads), _i64(shape.chunk_stride_fixed()))), _i64(ALIGN))
-        size = b.select(b.and_(multi, b.icmp_signed(">=", batch, _i64(2))), _umax(b, size, chunked), size)
+        stride = b.add(b.mul(_chunk_images_ir(b, batch, threads), _i64(shape.total_per_sample)),
+                       _i64(shape.total_fixed + ALIGN))
+        chunked = b.add(b.mul(threads, stride), _i64(ALIGN))
+        size = b.select(b.and_(multi, b.icmp_signed(">=", batch, _i64(2))), chunked, size)
     if shape.team:
         (ps, fx), (sps, sfx) = shape.team_offset, shape.team_scratch
         n = _i64(1) if shape.splittable else batch
@@ -434,8 +473,9 @@ def _define_workspace_size_threads(module, name, shape):
     b = ll.IRBuilder(fn.append_basic_block("entry"))
     ok = b.and_(b.icmp_signed(">", batch, _i64(0)), b.icmp_signed("<=", batch, _i64(shape.max_batch)))
     ok = b.and_(ok, b.and_(b.icmp_signed(">=", threads32, _i32(1)), b.icmp_signed("<=", threads32, _i32(MAX_THREADS))))
-    # out-of-range arguments compute a garbage size that the select discards (no UB: plain wrapping i64)
-    b.ret(b.select(ok, _workspace_threads_ir(b, shape, batch, b.sext(threads32, I64)), _i64(0)))
+    # out-of-range arguments are replaced by 1 before the size rule (it divides by threads), then discarded
+    safe_batch, safe_threads = b.select(ok, batch, _i64(1)), b.select(ok, b.sext(threads32, I64), _i64(1))
+    b.ret(b.select(ok, _workspace_threads_ir(b, shape, safe_batch, safe_threads), _i64(0)))
     return fn
 
 
@@ -570,8 +610,9 @@ int {name}_predict_checked(const float *input, int64_t batch, float *output, voi
  * Checks: NULL pointers, then batch, then threads ({name}_ERR_BAD_THREADS), then (_checked) the size. */
 
 /* Bytes of workspace predict_threads() needs for `batch` images on `threads` threads (one arena per
- * worker); 0 when batch or threads is out of range. Never less than {name}_workspace_size(batch), and
- * never decreasing in batch: a workspace sized for (B, T) serves every batch up to B with T threads. */
+ * worker; for a large batch less than {name}_workspace_size(batch), since a chunk has at most 16 images);
+ * 0 when batch or threads is out of range; equal to {name}_workspace_size(batch) for threads == 1. Never
+ * decreasing in batch: a workspace sized for (B, T) serves every batch up to B with T threads. */
 size_t {name}_workspace_size_threads(int64_t batch, int threads);
 
 int {name}_predict_threads(const float *input, int64_t batch, float *output, void *workspace, int threads);
@@ -654,11 +695,11 @@ def render_quant_macros(name, boundary: dict) -> str:
 def _threads_doc(shape) -> str:
     """How this model's predict_threads() splits its work (header comment lines)."""
     if shape.splittable and shape.team:
-        how = ("A batch of 2 or more is cut into min(batch, threads) chunks, one per worker;\n"
-               " * batch 1 splits the convolutions' output rows across the workers.")
+        how = ("A batch of 2 or more is cut into chunks of min(16, ceil(batch / threads)) images, each run\n"
+               " * by a free worker in its own arena; batch 1 splits the convolutions' output rows across the workers.")
     elif shape.splittable:
-        how = ("A batch of 2 or more is cut into min(batch, threads) chunks, one per worker;\n"
-               " * batch 1 runs on the calling thread (this model has no kernel worth splitting).")
+        how = ("A batch of 2 or more is cut into chunks of min(16, ceil(batch / threads)) images, each run\n"
+               " * by a free worker in its own arena; batch 1 runs on the calling thread (no kernel worth splitting).")
     elif shape.team:
         how = ("This model couples the images of a batch, so the batch is not cut: the convolutions'\n"
                " * output rows are split across the workers.")
