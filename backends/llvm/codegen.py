@@ -68,15 +68,19 @@ def static_count(node) -> int | None:
 # (a range of whole row tiles, so each output element keeps its reduction order); GEMMs below this many
 # multiply-adds run on worker 0 only (a barrier costs more than splitting them saves)
 SPLIT_MIN_MACS = 1 << 16
+# the claim team entry (exported .so): every part re-packs the filters and re-pads the image, and a split
+# node costs two hand-overs, so only convolutions of >= 1M multiply-adds split (mnist_cnn batch 1, 2 threads:
+# 0.87x the one-thread latency with this bound, 0.96x with SPLIT_MIN_MACS)
+CLAIM_SPLIT_MIN_MACS = 1 << 20
 
 
-def _split_lowering(node):
+def _split_lowering(node, min_macs=SPLIT_MIN_MACS):
     from .lowering import lower_conv2d
     if node.op == "conv2d" and node.attrs.get("groups", 1) == 1:
         x, w = node.inputs[:2]
         y = node.outputs[0]
         macs = int(y.type.numel(1)) * int(w.shape[0] * w.shape[1] * w.shape[2])
-        if macs >= SPLIT_MIN_MACS and y.type.batched:
+        if macs >= min_macs and y.type.batched:
             return lambda cache, nd, target: lower_conv2d(cache, nd, target, split_rows=True)
     return None
 
@@ -175,7 +179,8 @@ def lower_graph(g, target, entry_name=None, team=False, prepack=False):
     _copy_state_back(module, b, g, layout, frame)
     b.ret_void()
     layout.team_entry_name, layout.team_lines = None, 0
-    if team and not g.updates and any(_split_lowering(node) for node, *_ in calls):
+    min_macs = CLAIM_SPLIT_MIN_MACS if team == "claim" else SPLIT_MIN_MACS
+    if team and not g.updates and any(_split_lowering(node, min_macs) for node, *_ in calls):
         if team == "claim":
             layout.team_entry_name, layout.team_lines = _define_claim_team_entry(
                 module, f"{entry_name}_team", calls, layout, cache, target)
@@ -282,7 +287,7 @@ def _define_claim_team_entry(module, name, calls, layout, cache, target):
     k = line = 0
     while k < len(calls):
         node, kernel, operands, count = calls[k]
-        lower_split = _split_lowering(node)
+        lower_split = _split_lowering(node, CLAIM_SPLIT_MIN_MACS)
         if lower_split is not None:
             part_kernel, part_operands = lower_split(cache, node, target)
             ops = [split.operand(v) for v in part_operands]
@@ -298,7 +303,7 @@ def _define_claim_team_entry(module, name, calls, layout, cache, target):
             k += 1
             continue
         with b.if_then(is_worker0):     # a run of memory-bound nodes: worker 0 alone, in order
-            while k < len(calls) and _split_lowering(calls[k][0]) is None:
+            while k < len(calls) and _split_lowering(calls[k][0], CLAIM_SPLIT_MIN_MACS) is None:
                 _, kernel, operands, count = calls[k]
                 b.call(kernel, [serial.operand(v) for v in operands] + [count_arg(count)])
                 k += 1
