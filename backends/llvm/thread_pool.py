@@ -212,13 +212,16 @@ def define_pool(module, prefix="gcpool", own_lifecycle=False, claim_lines=0) -> 
 
     claim_lines > 0 (the exported .so): team functions claim their work dynamically (claim_loop over the
     work-item lines, zeroed here before each job), so the caller never waits for a worker that was not
-    scheduled: a worker enters a job only by INSIDE += 1 while CLOSED is 0 (read after the increment), and
-    `run` sets CLOSED once worker 0 returns and waits only for workers INSIDE. A worker that wakes late
-    finds CLOSED set, or a later job whose fields it then reads consistently."""
+    scheduled: a worker enters a job only by INSIDE += 1 while CLOSED is 0 (read after the increment);
+    `run` clears CLOSED only after publishing the job's fields, sets it once worker 0 returns and waits only
+    for workers INSIDE. A worker that wakes late finds CLOSED set, or a later job whose fields it then
+    reads consistently (CLOSED == 0 is read with seq_cst after they were written)."""
     team_ty = ll.ArrayType(I64, TEAM_SLOTS + LINE_SLOTS * claim_lines)
     team_global = ll.GlobalVariable(module, team_ty, name=f"{prefix}_team")
     team_global.linkage = "internal"
-    team_global.initializer = ll.Constant(team_ty, None)
+    # a claim pool is CLOSED between jobs (run opens it after publishing a job's fields)
+    team_global.initializer = ll.Constant(team_ty, [ll.Constant(I64, int(claim_lines > 0 and k == CLOSED))
+                                                    for k in range(team_ty.count)])
     team_global.align = 64
     team_global.type = PTR      # llvmlite still types globals; the backend uses opaque `ptr`
     syscall = _declare(module, "syscall", I64, [I64], var_arg=True)
@@ -357,10 +360,11 @@ def define_pool(module, prefix="gcpool", own_lifecycle=False, claim_lines=0) -> 
         memset = _declare(module, "llvm.memset.p0.i64", VOID, [PTR, ll.IntType(8), I64, ll.IntType(1)])
         b.call(memset, [line_slot(b, team, 0, 0), ll.Constant(ll.IntType(8), 0), c(8 * LINE_SLOTS * claim_lines),
                         ll.Constant(ll.IntType(1), 0)])
-        b.store(c(0), _slot(b, team, CLOSED))
     for k, v in ((PARTS, parts), (FN, b.ptrtoint(fn_arg, I64)), (ARGS, b.ptrtoint(args, I64)), (N, n),
                  (ARENA, b.ptrtoint(arena, I64)), (FIRST, first)):
         b.store(v, _slot(b, team, k))
+    if claim_lines:     # open the job only now: a stale worker that sees CLOSED == 0 sees these fields too
+        _store_atomic(b, c(0), _slot(b, team, CLOSED), "seq_cst")
     b.atomic_rmw("add", _slot(b, team, GEN), ll.Constant(I32, 1), "seq_cst")
     sleepers = b.load_atomic(_slot(b, team, SLEEPERS), "seq_cst", 8, typ=I64)
     wake, work = run_fn.append_basic_block("wake"), run_fn.append_basic_block("work")
@@ -422,8 +426,9 @@ def _define_lifecycle(module, prefix, team, tids, syscall):
     forked.linkage = "internal"
     forked.attributes.add("nounwind")
     b = ll.IRBuilder(forked.append_basic_block("entry"))
-    for k in (WORKERS, SLEEPERS, BUSY, ARRIVED, STOP, INSIDE, CLOSED):
+    for k in (WORKERS, SLEEPERS, BUSY, ARRIVED, STOP, INSIDE):
         b.store(c(0), _slot(b, team, k))
+    b.store(c(1), _slot(b, team, CLOSED))
     b.ret_void()
 
     init = ll.Function(module, ll.FunctionType(VOID, []), name=f"{prefix}_init")
