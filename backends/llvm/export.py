@@ -370,8 +370,8 @@ def _define_run_threads(module, name, shape, entry, layout, globals_by_leaf, poo
     the checks (null, batch, threads, workspace), then one of: threads == 1 or no pool: the single-threaded
     call; a splittable graph and batch >= 2: chunks of ApiShape.chunk_images on the pool; batch 1 (or a graph
     coupling its samples) with a team entry: the team call (kernels split across `threads` workers).
-    A busy pool (another caller holds it: try-lock) or a pool without workers runs the single-threaded
-    call in the same workspace."""
+    A busy pool (another caller holds it: try-lock) or a pool without workers means this thread runs the
+    chunks one after the other in arena 0 (chunked) or the single-threaded call (team)."""
     fn = ll.Function(module, ll.FunctionType(I32, [PTR, I64, PTR, PTR, I64, ll.IntType(1), I32]),
                      name=f"{name}_run_threads")
     fn.linkage = "internal"
