@@ -286,8 +286,9 @@ class GraphcnnRuntime:
 
 
 class GraphcnnSharedLibrary:
-    """NAME_predict of the .so that `graphcnn compile --emit so,h` builds, called through ctypes with a
-    workspace allocated once per batch size. Uses NAME_set_threads(int) when the library has it."""
+    """NAME_predict_threads of the .so that `graphcnn compile --emit so,h` builds, called through ctypes with
+    the bench's thread count (at most NAME_MAX_THREADS, 64) and a workspace allocated once per batch size
+    (NAME_workspace_size_threads). A library without the threaded API runs NAME_predict on one thread."""
     name, trains, info_file = "graphcnn-so", False, "so.json"
 
     def __init__(self, ctx):
@@ -297,19 +298,22 @@ class GraphcnnSharedLibrary:
         self.ctx, self.np = ctx, np
         self.lib = ctypes.CDLL(ctx.path(info["file"]))
         sym = info["symbol"]
+        self.out_shape = tuple(info["output_shape"])
+        threaded = getattr(self.lib, f"{sym}_predict_threads", None)
+        if threaded is not None:
+            self.threads = max(1, min(int(ctx.threads), 64))
+            size = getattr(self.lib, f"{sym}_workspace_size_threads")
+            size.argtypes, size.restype = [ctypes.c_int64, ctypes.c_int], ctypes.c_size_t
+            threaded.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+            threaded.restype = ctypes.c_int
+            self.size, self.predict, self.extra = (lambda b: size(b, self.threads)), threaded, (self.threads,)
+            return
+        self.threads, self.extra = 1, ()    # an older library: the single-threaded entry point only
         self.size = getattr(self.lib, f"{sym}_workspace_size")
         self.size.argtypes, self.size.restype = [ctypes.c_int64], ctypes.c_size_t
         self.predict = getattr(self.lib, f"{sym}_predict")
         self.predict.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
         self.predict.restype = ctypes.c_int
-        self.out_shape = tuple(info["output_shape"])
-        set_threads = getattr(self.lib, f"{sym}_set_threads", None)
-        if set_threads is not None:
-            set_threads.argtypes = [ctypes.c_int]
-            set_threads(ctx.threads)
-            self.threads = ctx.threads
-        else:
-            self.threads = 1        # the C API has a single-threaded entry point only
 
     def run(self, xb):
         """Outputs for a contiguous float32 batch (a fresh array; used by the agreement check)."""
@@ -322,7 +326,7 @@ class GraphcnnSharedLibrary:
         b = len(xb)
         ws = np.empty(self.size(b) + 64, np.uint8)
         out = np.empty((b,) + self.out_shape, np.float32)
-        args = (xb.ctypes.data, b, out.ctypes.data, ws.ctypes.data)
+        args = (xb.ctypes.data, b, out.ctypes.data, ws.ctypes.data) + self.extra
         predict = self.predict
 
         def call():

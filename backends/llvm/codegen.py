@@ -69,15 +69,19 @@ def static_count(node) -> int | None:
 # (a range of whole row tiles, so each output element keeps its reduction order); GEMMs below this many
 # multiply-adds run on worker 0 only (a barrier costs more than splitting them saves)
 SPLIT_MIN_MACS = 1 << 16
+# the claim team entry (exported .so): every part re-packs the filters and re-pads the image, and a split
+# node costs two hand-overs, so only convolutions of >= 1M multiply-adds split (mnist_cnn batch 1, 2 threads:
+# 0.87x the one-thread latency with this bound, 0.96x with SPLIT_MIN_MACS)
+CLAIM_SPLIT_MIN_MACS = 1 << 20
 
 
-def _split_lowering(node):
+def _split_lowering(node, min_macs=SPLIT_MIN_MACS):
     from .lowering import lower_conv2d
     if node.op == "conv2d" and node.attrs.get("groups", 1) == 1:
         x, w = node.inputs[:2]
         y = node.outputs[0]
         macs = int(y.type.numel(1)) * int(w.shape[0] * w.shape[1] * w.shape[2])
-        if macs >= SPLIT_MIN_MACS and y.type.batched:
+        if macs >= min_macs and y.type.batched:
             return lambda cache, nd, target: lower_conv2d(cache, nd, target, split_rows=True)
     return None
 
@@ -130,7 +134,8 @@ def _scratch_base(b, layout, n, arena):
 def lower_graph(g, target, entry_name=None, team=False, prepack=False):
     """-> (llvmlite module, entry function name, Layout). With team=True the module also has the team entry
     `void <entry>_team(ptr team, i64 worker)` for thread_pool (layout.team_entry_name; None when the graph
-    has no kernel worth splitting). With prepack=True (only for a graph without state updates, whose
+    has no kernel worth splitting); team="claim": the team entry claims its work dynamically (for a pool
+    defined with claim_lines >= layout.team_lines; the exported .so). With prepack=True (only for a graph without state updates, whose
     caller keeps each leaf's value between calls or re-packs it: layout.packed) GEMM kernels read their
     weights from extra leaf arguments packed once by the kernels' pack_only variants."""
     if prepack and g.updates:
@@ -174,9 +179,14 @@ def lower_graph(g, target, entry_name=None, team=False, prepack=False):
     layout.scratch_per_sample, layout.scratch_fixed = scratch_per_sample, scratch_fixed
     _copy_state_back(module, b, g, layout, frame)
     b.ret_void()
-    layout.team_entry_name = None
-    if team and not g.updates and any(_split_lowering(node) for node, *_ in calls):
-        layout.team_entry_name = _define_team_entry(module, f"{entry_name}_team", calls, layout, cache, target)
+    layout.team_entry_name, layout.team_lines = None, 0
+    min_macs = CLAIM_SPLIT_MIN_MACS if team == "claim" else SPLIT_MIN_MACS
+    if team and not g.updates and any(_split_lowering(node, min_macs) for node, *_ in calls):
+        if team == "claim":
+            layout.team_entry_name, layout.team_lines = _define_claim_team_entry(
+                module, f"{entry_name}_team", calls, layout, cache, target)
+        else:
+            layout.team_entry_name = _define_team_entry(module, f"{entry_name}_team", calls, layout, cache, target)
     return module, entry_name, layout
 
 
@@ -242,3 +252,61 @@ def _define_team_entry(module, name, calls, layout, cache, target):
         serial_pending = True
     b.ret_void()
     return name
+
+
+def _define_claim_team_entry(module, name, calls, layout, cache, target):
+    """_define_team_entry for a claim pool (thread_pool.define_pool claim_lines): the `parts` pieces of a
+    split node are claimed dynamically (thread_pool.claim_loop on the node's own line), so the caller never
+    waits for a worker that is not running. Worker 0 runs the other nodes in order, marks a split node READY
+    when it reaches it (everything before it done), runs pieces until none is left and waits until all are
+    DONE; every other worker waits for READY, runs pieces and moves on to the next split node, returning
+    after the last one. A piece runs with the scratch region of the worker running it, and piece p of
+    `parts` computes the same tiles as the static split, so results stay bit-identical.
+    -> (name, number of lines used)."""
+    from . import thread_pool as tp
+    fn = ll.Function(module, ll.FunctionType(VOID, [PTR, I64]), name=name)
+    fn.attributes.add("nounwind")
+    team, worker = fn.args
+    b = ll.IRBuilder(fn.append_basic_block("entry"))
+    args, n, arena = tp.team_field(b, team, tp.ARGS, PTR), tp.team_field(b, team, tp.N), tp.team_field(b, team, tp.ARENA, PTR)
+    first, parts = tp.team_field(b, team, tp.FIRST), tp.team_field(b, team, tp.PARTS)
+    need = b.add(b.mul(n, ll.Constant(I64, layout.scratch_per_sample)), ll.Constant(I64, layout.scratch_fixed + 63))
+    stride = b.and_(need, ll.Constant(I64, -64))
+    scratch0 = _scratch_base(b, layout, n, arena)
+    own_scratch = b.gep(scratch0, [b.mul(worker, stride)], inbounds=True, source_etype=I8)
+    serial = _Frame(b, layout, args, n, arena, first, scratch0)
+    split = _Frame(b, layout, args, n, arena, first, own_scratch)
+    for node, kernel, operands, count in calls:        # every address in the entry block
+        for v in operands:
+            serial.operand(v)
+            split.operand(v)
+    is_worker0 = b.icmp_unsigned("==", worker, ll.Constant(I64, 0))
+
+    def count_arg(count):
+        return n if count is None else ll.Constant(I64, count)
+
+    k = line = 0
+    while k < len(calls):
+        node, kernel, operands, count = calls[k]
+        lower_split = _split_lowering(node, CLAIM_SPLIT_MIN_MACS)
+        if lower_split is not None:
+            part_kernel, part_operands = lower_split(cache, node, target)
+            ops = [split.operand(v) for v in part_operands]
+            with b.if_then(is_worker0):
+                tp._store_atomic(b, ll.Constant(I64, 1), tp.line_slot(b, team, line, tp.READY), "release")
+            tp.spin_until(b, fn, module, tp.line_slot(b, team, line, tp.READY),
+                          lambda v: b.icmp_unsigned("!=", v, ll.Constant(I64, 0)), f"ready{line}")
+            tp.claim_loop(b, fn, module, team, line, parts,
+                          lambda p: b.call(part_kernel, ops + [p, parts, count_arg(count)]), f"node{line}")
+            with b.if_then(is_worker0):
+                tp.wait_done(b, fn, module, team, line, parts, f"done{line}")
+            line += 1
+            k += 1
+            continue
+        with b.if_then(is_worker0):     # a run of memory-bound nodes: worker 0 alone, in order
+            while k < len(calls) and _split_lowering(calls[k][0], CLAIM_SPLIT_MIN_MACS) is None:
+                _, kernel, operands, count = calls[k]
+                b.call(kernel, [serial.operand(v) for v in operands] + [count_arg(count)])
+                k += 1
+    b.ret_void()
+    return name, line
