@@ -134,3 +134,60 @@ def test_runtime_packs_once_and_matches_the_model(tmp_path):
     x = np.random.default_rng(0).random((4, 6, 6, 1), np.float32)
     np.testing.assert_array_equal(rt.predict(x), m.predict(x))
     np.testing.assert_array_equal(rt.predict(x[:1]), m.predict(x[:1]))
+
+
+def _so_predict(folder, name, x):
+    """NAME_predict of folder/NAME.so on float32 images x -> (outputs, SCRATCH_FIXED_BYTES of NAME.h)."""
+    import ctypes
+    import os
+    import re
+    lib = ctypes.CDLL(os.path.join(folder, f"{name}.so"))
+    size = getattr(lib, f"{name}_workspace_size")
+    size.argtypes, size.restype = [ctypes.c_int64], ctypes.c_size_t
+    predict = getattr(lib, f"{name}_predict")
+    predict.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.full((len(x), 3), np.nan, np.float32)
+    ws = np.empty(size(len(x)), np.uint8)
+    assert predict(x.ctypes.data, len(x), out.ctypes.data, ws.ctypes.data) == 0
+    header = open(os.path.join(folder, f"{name}.h")).read()
+    return out, int(re.search(rf"#define {name}_SCRATCH_FIXED_BYTES (\d+)ULL", header).group(1))
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+def test_exported_library_holds_packed_weights_bit_identical_to_packing_per_call(tmp_path, int8):
+    """A .so for this host packs its GEMM weights at export (the pack kernels run here, once) and needs no
+    kernel scratch; one for another target (here: this host named differently) packs per call. Both give
+    the same bits."""
+    import dataclasses
+    from backends.llvm.export import NativeExportError, find_c_compiler, write_native
+    from backends.llvm.jit import host_target
+    from ir.passes import run_pipeline
+    try:
+        find_c_compiler()
+    except NativeExportError as e:
+        pytest.skip(str(e))
+    L = gc.layers
+    m = gc.Sequential([L.Input((9, 7, 2)), L.Conv2D(11, 3, activation="relu"), L.MaxPooling2D(),
+                       L.Flatten(), L.Dense(3)], name="packed_so")
+    m.build()
+    rng = np.random.default_rng(4)
+    x = rng.random((13, 9, 7, 2), np.float32)
+    if int8:
+        q = gc.quantize(m, x)
+        g, weights = q.graph, q.weights
+    else:
+        g, weights = run_pipeline(m.inference_graph(), "inference").graph, m.get_weights()
+    host = host_target()
+    other = dataclasses.replace(host, features=",".join(filter(None, [host.features, "+sse2"])))
+    assert other != host
+    results = {}
+    for label, target in (("host", None), ("other", other)):
+        folder = tmp_path / label
+        write_native(g, weights, str(folder), ["so", "h"], target=target)
+        results[label] = _so_predict(str(folder), "packed_so", x)
+    (packed_out, packed_scratch), (per_call_out, per_call_scratch) = results["host"], results["other"]
+    np.testing.assert_array_equal(packed_out, per_call_out)
+    assert packed_scratch < per_call_scratch
+    want = q.predict(x) if int8 else m.predict(x)
+    np.testing.assert_allclose(packed_out, want, rtol=1e-5, atol=1e-6)

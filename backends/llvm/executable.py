@@ -36,6 +36,17 @@ def default_threads() -> int:
     return max(1, int(env)) if env else (os.cpu_count() or 1)
 
 
+def run_pack_kernel(address: int, info, sources) -> np.ndarray:
+    """The bytes the pack_only kernel at `address` writes for the C-contiguous `sources` (layout.PackedLeaf
+    `info`), in a fresh 64-byte-aligned array."""
+    raw = np.empty(info.nbytes + ALIGN, np.uint8)
+    off = -raw.ctypes.data % ALIGN
+    out = raw[off:off + info.nbytes]
+    fn = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * info.n_ptrs, ctypes.c_int64)(address)
+    fn(*info.call_arguments([a.ctypes.data for a in sources], out.ctypes.data))
+    return out
+
+
 class NativeGraph:
     """One graph compiled to one native function, with per-thread, per-batch-size arenas."""
 
@@ -51,8 +62,7 @@ class NativeGraph:
         self.compile_seconds = time.perf_counter() - t0
         self.fn = ENTRY(self.jit.address(self.entry_name))
         # pre-packed weights (layout.packed): packed on a call that finds a source leaf it has not seen
-        self._packers = {name: ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * p.n_ptrs, ctypes.c_int64)(
-            self.jit.address(p.kernel)) for name, p in self.layout.packed.items()}
+        self._packers = {name: self.jit.address(p.kernel) for name, p in self.layout.packed.items()}
         self._packed = {}           # name -> (source arrays, packed bytes)
         self._pack_lock = threading.Lock()
         assert ARENA_ALIGN % ALIGN == 0
@@ -74,10 +84,7 @@ class NativeGraph:
             have = self._packed.get(name)
             if have is not None and all(a is b for a, b in zip(have[0], sources)):
                 return have[1]
-            raw = np.empty(info.nbytes + ALIGN, np.uint8)          # 64-byte aligned inside
-            off = -raw.ctypes.data % ALIGN
-            out = raw[off:off + info.nbytes]
-            self._packers[name](*info.call_arguments([a.ctypes.data for a in sources], out.ctypes.data))
+            out = run_pack_kernel(self._packers[name], info, sources)
             self._packed[name] = (sources, out)
             return out
 

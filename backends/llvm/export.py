@@ -50,7 +50,8 @@ from ir.passes.batch_coupling import coupling_nodes
 
 from . import thread_pool
 from .codegen import lower_graph
-from .jit import host_target, optimize, target_machine
+from .executable import run_pack_kernel
+from .jit import JitModule, host_target, optimize, target_machine
 from .layout import ALIGN
 
 EMITS = ("so", "h", "obj", "llvm", "asm")
@@ -190,6 +191,20 @@ def _leaf_arrays(g, weights) -> dict:
     for v in g.const_values:
         arrays[v.name] = np.ascontiguousarray(g.consts[v.name], dtype=v.type.np_dtype)
     return arrays
+
+
+def _packed_leaves(module, layout, leaves) -> dict:
+    """packed leaf name -> its bytes (layout.packed: lower_graph(prepack=True)), made by JIT-running the
+    module's own pack_only kernels on the weights; those kernels then become internal (the library never
+    calls them, so they are dropped from it)."""
+    if not layout.packed:
+        return {}
+    jit = JitModule(str(module))
+    out = {name: run_pack_kernel(jit.address(info.kernel), info, [leaves[s] for s in info.sources])
+           for name, info in layout.packed.items()}
+    for info in layout.packed.values():
+        module.get_global(info.kernel).linkage = "internal"
+    return out
 
 
 def _add_global(module, symbol: str, array: np.ndarray):
@@ -508,9 +523,13 @@ def build_module(g, weights, name=None, target=None):
     generated for `target` (a jit.HostTarget, default: the host)."""
     name = c_identifier(name or g.name)
     pool = thread_pool.available()      # Linux x86-64: the library owns a pthread pool (thread_pool.py)
+    target = target or host_target()
+    # GEMM weights are packed here, once, when the kernels can run on this machine (the target is the
+    # host): the library then holds them packed, as gc.load's runtime does (frozen_params)
+    prepack = target == host_target() and not g.updates
     try:
-        module, entry_name, layout = lower_graph(g, target or host_target(), entry_name=f"{name}_graph",
-                                                 team="claim" if pool else False)
+        module, entry_name, layout = lower_graph(g, target, entry_name=f"{name}_graph",
+                                                 team="claim" if pool else False, prepack=prepack)
         entry = module.get_global(entry_name)
         entry.linkage = "internal"          # only the C API is exported; lets LLVM inline the graph
         team_entry = None
@@ -518,8 +537,12 @@ def build_module(g, weights, name=None, target=None):
             team_entry = module.get_global(layout.team_entry_name)
             team_entry.linkage = "internal"
         shape = ApiShape(g, layout, (pool and not coupling_nodes(g), team_entry is not None))
+        leaves = _leaf_arrays(g, weights)
+        packed = _packed_leaves(module, layout, leaves)
         globals_by_leaf = {leaf: _add_global(module, f"{name}_leaf{i}", arr)
-                           for i, (leaf, arr) in enumerate(_leaf_arrays(g, weights).items())}
+                           for i, (leaf, arr) in enumerate(leaves.items())}
+        globals_by_leaf.update({leaf: _add_global(module, f"{name}_packed{i}", arr)
+                                for i, (leaf, arr) in enumerate(packed.items())})
         _define_workspace_size(module, name, shape)
         run = _define_run(module, name, shape, entry, layout, globals_by_leaf)
         _define_predict(module, name, run, checked=False)
