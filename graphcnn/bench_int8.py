@@ -87,7 +87,10 @@ def write_onnxruntime_int8(ctx, calib):
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
     pre = ctx.path("model.pre.onnx")
-    quant_pre_process(ctx.path("model.onnx"), pre)        # shape inference and folding, as ORT advises
+    # shape inference and folding, as ORT advises; its symbolic pass (for dynamic dims) needs sympy, which
+    # ONNX Runtime does not require: without it, ONNX's own shape inference serves (the dims are static)
+    import importlib.util
+    quant_pre_process(ctx.path("model.onnx"), pre, skip_symbolic_shape=importlib.util.find_spec("sympy") is None)
     name = onnx.load(pre).graph.input[0].name
     feeds = [{name: nchw(calib[s:s + CHUNK])} for s in range(0, len(calib), CHUNK)]
 
