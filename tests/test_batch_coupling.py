@@ -55,6 +55,32 @@ def test_coupled_graph_is_thread_count_independent(name, rng):
     np.testing.assert_allclose(a, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_claimed_chunks_fill_every_row_of_every_output(rng, threads):
+    """A split batch runs in chunks of at most thread_pool.CHUNK_IMAGES images claimed by the threads: every
+    row of every output (two outputs, one of them u8) is written, in order, for batches below, at and
+    around the chunk size, bit-identical to one thread; NaN rows stay where they were."""
+    from backends.llvm import thread_pool
+    g = gc.Graph("two_outputs")
+    x = g.input("x", (None, 5, 3, 2))
+    w = g.input("w", (3, 3, 2, 4))
+    y = ops.relu(ops.conv2d(x, w, padding="same"))
+    g.output(ops.flatten(y), emit("quantize", y, scale=0.05, zero_point=3, dtype="u8"))
+    chunk = thread_pool.CHUNK_IMAGES
+    w_value = rng.standard_normal((3, 3, 2, 4)).astype(np.float32)
+    one = gc.compile(g, backend="llvm", threads=1)
+    many = gc.compile(g, backend="llvm", threads=threads)
+    assert many.splittable
+    for n in (2, 3, chunk - 1, chunk, chunk + 1, threads * chunk + 5, 97):
+        xs = rng.standard_normal((n, 5, 3, 2)).astype(np.float32)
+        xs[n // 2] = np.nan
+        want, got = one(x=xs, w=w_value), many(x=xs, w=w_value)
+        for a, b in zip(want, got):
+            assert a.dtype == b.dtype and a.shape[0] == n
+            np.testing.assert_array_equal(a, b, err_msg=f"batch {n}")
+        assert np.isnan(got[0][n // 2]).all() and not np.isnan(np.delete(got[0], n // 2, axis=0)).any()
+
+
 def test_per_sample_graph_still_splits_and_agrees(rng):
     g = gc.Graph("per_sample")
     x = g.input("x", (None, 6, 5, 2))

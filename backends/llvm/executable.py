@@ -12,6 +12,7 @@ GIL, so threads run native code in parallel).
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import threading
 import time
@@ -273,13 +274,37 @@ class LlvmExecutable(Executable):
             return self._main.run_team(self._leaves(arrays), n)
         if not self.splittable or self.threads == 1 or n < 2:
             return self._main(self._leaves(arrays), n)
-        # a pool thread may run two chunks, reusing its arena: copy each chunk's outputs out of it
-        parts = self._map_chunks(
-            lambda a, b: [o.copy() for o in self._main(self._leaves([x[a:b] if t.batched else x
-                                                                     for x, (_, t) in zip(arrays, self.inputs)]),
-                                                       b - a, a)],
-            self._chunks(n))
-        return [np.concatenate([p[k] for p in parts]) for k in range(len(self.outputs))]
+        return self._run_chunks(arrays, n)
+
+    def _run_chunks(self, arrays, n):
+        """A per-sample batch on `threads` threads, as the exported .so splits it: chunks of at most
+        CHUNK_IMAGES images, claimed one at a time by the pool threads and this one, each run in its
+        thread's (cache-sized) arena and copied into its rows of the results, so a descheduled thread
+        holds up one chunk, not half the batch. Every image's arithmetic is the same in any chunk."""
+        size = min(thread_pool.CHUNK_IMAGES, -(-n // self.threads))
+        count = -(-n // size)
+        outs = [np.empty(t.concrete(n), t.np_dtype) for _, t in self.outputs]
+        batched = [t.batched for _, t in self.inputs]
+        claim = itertools.count()          # next() is atomic under the GIL
+
+        def work():
+            for c in iter(claim.__next__, None):
+                if c >= count:
+                    return
+                a, b = c * size, min((c + 1) * size, n)
+                # the chunk's outputs are views into this thread's arena, valid until its next call
+                res = self._main(self._leaves([x[a:b] if bt else x for x, bt in zip(arrays, batched)]), b - a, a)
+                for o, r in zip(outs, res):
+                    o[a:b] = r
+
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads)
+        helpers = [self._pool.submit(work) for _ in range(min(self.threads, count) - 1)]
+        work()
+        for f in helpers:
+            f.result()
+        return outs
 
     def _train_step(self, arrays, n):
         chunks = self._chunks(n)

@@ -63,10 +63,9 @@ STACK_BOUND_BYTES = 16384
 # error codes shared by the header and the generated code
 OK, ERR_NULL_ARG, ERR_BAD_BATCH, ERR_WORKSPACE_TOO_SMALL, ERR_BAD_THREADS = 0, 1, 2, 3, 4
 # predict_threads: 1 .. MAX_THREADS threads (the pool's own cap); a chunked call cuts the batch into chunks of
-# at most CHUNK_IMAGES images (small enough that the caller can take over a slow worker's share, large
-# enough that the per-call cost of a chunk, e.g. packing weights, stays ~1%; arenas stay cache-sized)
+# at most CHUNK_IMAGES images (thread_pool.py says why that size)
 MAX_THREADS = thread_pool.MAX_THREADS
-CHUNK_IMAGES = 16
+CHUNK_IMAGES = thread_pool.CHUNK_IMAGES
 # batch * (any per-sample byte count) + fixed + slack must stay far from 2^64; 2^48 bytes (256 TiB) is
 # beyond any real address space, and 2^31 - 1 images keeps the batch an int in every kernel loop.
 MAX_TOTAL_BYTES = 1 << 48

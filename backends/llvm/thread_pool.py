@@ -52,6 +52,10 @@ TEAM_SLOTS = 32
 LINE_SLOTS, CLAIM, DONE, READY = 8, 0, 1, 2
 
 MAX_THREADS = 64
+# a batch split across threads goes in chunks of at most CHUNK_IMAGES images, claimed one at a time (the
+# exported .so's pool and the JIT runtime's batch split alike): small enough that a fast thread takes over a
+# slow one's share and each chunk's arena stays cache-sized, large enough that a chunk's fixed cost stays ~1%
+CHUNK_IMAGES = 16
 SPIN_BEFORE_SLEEP = 1 << 17      # pause iterations an idle worker spins (~ a few ms) before it sleeps
 SPIN_BEFORE_YIELD = 1 << 10      # pause iterations in a barrier between sched_yield calls
 SYS_FUTEX, FUTEX_WAIT_PRIVATE, FUTEX_WAKE_PRIVATE = 202, 128, 129
