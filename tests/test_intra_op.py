@@ -54,11 +54,18 @@ def test_split_is_bit_identical_to_one_thread(model, threads, monkeypatch):
         assert np.isfinite(want).all()
 
 
-def test_one_thread_and_flag_off_build_no_team(monkeypatch):
+def test_one_thread_builds_no_team_and_without_the_flag_the_claim_team_runs(monkeypatch):
+    """One thread: no team at all. Two threads without the flag: no static team (barriers); the runtime's
+    one-call path (RuntimeApi, the .so's threaded call) splits batch 1 with the claim team, bit-identical."""
     m = _model("mnist_cnn")
     assert _compile(m, 1, True, monkeypatch)._main.team_parts == 1
+    one = _compile(m, 1, False, monkeypatch)
+    assert "_team" not in one.llvm_ir
     off = _compile(m, 2, False, monkeypatch)
-    assert off._main.team_parts == 1 and "_team" not in off.llvm_ir
+    assert off._main.team_parts == 1 and off._main.api is not None and off._main.api.shape.team
+    for n in (1, 2, 3):
+        x = _inputs(m, n, seed=n)
+        assert np.array_equal(off(x), one(x)), n
 
 
 def test_concurrent_callers_get_their_own_results(monkeypatch):

@@ -25,6 +25,7 @@ from ir.types import IRError
 
 from ..executable import ARENA_ALIGN, ArenaCache, Executable, _contiguous
 from .codegen import lower_graph
+from .export import add_runtime_api
 from .jit import JitModule, host_target
 from .layout import ALIGN
 from . import thread_pool
@@ -37,27 +38,90 @@ def default_threads() -> int:
     return max(1, int(env)) if env else (os.cpu_count() or 1)
 
 
-def run_pack_kernel(address: int, info, sources) -> np.ndarray:
-    """The bytes the pack_only kernel at `address` writes for the C-contiguous `sources` (layout.PackedLeaf
-    `info`), in a fresh 64-byte-aligned array."""
-    raw = np.empty(info.nbytes + ALIGN, np.uint8)
-    off = -raw.ctypes.data % ALIGN
-    out = raw[off:off + info.nbytes]
-    fn = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * info.n_ptrs, ctypes.c_int64)(address)
-    fn(*info.call_arguments([a.ctypes.data for a in sources], out.ctypes.data))
-    return out
+def _address(a: np.ndarray) -> int:
+    """The data address of a C-contiguous array (through the buffer protocol when it is writable: a
+    third of the cost of a.ctypes.data, which matters at batch 1)."""
+    if a.flags.writeable:
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+    return a.ctypes.data
+
+
+class RuntimeApi:
+    """A NativeGraph's one-call path (export.add_runtime_api): the .so's NAME_run_threads in the JIT module,
+    its leaf table filled from the executable's arrays (re-filled when one is replaced; packed buffers
+    from NativeGraph.packed) and its pool pointer set to the process claim pool. A call is one native
+    call: per-sample batches in claimed chunks, batch 1 with the conv kernels claimed piecewise, outputs
+    written straight into a fresh array; bit-identical to the single-threaded entry."""
+    CALL = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                            ctypes.c_int64, ctypes.c_bool, ctypes.c_int32)
+
+    def __init__(self, native, api, threads):
+        shape, table, pool_ptr, symbol = api
+        self.native, self.shape, self.threads = native, shape, int(threads)
+        self.fn = self.CALL(native.jit.address(symbol))
+        self.order = table.order
+        self.table = (ctypes.c_void_p * max(1, len(self.order))).from_address(native.jit.global_address(table.symbol))
+        if pool_ptr is not None:
+            ctypes.c_void_p.from_address(native.jit.global_address(pool_ptr.symbol)).value = \
+                thread_pool.process_claim_pool()
+        packed = native.layout.packed
+        # the arrays whose identity decides whether the table is current: each leaf, or a packed one's sources
+        self.watched = sorted({s for name in self.order for s in (packed[name].sources if name in packed else (name,))})
+        self.held = None
+        self.lock = threading.Lock()
+        self.out_shape = tuple(shape.output_dims)
+        self.workspaces = ArenaCache(lambda n: self.shape.workspace_size_threads(n, self.threads))
+
+    def _refresh(self, leaves):
+        arrays = [leaves[name] for name in self.watched]
+        held = self.held
+        if held is not None and all(a is b for a, b in zip(arrays, held)):
+            return
+        with self.lock:
+            packed = self.native.layout.packed
+            for i, name in enumerate(self.order):
+                a = self.native.packed(name, leaves) if name in packed else leaves[name]
+                self.table[i] = a.ctypes.data
+            self.held = arrays          # keeps them alive while the table points at them
+
+    def __call__(self, leaves, x, n: int) -> np.ndarray:
+        self._refresh(leaves)
+        ws = self.workspaces.get(n)
+        at = ws.views.get("address")
+        if at is None:
+            at = ws.views["address"] = (ws.buffer.ctypes.data, ws.buffer.nbytes)
+        out = np.empty((n,) + self.out_shape, np.float32)
+        try:
+            rc = self.fn(_address(x), n, _address(out), at[0], at[1], True, self.threads)
+        finally:
+            self.workspaces.release(n)
+        if rc != 0:
+            raise RuntimeError(f"native call of {self.native.graph.name!r} failed with code {rc} (batch {n})")
+        return out
 
 
 class NativeGraph:
     """One graph compiled to one native function, with per-thread, per-batch-size arenas."""
 
-    def __init__(self, graph, target, team_parts=1, prepack=False):
+    def __init__(self, graph, target, team_parts=1, prepack=False, api_threads=0):
         if getattr(graph, "memory_plan", None) is None:
             from ir.passes.plan_memory import plan_memory
             graph = plan_memory(graph)
         self.graph = graph
         t0 = time.perf_counter()
-        module, self.entry_name, self.layout = lower_graph(graph, target, team=team_parts > 1, prepack=prepack)
+        # api_threads: an inference graph of the C API's shape also gets the .so's threaded call
+        # (RuntimeApi), whose batch-1 team is the claim variant on the process claim pool
+        claim = api_threads > 1 and thread_pool.available() and not graph.updates
+        module, self.entry_name, self.layout = lower_graph(graph, target, team="claim" if claim else team_parts > 1,
+                                                           prepack=prepack)
+        api = None
+        if api_threads and not graph.updates:
+            try:
+                api = add_runtime_api(module, graph, self.layout, self.entry_name, pooled=api_threads > 1)
+            except ValueError:          # not one batched f32 input and output: the BoundCall path only
+                api = None
+        if claim:
+            team_parts = 1              # the claim team runs only through the API
         self.llvm_ir = str(module)
         self.jit = JitModule(self.llvm_ir)
         self.compile_seconds = time.perf_counter() - t0
@@ -69,12 +133,13 @@ class NativeGraph:
         assert ARENA_ALIGN % ALIGN == 0
         self.arenas = ArenaCache(lambda n: -(-self.layout.arena_bytes(n) // 4) * 4 + 4)
         # intra-op parallelism (thread_pool): the team entry and arenas with one scratch region per worker
-        self.team_parts = team_parts if self.layout.team_entry_name else 1
+        self.team_parts = team_parts if self.layout.team_entry_name and not claim else 1
         if self.team_parts > 1:
             self.team_fn = self.jit.address(self.layout.team_entry_name)
             self.pool_run = thread_pool.process_pool()
             self.team_arenas = ArenaCache(
                 lambda n: thread_pool.team_arena_bytes(self.layout, n, self.team_parts) + 4)
+        self.api = RuntimeApi(self, api, api_threads) if api is not None else None
 
     def packed(self, name: str, leaves: dict) -> np.ndarray:
         """The packed buffer `name` for the source arrays in `leaves` (packed now unless the same arrays
@@ -85,7 +150,7 @@ class NativeGraph:
             have = self._packed.get(name)
             if have is not None and all(a is b for a, b in zip(have[0], sources)):
                 return have[1]
-            out = run_pack_kernel(self._packers[name], info, sources)
+            out = info.pack(self._packers[name], sources)
             self._packed[name] = (sources, out)
             return out
 
@@ -204,7 +269,8 @@ class LlvmExecutable(Executable):
             # splits the GEMM kernels' output rows across native pool workers instead of running on one core
             intra = not self.training and self.threads > 1 and thread_pool.intra_op_enabled()
             self._main = NativeGraph(graph, self.target, team_parts=self.threads if intra else 1,
-                                     prepack=frozen_params and not self.training)
+                                     prepack=frozen_params and not self.training,
+                                     api_threads=0 if self.training or intra else self.threads)
             self._parts = [self._main]
         self.compile_seconds = time.perf_counter() - t0
         self.llvm_ir = "\n".join(p.llvm_ir for p in self._parts)
@@ -270,11 +336,20 @@ class LlvmExecutable(Executable):
             next((a.shape[0] for a, (_, t) in zip(arrays, self.inputs) if t.batched), 1)
         if self.split_training:
             return self._train_step(arrays, n)
+        if self._main.api is not None:
+            return [self._main.api(self._leaves(arrays), arrays[0], n)]
         if n < self.threads and self._main.team_parts > 1:
             return self._main.run_team(self._leaves(arrays), n)
         if not self.splittable or self.threads == 1 or n < 2:
             return self._main(self._leaves(arrays), n)
         return self._run_chunks(arrays, n)
+
+    def __call__(self, *args, **kwargs):
+        api = None if self.split_training else self._main.api
+        if api is None:
+            return super().__call__(*args, **kwargs)
+        arrays = self._ready_input(args, kwargs) or self.check_inputs(args, kwargs)
+        return api(self._leaves(arrays), arrays[0], arrays[0].shape[0])     # a fresh array already
 
     def _run_chunks(self, arrays, n):
         """A per-sample batch on `threads` threads, as the exported .so splits it: chunks of at most

@@ -50,7 +50,6 @@ from ir.passes.batch_coupling import coupling_nodes
 
 from . import thread_pool
 from .codegen import lower_graph
-from .executable import run_pack_kernel
 from .jit import JitModule, host_target, optimize, target_machine
 from .layout import ALIGN
 
@@ -199,7 +198,7 @@ def _packed_leaves(module, layout, leaves) -> dict:
     if not layout.packed:
         return {}
     jit = JitModule(str(module))
-    out = {name: run_pack_kernel(jit.address(info.kernel), info, [leaves[s] for s in info.sources])
+    out = {name: info.pack(jit.address(info.kernel), [leaves[s] for s in info.sources])
            for name, info in layout.packed.items()}
     for info in layout.packed.values():
         module.get_global(info.kernel).linkage = "internal"
@@ -236,6 +235,44 @@ def _define_workspace_size(module, name, shape):
     size = b.add(b.mul(batch, _i64(shape.total_per_sample)), _i64(shape.total_fixed + ALIGN))
     b.ret(b.select(ok, size, _i64(0)))
     return fn
+
+
+class LeafTable:
+    """Leaves the caller supplies at run time instead of globals holding the weights (the JIT runtime,
+    whose params stay Python arrays): a global array of pointers, in `order`, which the caller fills
+    through its address (`symbol`) before a call; every C API function loads them on entry."""
+
+    def __init__(self, module, symbol, order):
+        self.order, self.symbol = list(order), symbol
+        ty = ll.ArrayType(PTR, max(1, len(self.order)))
+        self.table = ll.GlobalVariable(module, ty, name=symbol)
+        self.table.initializer = ll.Constant(ty, None)
+
+    def pointers(self, b) -> dict:
+        return {leaf: b.load(b.gep(self.table, [_i64(i)], inbounds=True, source_etype=PTR), typ=PTR)
+                for i, leaf in enumerate(self.order)}
+
+
+class PoolPointer:
+    """A pool `run` function reached through a pointer global (`symbol`) the caller sets: the JIT
+    runtime's process-wide claim pool (thread_pool.process_claim_pool), whose workers outlive any module."""
+
+    def __init__(self, module, symbol):
+        self.symbol = symbol
+        self.gv = ll.GlobalVariable(module, PTR, name=symbol)
+        self.gv.initializer = ll.Constant(PTR, None)
+
+
+def _leaf_pointers(b, leaves) -> dict:
+    """leaf name -> its pointer in the function being built: the weight globals, or a LeafTable's loads."""
+    return leaves.pointers(b) if isinstance(leaves, LeafTable) else leaves
+
+
+def _call_pool(b, pool_run, args):
+    if isinstance(pool_run, PoolPointer):
+        fnp = b.load(pool_run.gv, typ=PTR)
+        return b.call(thread_pool.indirect_callee(b.inttoptr(b.ptrtoint(fnp, I64), PTR), thread_pool.RUN_TYPE), args)
+    return b.call(pool_run, args)
 
 
 def _store_leaves(b, layout, args, leaf_ptr):
@@ -296,7 +333,7 @@ def _aligned_arena(b, ws):
     return b.gep(ws, [pad], inbounds=True, source_etype=I8)
 
 
-def _define_run(module, name, shape, entry, layout, globals_by_leaf):
+def _define_run(module, name, shape, entry, layout, leaves):
     """internal i32 NAME_run(input, batch, output, workspace, workspace_bytes, check_size)."""
     fn = ll.Function(module, ll.FunctionType(I32, [PTR, I64, PTR, PTR, I64, ll.IntType(1)]), name=f"{name}_run")
     fn.linkage = "internal"
@@ -309,7 +346,7 @@ def _define_run(module, name, shape, entry, layout, globals_by_leaf):
     need = b.add(b.mul(batch, _i64(shape.total_per_sample)), _i64(shape.total_fixed + ALIGN))
     checks.fail_if(b.and_(check, b.icmp_unsigned("<", ws_bytes, need)), ERR_WORKSPACE_TOO_SMALL, "workspace")
     arena = _aligned_arena(b, ws)
-    leaf_ptr = {shape.input_name: inp, **globals_by_leaf}
+    leaf_ptr = {shape.input_name: inp, **_leaf_pointers(b, leaves)}
     _store_leaves(b, layout, args, leaf_ptr)
     _call_entry(b, entry, args, batch, arena, _i64(0))
     _copy_output(module, b, shape, layout, arena, batch, out, leaf_ptr)
@@ -334,7 +371,7 @@ def _job_field(b, job, k, typ=I64):
     return b.inttoptr(v, PTR) if typ is PTR else v
 
 
-def _define_chunk(module, name, shape, entry, layout, globals_by_leaf):
+def _define_chunk(module, name, shape, entry, layout, leaves):
     """internal void NAME_chunk(ptr job, i64 c, i64 slot): chunk c of the job (images
     [c * CHUNK, min((c + 1) * CHUNK, batch))) through the single-threaded entry, in arena `slot` of the job's
     workspace (slot * STRIDE aligned up to 64), then its output rows copied out."""
@@ -352,7 +389,7 @@ def _define_chunk(module, name, shape, entry, layout, globals_by_leaf):
     arena = b.gep(base, [off], inbounds=True, source_etype=I8)
     my_in = b.gep(inp, [b.mul(lo, _i64(shape.input_bytes))], inbounds=True, source_etype=I8)
     my_out = b.gep(out, [b.mul(lo, _i64(shape.output_bytes))], inbounds=True, source_etype=I8)
-    leaf_ptr = {shape.input_name: my_in, **globals_by_leaf}
+    leaf_ptr = {shape.input_name: my_in, **_leaf_pointers(b, leaves)}
     _store_leaves(b, layout, args, leaf_ptr)
     _call_entry(b, entry, args, n, arena, lo)
     _copy_output(module, b, shape, layout, arena, n, my_out, leaf_ptr)
@@ -379,7 +416,7 @@ def _define_chunk_team(module, name, chunk):
     return fn
 
 
-def _define_run_threads(module, name, shape, entry, layout, globals_by_leaf, pool_run, team_entry):
+def _define_run_threads(module, name, shape, entry, layout, leaves, pool_run, team_entry):
     """internal i32 NAME_run_threads(input, batch, output, workspace, workspace_bytes, check_size, threads):
     the checks (null, batch, threads, workspace), then one of: threads == 1 or no pool: the single-threaded
     call; a splittable graph and batch >= 2: chunks of ApiShape.chunk_images on the pool; batch 1 (or a graph
@@ -403,7 +440,7 @@ def _define_run_threads(module, name, shape, entry, layout, globals_by_leaf, poo
     need = _workspace_threads_ir(b, shape, batch, threads)
     checks.fail_if(b.and_(check, b.icmp_unsigned("<", ws_bytes, need)), ERR_WORKSPACE_TOO_SMALL, "workspace")
     arena = _aligned_arena(b, ws)
-    leaf_ptr = {shape.input_name: inp, **globals_by_leaf}
+    leaf_ptr = {shape.input_name: inp, **_leaf_pointers(b, leaves)}
     _store_leaves(b, layout, args, leaf_ptr)
     single = fn.append_basic_block("single")
     multi = b.icmp_signed(">", threads, _i64(1))
@@ -418,9 +455,9 @@ def _define_run_threads(module, name, shape, entry, layout, globals_by_leaf, poo
                      (JOB_ARENA, b.ptrtoint(arena, I64)), (JOB_BATCH, batch), (JOB_CHUNK, size),
                      (JOB_CHUNKS, chunks), (JOB_STRIDE, stride)):
             b.store(v, b.gep(job, [_i64(k)], inbounds=True, source_etype=I64))
-        chunk = _define_chunk(module, name, shape, entry, layout, globals_by_leaf)
+        chunk = _define_chunk(module, name, shape, entry, layout, leaves)
         chunk_team = _define_chunk_team(module, name, chunk)
-        ran = b.call(pool_run, [chunk_team, job, batch, arena, _i64(0), _umin(b, chunks, threads)])
+        ran = _call_pool(b, pool_run, [chunk_team, job, batch, arena, _i64(0), _umin(b, chunks, threads)])
         done, alone = fn.append_basic_block("chunked_done"), fn.append_basic_block("chunked_alone")
         b.cbranch(b.icmp_unsigned("!=", ran, _i32(0)), done, alone)
         b.position_at_end(done)
@@ -443,7 +480,7 @@ def _define_run_threads(module, name, shape, entry, layout, globals_by_leaf, poo
         teamed, team_done = fn.append_basic_block("team"), fn.append_basic_block("team_done")
         b.cbranch(multi, teamed, single)
         b.position_at_end(teamed)
-        ran = b.call(pool_run, [team_entry, args, batch, arena, _i64(0), threads])
+        ran = _call_pool(b, pool_run, [team_entry, args, batch, arena, _i64(0), threads])
         b.cbranch(b.icmp_unsigned("!=", ran, _i32(0)), team_done, single)
         b.position_at_end(team_done)
         _copy_output(module, b, shape, layout, arena, batch, out, leaf_ptr)
@@ -562,6 +599,30 @@ def build_module(g, weights, name=None, target=None):
         raise NativeExportError(f"native export of {g.name!r}: symbol {e} is defined twice; rename the "
                                 f"model") from None
     return module, name, shape
+
+
+def add_runtime_api(module, g, layout, entry_name, name="gcapi", pooled=True):
+    """The C API's threaded call for the JIT runtime (backends/llvm/executable.py): to a module lowered
+    from inference graph g (lower_graph; team="claim" for a batch-1 team), add the external
+    `NAME_run_threads(input, batch, output, workspace, workspace_bytes, check_size, threads) -> i32`,
+    its leaves read from a LeafTable and its pool the process claim pool behind a PoolPointer, so a
+    Python call is one native call that splits the batch (or one image's kernels) as the .so does.
+    -> (ApiShape, LeafTable, PoolPointer or None, the function's symbol). ValueError when g has no C API
+    shape (one batched f32 input and output)."""
+    team_entry = None
+    if layout.team_entry_name and layout.team_lines <= thread_pool.PROCESS_CLAIM_LINES:
+        team_entry = module.get_global(layout.team_entry_name)
+    pool = pooled and thread_pool.available()      # pooled=False: a one-thread runtime needs no pool
+    shape = ApiShape(g, layout, (pool and not coupling_nodes(g), team_entry is not None))
+    leaves = LeafTable(module, f"{name}_leaf_table", [leaf for leaf in layout.arg_order if leaf != shape.input_name])
+    pool_run = PoolPointer(module, f"{name}_pool_run") if pool and (shape.splittable or shape.team) else None
+    if pool_run is None:
+        shape.splittable = shape.team = False
+        team_entry = None
+    fn = _define_run_threads(module, name, shape, module.get_global(entry_name), layout, leaves, pool_run,
+                             team_entry)
+    fn.linkage = "external"
+    return shape, leaves, pool_run, fn.name
 
 
 # -- the header -----------------------------------------------------------------------------------

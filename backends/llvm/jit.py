@@ -405,6 +405,13 @@ class JitModule:
             raise KeyError(f"JIT module has no function named {name!r}")
         return addr
 
+    def global_address(self, name: str) -> int:
+        """Address of a (non-internal) global variable; KeyError if the module has none of that name."""
+        addr = self.engine.get_global_value_address(name)
+        if not addr:
+            raise KeyError(f"JIT module has no global named {name!r}")
+        return addr
+
     @property
     def optimized_ir(self) -> str:
         return str(self.module)

@@ -6,7 +6,10 @@ With a memory plan from ir/passes/plan_memory the planned offsets are used; othe
 output gets its own buffer (the naive layout)."""
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from ir.ops import in_place_update_ops, view_ops
 
@@ -36,6 +39,16 @@ class PackedLeaf:
     def call_arguments(self, source_addresses, out_address) -> list:
         nulls = self.n_ptrs - 3 - len(self.sources)
         return [None, *source_addresses, *([None] * nulls), out_address, None, 0]
+
+    def pack(self, address: int, sources) -> np.ndarray:
+        """The bytes the pack kernel at `address` (its JIT address) writes for the C-contiguous `sources`
+        arrays, in a fresh 64-byte-aligned array."""
+        raw = np.empty(self.nbytes + ALIGN, np.uint8)
+        off = -raw.ctypes.data % ALIGN
+        out = raw[off:off + self.nbytes]
+        fn = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * self.n_ptrs, ctypes.c_int64)(address)
+        fn(*self.call_arguments([a.ctypes.data for a in sources], out.ctypes.data))
+        return out
 
 
 @dataclass

@@ -474,8 +474,13 @@ def indirect_callee(value, fnty):
 
 RUN = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                        ctypes.c_int64, ctypes.c_int64)
+RUN_TYPE = ll.FunctionType(I32, [PTR, PTR, I64, PTR, I64, I64])     # PREFIX_run, as IR
 _process_pool = None
 _process_pool_lock = threading.Lock()
+# the JIT runtime's claim pool (process_claim_pool): enough work-item lines for any team entry that
+# codegen's claim variant builds up to this many split nodes; a graph needing more runs without a team
+PROCESS_CLAIM_LINES = 64
+_process_claim_pool = None
 
 
 def process_pool():
@@ -490,3 +495,18 @@ def process_pool():
             jit = JitModule(str(module))
             _process_pool = (jit, RUN(jit.address("gcpool_run")))
         return _process_pool[1]
+
+
+def process_claim_pool() -> int:
+    """The address of the JIT runtime's claim pool `gcclaim_run` (define_pool with PROCESS_CLAIM_LINES
+    claim lines): one per process, compiled once, never freed, shared by every runtime module that calls
+    it through a pointer (export.JIT_POOL), so no module's workers outlive its code."""
+    global _process_claim_pool
+    with _process_pool_lock:
+        if _process_claim_pool is None:
+            from .jit import JitModule
+            module = ll.Module(name="gcclaim")
+            define_pool(module, prefix="gcclaim", claim_lines=PROCESS_CLAIM_LINES)
+            jit = JitModule(str(module))
+            _process_claim_pool = (jit, jit.address("gcclaim_run"))
+        return _process_claim_pool[1]
