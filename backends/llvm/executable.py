@@ -95,8 +95,10 @@ class RuntimeApi:
             rc = self.fn(_address(x), n, _address(out), at[0], at[1], True, self.threads)
         finally:
             self.workspaces.release(n)
-        if rc != 0:
-            raise RuntimeError(f"native call of {self.native.graph.name!r} failed with code {rc} (batch {n})")
+        if rc != 0:     # the C API's checks (export.ERR_*); the runtime's own checks make these unreachable
+            why = {2: f"batch {n} is outside 1..{self.shape.max_batch}",
+                   3: f"the workspace for batch {n} is too small"}.get(rc, f"error code {rc}")
+            raise RuntimeError(f"native call of graph {self.native.graph.name!r}: {why}")
         return out
 
 
