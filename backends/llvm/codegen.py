@@ -200,12 +200,11 @@ def _copy_state_back(module, b, g, layout, frame):
                             ll.Constant(ll.IntType(1), 0)])
 
 
-def _define_team_entry(module, name, calls, layout, cache, target):
-    """`void name(ptr team, i64 worker)`: the graph run by every worker of a thread_pool job. Split kernels
-    run their part `worker` of `parts` with the worker's own scratch region (thread_pool.team_arena_bytes);
-    every other node runs on worker 0 only, with worker 0's scratch (the single-threaded entry's); a barrier
-    separates a split node from whatever precedes or follows it. The caller returns after its last node:
-    every other worker has passed the barrier that followed its last split node by then."""
+def _team_prologue(module, name, calls, layout):
+    """The start shared by both team entries: `void name(ptr team, i64 worker)`, the job's fields, and two
+    frames over the call's leaves and arena — `serial` with worker 0's scratch (the single-threaded
+    entry's), `split` with this worker's own (thread_pool.scratch_stride: the need rounded up to 64) —
+    every address computed in the entry block. -> (fn, b, team, worker, n, parts, serial, split)."""
     from . import thread_pool as tp
     fn = ll.Function(module, ll.FunctionType(VOID, [PTR, I64]), name=name)
     fn.attributes.add("nounwind")
@@ -213,17 +212,27 @@ def _define_team_entry(module, name, calls, layout, cache, target):
     b = ll.IRBuilder(fn.append_basic_block("entry"))
     args, n, arena = tp.team_field(b, team, tp.ARGS, PTR), tp.team_field(b, team, tp.N), tp.team_field(b, team, tp.ARENA, PTR)
     first, parts = tp.team_field(b, team, tp.FIRST), tp.team_field(b, team, tp.PARTS)
-    # thread_pool.scratch_stride: the scratch need rounded up to 64 bytes
     need = b.add(b.mul(n, ll.Constant(I64, layout.scratch_per_sample)), ll.Constant(I64, layout.scratch_fixed + 63))
     stride = b.and_(need, ll.Constant(I64, -64))
     scratch0 = _scratch_base(b, layout, n, arena)
     own_scratch = b.gep(scratch0, [b.mul(worker, stride)], inbounds=True, source_etype=I8)
     serial = _Frame(b, layout, args, n, arena, first, scratch0)
     split = _Frame(b, layout, args, n, arena, first, own_scratch)
-    for node, kernel, operands, count in calls:        # every address in the entry block
+    for node, kernel, operands, count in calls:
         for v in operands:
             serial.operand(v)
             split.operand(v)
+    return fn, b, team, worker, n, parts, serial, split
+
+
+def _define_team_entry(module, name, calls, layout, cache, target):
+    """`void name(ptr team, i64 worker)`: the graph run by every worker of a thread_pool job. Split kernels
+    run their part `worker` of `parts` with the worker's own scratch region (thread_pool.team_arena_bytes);
+    every other node runs on worker 0 only, with worker 0's scratch (the single-threaded entry's); a barrier
+    separates a split node from whatever precedes or follows it. The caller returns after its last node:
+    every other worker has passed the barrier that followed its last split node by then."""
+    from . import thread_pool as tp
+    fn, b, team, worker, n, parts, serial, split = _team_prologue(module, name, calls, layout)
     barrier = tp.define_barrier(module)
     is_worker0 = b.icmp_unsigned("==", worker, ll.Constant(I64, 0))
     serial_pending = False      # worker 0 ran nodes since the last barrier
@@ -264,22 +273,7 @@ def _define_claim_team_entry(module, name, calls, layout, cache, target):
     `parts` computes the same tiles as the static split, so results stay bit-identical.
     -> (name, number of lines used)."""
     from . import thread_pool as tp
-    fn = ll.Function(module, ll.FunctionType(VOID, [PTR, I64]), name=name)
-    fn.attributes.add("nounwind")
-    team, worker = fn.args
-    b = ll.IRBuilder(fn.append_basic_block("entry"))
-    args, n, arena = tp.team_field(b, team, tp.ARGS, PTR), tp.team_field(b, team, tp.N), tp.team_field(b, team, tp.ARENA, PTR)
-    first, parts = tp.team_field(b, team, tp.FIRST), tp.team_field(b, team, tp.PARTS)
-    need = b.add(b.mul(n, ll.Constant(I64, layout.scratch_per_sample)), ll.Constant(I64, layout.scratch_fixed + 63))
-    stride = b.and_(need, ll.Constant(I64, -64))
-    scratch0 = _scratch_base(b, layout, n, arena)
-    own_scratch = b.gep(scratch0, [b.mul(worker, stride)], inbounds=True, source_etype=I8)
-    serial = _Frame(b, layout, args, n, arena, first, scratch0)
-    split = _Frame(b, layout, args, n, arena, first, own_scratch)
-    for node, kernel, operands, count in calls:        # every address in the entry block
-        for v in operands:
-            serial.operand(v)
-            split.operand(v)
+    fn, b, team, worker, n, parts, serial, split = _team_prologue(module, name, calls, layout)
     is_worker0 = b.icmp_unsigned("==", worker, ll.Constant(I64, 0))
 
     def count_arg(count):
