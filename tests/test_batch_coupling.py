@@ -195,3 +195,16 @@ def test_update_graph_without_batch_runs_unsplit():
     assert any("computed by the state update" in r for r in blockers)
     exe = gc.compile(g, backend="llvm", params={"w": np.ones(3, np.float32)}, passes="none", threads=2)
     np.testing.assert_array_equal(exe(g=np.array([2, 0, -2], np.float32)), [0, 1, 2])
+
+
+def test_runtime_one_call_path_caps_threads_at_the_c_api_limit():
+    """gc.compile(threads=N) with N above the C API's MAX_THREADS (64) still compiles and runs the one-call
+    path with 64 (NAME_run_threads would refuse more); one thread needs no pool at all."""
+    from backends.llvm import thread_pool
+    g = gc.Graph("cap")
+    x = g.input("x", (None, 4, 4, 1))
+    g.output(ops.relu(ops.flatten(x)))
+    many = gc.compile(g, backend="llvm", threads=100)
+    assert many._main.api is not None and many._main.api.threads == thread_pool.MAX_THREADS
+    one = gc.compile(g, backend="llvm", threads=1)
+    assert one._main.api is not None and "_pool_run" not in one.llvm_ir

@@ -57,7 +57,8 @@ class RuntimeApi:
 
     def __init__(self, native, api, threads):
         shape, table, pool_ptr, symbol = api
-        self.native, self.shape, self.threads = native, shape, int(threads)
+        # the C API refuses more than MAX_THREADS (64) threads; more would not help its chunks anyway
+        self.native, self.shape, self.threads = native, shape, min(int(threads), thread_pool.MAX_THREADS)
         self.fn = self.CALL(native.jit.address(symbol))
         self.order = table.order
         self.table = (ctypes.c_void_p * max(1, len(self.order))).from_address(native.jit.global_address(table.symbol))
@@ -67,7 +68,7 @@ class RuntimeApi:
         packed = native.layout.packed
         # the arrays whose identity decides whether the table is current: each leaf, or a packed one's sources
         self.watched = sorted({s for name in self.order for s in (packed[name].sources if name in packed else (name,))})
-        self.held = None
+        self.held = self.retired = None
         self.lock = threading.Lock()
         self.out_shape = tuple(shape.output_dims)
         self.workspaces = ArenaCache(lambda n: self.shape.workspace_size_threads(n, self.threads))
@@ -82,7 +83,9 @@ class RuntimeApi:
             for i, name in enumerate(self.order):
                 a = self.native.packed(name, leaves) if name in packed else leaves[name]
                 self.table[i] = a.ctypes.data
-            self.held = arrays          # keeps them alive while the table points at them
+            # keeps them alive while the table points at them; the previous ones too, for a call another
+            # thread started before this refresh (replacing params during a predict is still a race)
+            self.retired, self.held = self.held, arrays
 
     def __call__(self, leaves, x, n: int) -> np.ndarray:
         self._refresh(leaves)
