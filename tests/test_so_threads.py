@@ -86,25 +86,29 @@ def export(tmp, example):
     assert res.returncode == 0, res.stderr
 
 
-@pytest.fixture(scope="module")
-def cnn(tmp_path_factory):
-    """examples/mnist_cnn.py (initial weights) as mnist_cnn.so: convs, so batch 1 splits inside the kernels."""
+def exported_lib(tmp_path_factory, example):
+    """examples/EXAMPLE.py (initial weights) compiled to a .so in a fresh folder, bound (skipped without a C
+    compiler); the library's name is whatever the export chose."""
     if c_compiler() is None:
         pytest.skip("no C compiler (cc, gcc or clang) on PATH: the shared library cannot be linked")
-    tmp = tmp_path_factory.mktemp("so_threads_cnn")
-    export(tmp, "mnist_cnn")
-    return Lib(str(tmp), "mnist_cnn", 784, 10)
+    tmp = tmp_path_factory.mktemp(f"so_threads_{example}")
+    export(tmp, example)
+    name = next(f[:-3] for f in os.listdir(tmp) if f.endswith(".so"))
+    return Lib(str(tmp), name, 784, 10)
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory):
+    """examples/mnist_cnn.py as mnist_cnn.so: convs, so batch 1 splits inside the kernels."""
+    lib = exported_lib(tmp_path_factory, "mnist_cnn")
+    assert lib.name == "mnist_cnn"
+    return lib
 
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory):
     """examples/seed_dense.py: no kernel worth splitting, so batch 1 stays on the calling thread."""
-    if c_compiler() is None:
-        pytest.skip("no C compiler (cc, gcc or clang) on PATH: the shared library cannot be linked")
-    tmp = tmp_path_factory.mktemp("so_threads_dense")
-    export(tmp, "seed_dense")
-    name = next(f[:-3] for f in os.listdir(tmp) if f.endswith(".so"))
-    return Lib(str(tmp), name, 784, 10)
+    return exported_lib(tmp_path_factory, "seed_dense")
 
 
 def test_header_declares_the_threaded_api(cnn):

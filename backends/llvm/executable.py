@@ -116,11 +116,12 @@ class NativeGraph:
         t0 = time.perf_counter()
         # api_threads: an inference graph of the C API's shape also gets the .so's threaded call
         # (RuntimeApi), whose batch-1 team is the claim variant on the process claim pool
-        claim = api_threads > 1 and thread_pool.available() and not graph.updates
+        api_threads = 0 if graph.updates else api_threads
+        claim = api_threads > 1 and thread_pool.available()
         module, self.entry_name, self.layout = lower_graph(graph, target, team="claim" if claim else team_parts > 1,
                                                            prepack=prepack)
         api = None
-        if api_threads and not graph.updates:
+        if api_threads:
             try:
                 api = add_runtime_api(module, graph, self.layout, self.entry_name, pooled=api_threads > 1)
             except ValueError:          # not one batched f32 input and output: the BoundCall path only
@@ -323,13 +324,16 @@ class LlvmExecutable(Executable):
         leaves.update(zip(self._input_names, arrays))
         return leaves
 
-    def _map_chunks(self, fn, chunks):
-        if len(chunks) == 1:
-            return [fn(*chunks[0])]
+    def _executor(self) -> ThreadPoolExecutor:
         with self._pool_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads)
-        return list(self._pool.map(lambda c: fn(*c), chunks))
+        return self._pool
+
+    def _map_chunks(self, fn, chunks):
+        if len(chunks) == 1:
+            return [fn(*chunks[0])]
+        return list(self._executor().map(lambda c: fn(*c), chunks))
 
     def _chunks(self, n):
         k = max(1, min(self.threads, n))
@@ -341,8 +345,6 @@ class LlvmExecutable(Executable):
             next((a.shape[0] for a, (_, t) in zip(arrays, self.inputs) if t.batched), 1)
         if self.split_training:
             return self._train_step(arrays, n)
-        if self._main.api is not None:
-            return [self._main.api(self._leaves(arrays), arrays[0], n)]
         if n < self.threads and self._main.team_parts > 1:
             return self._main.run_team(self._leaves(arrays), n)
         if not self.splittable or self.threads == 1 or n < 2:
@@ -350,18 +352,20 @@ class LlvmExecutable(Executable):
         return self._run_chunks(arrays, n)
 
     def __call__(self, *args, **kwargs):
+        # the one-call path (RuntimeApi) writes its output into a fresh array: nothing to copy, so it
+        # bypasses Executable.__call__ (and run, which serves every other graph)
         api = None if self.split_training else self._main.api
         if api is None:
             return super().__call__(*args, **kwargs)
         arrays = self._ready_input(args, kwargs) or self.check_inputs(args, kwargs)
-        return api(self._leaves(arrays), arrays[0], arrays[0].shape[0])     # a fresh array already
+        return api(self._leaves(arrays), arrays[0], arrays[0].shape[0])
 
     def _run_chunks(self, arrays, n):
         """A per-sample batch on `threads` threads, as the exported .so splits it: chunks of at most
         CHUNK_IMAGES images, claimed one at a time by the pool threads and this one, each run in its
         thread's (cache-sized) arena and copied into its rows of the results, so a descheduled thread
         holds up one chunk, not half the batch. Every image's arithmetic is the same in any chunk."""
-        size = min(thread_pool.CHUNK_IMAGES, -(-n // self.threads))
+        size = thread_pool.chunk_images(n, self.threads)
         count = -(-n // size)
         outs = [np.empty(t.concrete(n), t.np_dtype) for _, t in self.outputs]
         batched = [t.batched for _, t in self.inputs]
@@ -377,10 +381,8 @@ class LlvmExecutable(Executable):
                 for o, r in zip(outs, res):
                     o[a:b] = r
 
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads)
-        helpers = [self._pool.submit(work) for _ in range(min(self.threads, count) - 1)]
+        pool = self._executor()
+        helpers = [pool.submit(work) for _ in range(min(self.threads, count) - 1)]
         work()
         for f in helpers:
             f.result()

@@ -141,8 +141,8 @@ class ApiShape:
         return batch * self.total_per_sample + self.total_fixed + ALIGN
 
     def chunk_images(self, batch: int, threads: int) -> int:
-        """Images per chunk of a chunked call: min(CHUNK_IMAGES, ceil(batch / threads))."""
-        return min(CHUNK_IMAGES, -(-batch // threads))
+        """Images per chunk of a chunked call (thread_pool.chunk_images)."""
+        return thread_pool.chunk_images(batch, threads)
 
     def chunk_arena_stride(self, images: int) -> int:
         """Bytes of one worker's arena in a chunked call (the arena of `images` images, plus up to 63
@@ -465,16 +465,8 @@ def _define_run_threads(module, name, shape, entry, layout, leaves, pool_run, te
         # the pool is busy (or has no worker): every chunk on this thread, in arena 0 (the workspace may be
         # smaller than workspace_size(batch))
         b.position_at_end(alone)
-        loop_top, loop_body = fn.append_basic_block("alone_loop"), fn.append_basic_block("alone_body")
-        b.branch(loop_top)
-        b.position_at_end(loop_top)
-        c = b.phi(I64)
-        c.add_incoming(_i64(0), alone)
-        b.cbranch(b.icmp_unsigned("<", c, chunks), loop_body, done)
-        b.position_at_end(loop_body)
-        b.call(chunk, [job, c, _i64(0)])
-        c.add_incoming(b.add(c, _i64(1)), loop_body)
-        b.branch(loop_top)
+        thread_pool.count_loop(b, fn, _i64(0), chunks, lambda c: b.call(chunk, [job, c, _i64(0)]), "alone")
+        b.branch(done)
         b.position_at_end(not_chunked)
     if team_entry is not None:
         teamed, team_done = fn.append_basic_block("team"), fn.append_basic_block("team_done")
@@ -530,27 +522,17 @@ def _define_workspace_size_threads(module, name, shape):
     return fn
 
 
-def _define_predict_threads(module, name, run_threads, checked: bool):
-    params = [PTR, I64, PTR, PTR] + ([I64] if checked else []) + [I32]
+def _define_predict(module, name, run, checked: bool, threads: bool = False):
+    """NAME_predict[_threads][_checked](input, batch, output, workspace[, workspace_bytes][, threads]) -> i32:
+    `run` (NAME_run or NAME_run_threads) with the size check on when `checked`."""
+    params = [PTR, I64, PTR, PTR] + ([I64] if checked else []) + ([I32] if threads else [])
     fn = ll.Function(module, ll.FunctionType(I32, params),
-                     name=f"{name}_predict_threads_checked" if checked else f"{name}_predict_threads")
+                     name=f"{name}_predict" + ("_threads" if threads else "") + ("_checked" if checked else ""))
     fn.attributes.add("nounwind")
     b = ll.IRBuilder(fn.append_basic_block("entry"))
     a = list(fn.args)
     ws_bytes = a[4] if checked else _i64(0)
-    b.ret(b.call(run_threads, a[:4] + [ws_bytes, ll.Constant(ll.IntType(1), int(checked)), a[-1]]))
-    return fn
-
-
-def _define_predict(module, name, run, checked: bool):
-    params = [PTR, I64, PTR, PTR] + ([I64] if checked else [])
-    fn = ll.Function(module, ll.FunctionType(I32, params),
-                     name=f"{name}_predict_checked" if checked else f"{name}_predict")
-    fn.attributes.add("nounwind")
-    b = ll.IRBuilder(fn.append_basic_block("entry"))
-    a = list(fn.args)
-    ws_bytes = a[4] if checked else _i64(0)
-    b.ret(b.call(run, a[:4] + [ws_bytes, ll.Constant(ll.IntType(1), int(checked))]))
+    b.ret(b.call(run, a[:4] + [ws_bytes, ll.Constant(ll.IntType(1), int(checked))] + (a[-1:] if threads else [])))
     return fn
 
 
@@ -593,8 +575,8 @@ def build_module(g, weights, name=None, target=None):
             team_entry = None
         _define_workspace_size_threads(module, name, shape)
         run_threads = _define_run_threads(module, name, shape, entry, layout, globals_by_leaf, pool_run, team_entry)
-        _define_predict_threads(module, name, run_threads, checked=False)
-        _define_predict_threads(module, name, run_threads, checked=True)
+        _define_predict(module, name, run_threads, checked=False, threads=True)
+        _define_predict(module, name, run_threads, checked=True, threads=True)
     except DuplicatedNameError as e:    # e.g. a model named like a kernel symbol: never merge two symbols
         raise NativeExportError(f"native export of {g.name!r}: symbol {e} is defined twice; rename the "
                                 f"model") from None

@@ -56,6 +56,11 @@ MAX_THREADS = 64
 # exported .so's pool and the JIT runtime's batch split alike): small enough that a fast thread takes over a
 # slow one's share and each chunk's arena stays cache-sized, large enough that a chunk's fixed cost stays ~1%
 CHUNK_IMAGES = 16
+
+
+def chunk_images(batch: int, threads: int) -> int:
+    """Images per chunk of a batch split across threads: min(CHUNK_IMAGES, ceil(batch / threads))."""
+    return min(CHUNK_IMAGES, -(-batch // threads))
 SPIN_BEFORE_SLEEP = 1 << 17      # pause iterations an idle worker spins (~ a few ms) before it sleeps
 SPIN_BEFORE_YIELD = 1 << 10      # pause iterations in a barrier between sched_yield calls
 SYS_FUTEX, FUTEX_WAIT_PRIVATE, FUTEX_WAKE_PRIVATE = 202, 128, 129
@@ -129,6 +134,22 @@ def spin_until(b, fn, module, ptr, done_if, label):
     b.call(_declare(module, "sched_yield", I32, []), [])
     b.branch(loop)
     i.add_incoming(ll.Constant(I64, 0), yld)
+    b.position_at_end(done)
+
+
+def count_loop(b, fn, start, stop, body, label):
+    """for k in [start, stop) (i64, signed compare): body(k); the builder continues after the loop."""
+    entry = b.block
+    top, inside, done = (fn.append_basic_block(f"{label}_{s}") for s in ("top", "body", "done"))
+    b.branch(top)
+    b.position_at_end(top)
+    k = b.phi(I64)
+    k.add_incoming(start, entry)
+    b.cbranch(b.icmp_signed("<", k, stop), inside, done)
+    b.position_at_end(inside)
+    body(k)
+    k.add_incoming(b.add(k, ll.Constant(I64, 1)), b.block)
+    b.branch(top)
     b.position_at_end(done)
 
 
@@ -393,18 +414,9 @@ def _define_lifecycle(module, prefix, team, tids, syscall):
     b.atomic_rmw("add", _slot(b, team, GEN), ll.Constant(I32, 1), "seq_cst")
     b.call(syscall, [c(SYS_FUTEX), _slot(b, team, GEN), c(FUTEX_WAKE_PRIVATE), c(MAX_THREADS)])
     pthread_join = _declare(module, "pthread_join", I32, [I64, PTR])
-    entry = b.block
-    top, body, done = (stop.append_basic_block(s) for s in ("join", "join_body", "joined"))
-    b.branch(top)
-    b.position_at_end(top)
-    k = b.phi(I64)
-    k.add_incoming(c(1), entry)
-    b.cbranch(b.icmp_signed("<=", k, have), body, done)
-    b.position_at_end(body)
-    b.call(pthread_join, [b.load(b.gep(tids, [k], inbounds=True, source_etype=I64), typ=I64), null])
-    k.add_incoming(b.add(k, c(1)), body)
-    b.branch(top)
-    b.position_at_end(done)
+    count_loop(b, stop, c(1), b.add(have, c(1)),
+               lambda k: b.call(pthread_join, [b.load(b.gep(tids, [k], inbounds=True, source_etype=I64), typ=I64), null]),
+               "join")
     b.store(c(0), _slot(b, team, WORKERS))
     _store_atomic(b, c(0), _slot(b, team, STOP), "release")
     _store_atomic(b, c(0), _slot(b, team, BUSY), "release")
