@@ -214,7 +214,10 @@ def test_dense_one_feature_gives_x_times_w(backend):
 SEPARATELY_TESTED = {"dropout", "dropout_grad", "sgd_update", "adam_update", "rmsprop_update",
                      "random_flip", "random_translation", "random_translation_grad",
                      # int8 (inference only): exact integer loops, all backends bit-identical, test_quantize.py
-                     "quantize", "dequantize", "conv2d_q", "dense_q"}
+                     "quantize", "dequantize", "conv2d_q", "dense_q",
+                     # inference-only fusion (a grad graph never forms it): test_conv_pool_fusion.py, against
+                     # the unfused kernels (bit-identical) and the float64 reference
+                     "conv2d_max_pool"}
 
 
 @settings(max_examples=30, **SETTINGS)

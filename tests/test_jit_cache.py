@@ -92,6 +92,8 @@ def run():
         y = fn(x=xv)
     keys = [os.path.basename(p)[:-len(jit.ENTRY_SUFFIX)] for p in entries()]
     return {"hits": [p.jit.cache_hit for p in fn._parts],
+            "kernel_hits": [p.kernels_cached for p in fn._parts],
+            "modules": sum(1 + len(p.jit.kernel_irs) for p in fn._parts),
             "max_err": float(np.abs(y - ref).max()),
             "warnings": [str(m.message) for m in caught if issubclass(m.category, jit.JitCacheWarning)],
             "valid_entries": sum(jit.read_cache_entry(folder, k) is not None for k in keys),
@@ -123,7 +125,10 @@ def corruption_runs(tmp_path_factory):
 def test_cold_then_warm(corruption_runs):
     cold, warm = corruption_runs["cold"], corruption_runs["warm"]
     assert cold["hits"] == [False] and warm["hits"] == [True]
-    assert cold["entries"] == cold["valid_entries"] == 1
+    # one entry per module: the graph's own and each kernel's (backends/llvm/compile_pool.py)
+    modules = cold["modules"]
+    assert modules >= 2 and cold["kernel_hits"] == [0] and warm["kernel_hits"] == [modules - 1]
+    assert cold["entries"] == cold["valid_entries"] == modules
     assert cold["warnings"] == [] and warm["warnings"] == []
     assert cold["max_err"] < 1e-4 and warm["max_err"] < 1e-4
 
@@ -132,10 +137,11 @@ def test_cold_then_warm(corruption_runs):
 def test_damaged_entry_is_deleted_and_recompiled(corruption_runs, mode):
     r = corruption_runs[mode]
     print(mode, r)
-    assert r["hits"] == [False], "a damaged entry was loaded"
-    assert len(r["warnings"]) == 1 and "recompiling" in r["warnings"][0], r["warnings"]
+    assert r["hits"] == [False] and r["kernel_hits"] == [0], "a damaged entry was loaded"
+    # every entry (the graph's and each kernel's) was damaged: one warning each
+    assert len(r["warnings"]) == r["modules"] and all("recompiling" in w for w in r["warnings"]), r["warnings"]
     assert r["max_err"] < 1e-4
-    assert r["entries"] == r["valid_entries"] == 1      # replaced by a fresh, verified entry
+    assert r["entries"] == r["valid_entries"] == r["modules"]     # replaced by fresh, verified entries
 
 
 # -- the folder itself ------------------------------------------------------------------------------
@@ -153,8 +159,18 @@ def _compile_and_check(g):
         warnings.simplefilter("always")
         fn = gc.compile(g, "llvm")
         np.testing.assert_array_equal(fn(x=x), np.maximum(x * np.float32(3), 0))
-    return [p.jit.cache_hit for p in fn._parts], [str(m.message) for m in caught
-                                                    if issubclass(m.category, jit.JitCacheWarning)]
+    # per part: (graph module loaded from the cache, kernel modules loaded from it, kernel modules)
+    hits = [(p.jit.cache_hit, p.kernels_cached, len(p.jit.kernel_irs)) for p in fn._parts]
+    assert all(k >= 1 for *_, k in hits)
+    return hits, [str(m.message) for m in caught if issubclass(m.category, jit.JitCacheWarning)]
+
+
+def _none_cached(hits):
+    return all(not main and kernels == 0 for main, kernels, _ in hits)
+
+
+def _all_cached(hits):
+    return all(main and kernels == count for main, kernels, count in hits)
 
 
 def _plant_valid_entries(folder, g, monkeypatch):
@@ -196,28 +212,32 @@ def test_unsafe_cache_folder_is_not_used(tmp_path, monkeypatch, problem):
         monkeypatch.setenv("GRAPHCNN_CACHE", str(target))
     before = sorted(os.listdir(folder))
     hits, warned = _compile_and_check(g)
-    assert hits == [False], "code was loaded from an unsafe folder"
+    assert _none_cached(hits), "code was loaded from an unsafe folder"
     assert len(warned) == 1 and "compiling without the cache" in warned[0] and str(target) in warned[0]
     assert sorted(os.listdir(folder)) == before         # nothing written there either
     hits, warned = _compile_and_check(g)                 # one warning per folder and process
-    assert hits == [False] and warned == []
+    assert _none_cached(hits) and warned == []
 
 
 def test_private_folder_is_created_private_and_used(tmp_path, monkeypatch):
     folder = tmp_path / "new" / "cache"
     monkeypatch.setenv("GRAPHCNN_CACHE", str(folder))
     g = _graph()
-    assert _compile_and_check(g) == ([False], [])
+    hits, warned = _compile_and_check(g)
+    assert _none_cached(hits) and warned == []
     assert stat.S_IMODE(os.stat(folder).st_mode) & 0o077 == 0
     files = list(folder.iterdir())
-    assert files and all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
-    assert _compile_and_check(g) == ([True], [])
+    assert len(files) == sum(1 + k for *_, k in hits)           # the graph's module and each kernel's
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+    hits, warned = _compile_and_check(g)
+    assert _all_cached(hits) and warned == []
 
 
 def test_cache_disabled_with_zero(monkeypatch):
     monkeypatch.setenv("GRAPHCNN_CACHE", "0")
     assert jit.trusted_cache_dir() is None
-    assert _compile_and_check(_graph()) == ([False], [])
+    hits, warned = _compile_and_check(_graph())
+    assert _none_cached(hits) and warned == []
 
 
 def test_entry_format_checks_key_length_and_digest(tmp_path):

@@ -101,10 +101,15 @@ def test_results_and_update_sources_live_to_the_end_and_views_share_buffers():
 
 
 def test_mnist_inference_arena_is_the_largest_live_pair():
-    g = run_pipeline(load_example("mnist_cnn").inference_graph(), "inference").graph
-    plan = g.memory_plan
+    from ir.passes import PIPELINES
+    graph = load_example("mnist_cnn").inference_graph()
+    unfused = run_pipeline(graph, [p for p in PIPELINES["inference"] if p != "fuse_conv_pool"]).graph.memory_plan
     conv1, pool1 = 26 * 26 * 32 * 4, 13 * 13 * 32 * 4    # live together while the first pool runs
-    assert plan.arena_bytes(BATCH) == plan.lower_bound_bytes(BATCH) == BATCH * (conv1 + pool1)
+    assert unfused.arena_bytes(BATCH) == unfused.lower_bound_bytes(BATCH) == BATCH * (conv1 + pool1)
+    # conv + pool fused (fuse_conv_pool): the conv outputs are never stored; the pair is pool1 and pool2
+    plan = run_pipeline(graph, "inference").graph.memory_plan
+    pool2 = 5 * 5 * 64 * 4
+    assert plan.arena_bytes(BATCH) == plan.lower_bound_bytes(BATCH) == BATCH * (pool1 + pool2)
     assert plan.state_bytes == 4 * (3 * 3 * 32 + 32 + 3 * 3 * 32 * 64 + 64 + 1600 * 10 + 10)
 
 
@@ -238,11 +243,12 @@ def test_one_plan_serves_every_batch_and_threads_do_not_share_arenas():
     arena = inf.arenas.get(7)
     buf = inf.plan.numpy_allocator(7, arena.buffer, arena.views)
     assert arena is inf.arenas.get(7)                              # this thread's arena for batch 7, reused
-    relu = inf.graph.nodes[0].name
-    v = buf(relu, (7, 26, 26, 32))
-    assert np.shares_memory(v, inf.plan.numpy_allocator(7, arena.buffer)(relu, (7, 26, 26, 32)))
+    first = inf.graph.nodes[0].outputs[0]                           # the first conv (+ pool) output
+    shape = (7,) + tuple(first.shape[1:])
+    v = buf(first.name, shape)
+    assert np.shares_memory(v, inf.plan.numpy_allocator(7, arena.buffer)(first.name, shape))
     with pytest.raises(ValueError, match="plan has"):
-        inf.plan.numpy_allocator(8)(relu, (7, 26, 26, 32))
+        inf.plan.numpy_allocator(8)(first.name, shape)
 
 
 # -- random graphs ------------------------------------------------------------------------------------

@@ -250,13 +250,16 @@ def test_mnist_inference_pipeline_fuses_both_convs(rng):
     g = model.inference_graph()
     res = run_pipeline(g, "inference")
     f = res.graph
-    convs = [n for n in f.nodes if n.op == "conv2d"]
+    # conv + bias + relu (fuse_bias_activation), then + max_pool (fuse_conv_pool)
+    convs = [n for n in f.nodes if n.op == "conv2d_max_pool"]
     assert len(convs) == 2 and all(n.attrs["activation"] == "relu" and len(n.inputs) == 3 for n in convs)
+    assert all(tuple(n.attrs["pool"]) == (2, 2) for n in convs)
     (dense,) = [n for n in f.nodes if n.op == "dense"]
     assert dense.attrs["activation"] == "linear" and len(dense.inputs) == 3
-    assert "bias_add" not in ops(f) and "relu" not in ops(f)
+    assert not {"bias_add", "relu", "conv2d", "max_pool2d"} & set(ops(f))
     assert f.nodes[-1].op == "softmax" and f.nodes[-1].inputs[0] is dense.outputs[0]
-    assert f.fused == [convs[0].name, convs[1].name, dense.name]
+    # (the relu outputs the first pass named were absorbed by the second: `fused` keeps existing values)
+    assert f.fused == [dense.name, convs[0].name, convs[1].name]
     x = rng.random((3, 28, 28, 1), dtype=np.float32)
     assert_same_results(g, f, model.weights, x=x)
 
@@ -346,11 +349,12 @@ def test_drop_dropout_keeps_training_graphs():
 
 # ------------------------------------------------------------------------------------ pipelines
 def test_pipelines_and_registry():
-    for name in ("drop_dropout", "fold_constants", "cse", "fuse_bias_activation", "fold_softmax_cross_entropy"):
+    for name in ("drop_dropout", "fold_constants", "cse", "fuse_bias_activation", "fuse_conv_pool",
+                 "fold_softmax_cross_entropy"):
         fn = PASSES[name]
         assert callable(fn) and fn.__doc__
-    assert PIPELINES["inference"][:8] == ["verify", "drop_dropout", "fold_batch_norm", "decompose_grouped_conv",
-                                          "fold_constants", "cse", "fuse_bias_activation", "dce"]
+    assert PIPELINES["inference"][:9] == ["verify", "drop_dropout", "fold_batch_norm", "decompose_grouped_conv",
+                                          "fold_constants", "cse", "fuse_bias_activation", "fuse_conv_pool", "dce"]
     assert PIPELINES["training_forward"][:3] == ["verify", "fold_softmax_cross_entropy", "dce"]
     assert PIPELINES["training"][:5] == ["verify", "decompose_grouped_conv", "cse", "fuse_bias_activation", "dce"]
 

@@ -17,6 +17,7 @@ from llvmlite import ir as ll
 
 from ir.types import ascii_identifier
 
+from .compile_pool import PLACEHOLDER
 from .kernels.builder import scratch_need
 from .layout import VIEW_OPS, compute_layout
 
@@ -39,19 +40,38 @@ class LoweringError(NotImplementedError):
 
 class KernelCache:
     """Generates each distinct kernel once per module. `prepack`: the lowerings may pre-pack GEMM weights
-    (lowering._weights). Kernels are internal to the module, but for `exported` ones (the weight-packing
-    kernels the executable calls itself)."""
+    (lowering._weights). Without a `compiler`, kernels are internal functions of the module, but for
+    `exported` ones (the weight-packing kernels the executable calls itself). With a
+    compile_pool.KernelCompiler, each kernel is built in a module of its own, handed to the compiler
+    (cached and compiled apart, in parallel) and only declared here, under its hashed symbol."""
 
-    def __init__(self, module, target, prepack=False):
+    def __init__(self, module, target, prepack=False, compiler=None):
         self.module, self.target, self.fns, self.prepack = module, target, {}, prepack
+        self.compiler = compiler
 
     def get(self, key, build, exported=False):
         if key not in self.fns:
-            name = f"k{len(self.fns)}_{key[0]}"
-            fn = build(self.module, name)
-            fn.linkage = "external" if exported else "internal"
+            if self.compiler is None:
+                fn = build(self.module, f"k{len(self.fns)}_{key[0]}")
+                fn.linkage = "external" if exported else "internal"
+            else:
+                fn = self._declare_separate(key[0], build)
             self.fns[key] = fn
         return self.fns[key]
+
+    def _declare_separate(self, family, build):
+        own = ll.Module(name=family)
+        body = build(own, PLACEHOLDER)
+        symbol = self.compiler.submit(str(own), family)
+        fn = self.module.globals.get(symbol)
+        if fn is None:
+            fn = ll.Function(self.module, body.function_type, name=symbol)
+            for decl_arg, arg in zip(fn.args, body.args):       # lowerings read the argument names
+                decl_arg.name = arg.name
+        for attr in ("scratch_need", "packed_bytes"):       # what codegen and layout read off a kernel
+            if hasattr(body, attr):
+                setattr(fn, attr, getattr(body, attr))
+        return fn
 
 
 def static_count(node) -> int | None:
@@ -77,10 +97,11 @@ CLAIM_SPLIT_MIN_MACS = 1 << 20
 
 def _split_lowering(node, min_macs=SPLIT_MIN_MACS):
     from .lowering import lower_conv2d
-    if node.op == "conv2d" and node.attrs.get("groups", 1) == 1:
+    if node.op in ("conv2d", "conv2d_max_pool") and node.attrs.get("groups", 1) == 1:
         x, w = node.inputs[:2]
         y = node.outputs[0]
-        macs = int(y.type.numel(1)) * int(w.shape[0] * w.shape[1] * w.shape[2])
+        window = node.attrs["pool"][0] * node.attrs["pool"][1] if node.op == "conv2d_max_pool" else 1
+        macs = int(y.type.numel(1)) * window * int(w.shape[0] * w.shape[1] * w.shape[2])
         if macs >= min_macs and y.type.batched:
             return lambda cache, nd, target: lower_conv2d(cache, nd, target, split_rows=True)
     return None
@@ -131,13 +152,15 @@ def _scratch_base(b, layout, n, arena):
     return b.gep(arena, [b.add(b.mul(n, ll.Constant(I64, ps)), ll.Constant(I64, fx))], inbounds=True, source_etype=I8)
 
 
-def lower_graph(g, target, entry_name=None, team=False, prepack=False):
+def lower_graph(g, target, entry_name=None, team=False, prepack=False, compiler=None):
     """-> (llvmlite module, entry function name, Layout). With team=True the module also has the team entry
     `void <entry>_team(ptr team, i64 worker)` for thread_pool (layout.team_entry_name; None when the graph
     has no kernel worth splitting); team="claim": the team entry claims its work dynamically (for a pool
     defined with claim_lines >= layout.team_lines; the exported .so). With prepack=True (only for a graph without state updates, whose
     caller keeps each leaf's value between calls or re-packs it: layout.packed) GEMM kernels read their
-    weights from extra leaf arguments packed once by the kernels' pack_only variants."""
+    weights from extra leaf arguments packed once by the kernels' pack_only variants. With a
+    compile_pool.KernelCompiler, kernels are separate modules given to it (KernelCache), only declared in
+    the returned module."""
     if prepack and g.updates:
         raise ValueError(f"lower_graph: graph {g.name!r} updates its params; its weights cannot be pre-packed")
     from .lowering import LOWERINGS
@@ -150,7 +173,7 @@ def lower_graph(g, target, entry_name=None, team=False, prepack=False):
     args, n, arena, first = fn.args
     b = ll.IRBuilder(fn.append_basic_block("entry"))
     frame = _Frame(b, layout, args, n, arena, first, _scratch_base(b, layout, n, arena))
-    cache = KernelCache(module, target, prepack=prepack)
+    cache = KernelCache(module, target, prepack=prepack, compiler=compiler)
     scratch_per_sample = scratch_fixed = 0
     calls = []          # (node, kernel, operands, count) in order: what the team entry replays
 

@@ -25,6 +25,7 @@ from ir.types import IRError
 
 from ..executable import ARENA_ALIGN, ArenaCache, Executable, _contiguous
 from .codegen import lower_graph
+from .compile_pool import KernelCompiler
 from .export import add_runtime_api
 from .jit import JitModule, host_target
 from .layout import ALIGN
@@ -118,18 +119,27 @@ class NativeGraph:
         # (RuntimeApi), whose batch-1 team is the claim variant on the process claim pool
         api_threads = 0 if graph.updates else api_threads
         claim = api_threads > 1 and thread_pool.available()
-        module, self.entry_name, self.layout = lower_graph(graph, target, team="claim" if claim else team_parts > 1,
-                                                           prepack=prepack)
-        api = None
-        if api_threads:
-            try:
-                api = add_runtime_api(module, graph, self.layout, self.entry_name, pooled=api_threads > 1)
-            except ValueError:          # not one batched f32 input and output: the BoundCall path only
-                api = None
+        # every kernel a module of its own: cached apart and compiled by worker processes while the rest
+        # of the graph is lowered (compile_pool)
+        compiler = KernelCompiler()
+        try:
+            module, self.entry_name, self.layout = lower_graph(
+                graph, target, team="claim" if claim else team_parts > 1, prepack=prepack, compiler=compiler)
+            api = None
+            if api_threads:
+                try:
+                    api = add_runtime_api(module, graph, self.layout, self.entry_name, pooled=api_threads > 1)
+                except ValueError:      # not one batched f32 input and output: the BoundCall path only
+                    api = None
+            main_ir = str(module)
+            objects = compiler.finish()
+        finally:
+            compiler.close()            # a lowering that failed half-way leaves kernels queued
         if claim:
             team_parts = 1              # the claim team runs only through the API
-        self.llvm_ir = str(module)
-        self.jit = JitModule(self.llvm_ir)
+        self.jit = JitModule(main_ir, objects=objects, kernel_irs=compiler.texts)
+        self.kernels_cached = sum(compiler.cached)      # of len(compiler.texts) kernel modules
+        self.llvm_ir = "\n".join([main_ir] + compiler.texts)
         self.compile_seconds = time.perf_counter() - t0
         self.fn = ENTRY(self.jit.address(self.entry_name))
         # pre-packed weights (layout.packed): packed on a call that finds a source leaf it has not seen

@@ -221,6 +221,14 @@ def optimize(llvm_ir: str, opt: int = 3, tm: llvm.TargetMachine | None = None) -
     return mod
 
 
+def compile_object(llvm_ir: str, opt: int = 3, target: HostTarget | None = None) -> bytes:
+    """Relocatable machine code of one module for the JIT (JitModule objects): optimize() then code
+    generation with the JIT's target machine settings (default target: host_target()). Used in-process
+    and by compile_pool's workers alike, so a kernel's object does not depend on where it was built."""
+    tm = target_machine(opt, target=target)
+    return bytes(tm.emit_object(optimize(llvm_ir, opt, tm)))
+
+
 class JitCacheWarning(RuntimeWarning):
     """The JIT cache was not used for an entry or a folder (damaged entry, unsafe folder); compilation
     went ahead without it."""
@@ -372,9 +380,14 @@ class JitModule:
 
     Compiled machine code is cached on disk keyed by cache_key(): a warm start skips the O3 pipeline
     and code generation (`cache_hit` tells which happened). Only verified entries of a private folder
-    are loaded (trusted_cache_dir, read_cache_entry)."""
+    are loaded (trusted_cache_dir, read_cache_entry).
 
-    def __init__(self, llvm_ir: str, opt: int = 3):
+    `objects`: the machine code of separately compiled modules the main module calls (the kernels of
+    codegen.KernelCache with a compile_pool.KernelCompiler, cached one entry per kernel by that compiler),
+    loaded into the same engine first; `kernel_irs` is their IR, only for optimized_ir and asm."""
+
+    def __init__(self, llvm_ir: str, opt: int = 3, objects=(), kernel_irs=()):
+        self._opt, self.kernel_irs = opt, tuple(kernel_irs)
         tm = target_machine(opt)
         folder = trusted_cache_dir()
         key = cache_key(llvm_ir, opt) if folder else None
@@ -388,6 +401,8 @@ class JitModule:
             self.module = optimize(llvm_ir, opt, tm)
         self._ir_text = None
         self.engine = llvm.create_mcjit_compiler(self.module, tm)
+        for obj in objects:
+            self.engine.add_object_file(llvm.ObjectFileRef.from_data(bytes(obj)))
 
         def notify(module, buffer):
             if folder and cached is None:
@@ -414,8 +429,12 @@ class JitModule:
 
     @property
     def optimized_ir(self) -> str:
-        return str(self.module)
+        """The optimized IR of the main module and of every kernel module (kernels are re-optimized here:
+        only their machine code is kept)."""
+        return "\n".join([str(self.module)] + [str(optimize(t, self._opt)) for t in self.kernel_irs])
 
     @property
     def asm(self) -> str:
-        return self._tm.emit_assembly(self.module)
+        """Assembly of the main module and of every kernel module."""
+        kernels = [self._tm.emit_assembly(optimize(t, self._opt, self._tm)) for t in self.kernel_irs]
+        return "\n".join([self._tm.emit_assembly(self.module)] + kernels)

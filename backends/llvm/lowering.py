@@ -40,19 +40,22 @@ def _weights(cache, kind, spec, build, sources):
 
 
 def lower_conv2d(cache, node, target, split_rows=False):
-    """split_rows: the kernel variant computing one part of the output pixels (intra-op parallelism,
-    codegen's team entry), which takes (part, parts) before n."""
+    """conv2d and conv2d_max_pool (the same kernel with its `pool` window). split_rows: the kernel variant
+    computing one part of the output pixels (intra-op parallelism, codegen's team entry), which takes
+    (part, parts) before n."""
     x, w = node.inputs[:2]
     has_bias, has_residual = len(node.inputs) > 2, len(node.inputs) > 3
     spec = dict(in_hwc=tuple(x.shape[1:]), kernel_hw=tuple(w.shape[:2]), filters=w.shape[3], has_bias=has_bias,
                 has_residual=has_residual, activation=node.attrs["activation"],
                 activation_params=node.attrs["activation_params"], **_conv_common(node))
+    if node.op == "conv2d_max_pool":
+        spec["pool"] = tuple(node.attrs["pool"])
     if node.attrs.get("groups", 1) != 1:
         raise LoweringError(f"LLVM backend: grouped conv2d %{node.name} must be split by the "
                             f"decompose_grouped_conv pass first (it is in the inference and training pipelines)")
     packing, w_operand = _weights(cache, "conv2d", spec,
                                   lambda m, name, **kw: conv.build_conv2d(m, name, target=target, **kw, **spec), [w])
-    fn = cache.get(("conv2d_rows" if split_rows else "conv2d", repr(spec), packing),
+    fn = cache.get((node.op + ("_rows" if split_rows else ""), repr(spec), packing),
                    lambda m, name: conv.build_conv2d(m, name, target=target, split_rows=split_rows, packing=packing,
                                                      **spec))
     return fn, [x.name, w_operand, node.inputs[2].name if has_bias else NULL,
@@ -149,6 +152,7 @@ LOWERINGS = {
     "conv2d_q": lower_conv2d_q,
     "dense_q": lower_dense_q,
     "conv2d": lower_conv2d,
+    "conv2d_max_pool": lower_conv2d,
     "depthwise_conv2d": lower_depthwise_conv2d,
     "conv2d_grad_input": lower_conv2d_grad_input,
     "conv2d_grad_filter": lower_conv2d_grad_filter,

@@ -150,7 +150,7 @@ def emit_loss(node, ins, outs):
 EMITTERS = {
     "slice": emit_slice,
     "reshape": emit_view, "flatten": emit_view,
-    "conv2d": emit_with_bias, "dense": emit_with_bias, "depthwise_conv2d": emit_with_bias,
+    "conv2d": emit_with_bias, "conv2d_max_pool": emit_with_bias, "dense": emit_with_bias, "depthwise_conv2d": emit_with_bias,
     "conv2d_q": emit_with_bias, "dense_q": emit_with_bias,
     "dropout": emit_dropout, "dropout_grad": emit_dropout,
     # augmentation: the same (x, out, step=) call form as dropout

@@ -313,6 +313,18 @@ def max_pool2d(x, out, pool, stride, padding):
     return out
 
 
+def conv2d_max_pool(x, w, b, out, stride, padding, dilation, pool, activation="linear", activation_params=(),
+                    groups=1, residual=None):
+    """out = max_pool2d(conv2d(x, w, b, residual, activation), pool, stride=pool, no padding): the two
+    kernels composed (the LLVM backend fuses them; the results agree exactly)."""
+    _expect_rank("conv2d_max_pool", "x", x, 4)
+    _expect_rank("conv2d_max_pool", "w", w, 4)
+    *_, conv_hw = _window_geometry("conv2d_max_pool", x.shape, w.shape[0], w.shape[1], stride, padding, dilation)
+    y = np.empty((x.shape[0],) + conv_hw + (w.shape[3],), np.float32)
+    conv2d(x, w, b, y, stride, padding, dilation, activation, activation_params, groups, residual=residual)
+    return max_pool2d(y, out, pool, pool, ((0, 0), (0, 0)))
+
+
 def max_pool2d_grad(x, dy, out, pool, stride, padding):
     """out (x's shape): each window's dy goes to the FIRST maximum of the window in row-major (kh, kw)
     order; overlapping windows accumulate."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numbers
 
 from ..types import IRError, TensorType
-from . import REQUIRED, Op, check_activation, emit, pair, register
+from . import REQUIRED, Op, check_activation, emit, get_op, pair, register
 from .elementwise import activation_grad
 
 
@@ -283,6 +283,47 @@ class MaxPool2D(PoolBase):
 
     def grad(self, node, douts):
         return [emit("max_pool2d_grad", node.inputs[0], douts[0], **node.attrs)]
+
+
+@register
+class Conv2DMaxPool(Op):
+    """y = max_pool2d(conv2d(x, w, b?, residual?), pool, stride=pool): conv2d (groups 1, with its fused bias,
+    residual and activation) and one non-overlapping, unpadded max-pool window, as one op — the
+    inference-only fusion of ir/passes/fuse_conv_pool, so the conv's output is never stored. Conv pixels
+    no window covers (an odd last row or column) are not computed. Output (N, OH // ph, OW // pw, F) for
+    the conv's (OH, OW). No gradient: training graphs keep the conv output for relu_grad/max_pool2d_grad."""
+    name = "conv2d_max_pool"
+    inputs = Conv2D.inputs
+    attrs = dict(Conv2D.attrs, pool=REQUIRED)
+    differentiable = False
+
+    def normalize(self, types, attrs):
+        conv_attrs = {k: v for k, v in attrs.items() if k != "pool"}
+        a = get_op("conv2d").normalize(types, conv_attrs)
+        if a["groups"] != 1:
+            raise IRError(f"conv2d_max_pool: groups must be 1, got {a['groups']}")
+        if types[0].dtype != "f32":
+            raise IRError(f"conv2d_max_pool: x must be f32, got {types[0]}")
+        pool = pair(attrs["pool"], "pool size", self.name)
+        conv_hw = get_op("conv2d").infer(types, a)[0].shape[1:3]
+        if any(p > c for p, c in zip(pool, conv_hw)):
+            raise IRError(f"conv2d_max_pool: pool window {pool} is larger than the conv output {conv_hw}")
+        return dict(a, pool=pool)
+
+    def infer(self, types, attrs):
+        conv = get_op("conv2d").infer(types, attrs)[0].shape
+        ph, pw = attrs["pool"]
+        return [TensorType((conv[0], conv[1] // ph, conv[2] // pw, conv[3]))]
+
+    def couples_batch(self, node):
+        return kernel_or_bias_batched(node)
+
+    def flops(self, node, batch):
+        """The conv's multiply-adds on the pixels the windows cover, plus the window maxima."""
+        kh, kw, c, _ = node.inputs[1].shape
+        ph, pw = node.attrs["pool"]
+        covered = node.outputs[0].type.numel(batch) * ph * pw
+        return 2 * kh * kw * c * covered + covered
 
 
 @register

@@ -18,6 +18,7 @@ from .fold_batch_norm import fold_batch_norm
 from .fold_constants import fold_constants
 from .fold_softmax_cross_entropy import fold_softmax_cross_entropy
 from .fuse_bias_activation import fuse_bias_activation
+from .fuse_conv_pool import fuse_conv_pool
 from .plan_memory import plan_memory
 
 PASSES = {
@@ -27,6 +28,7 @@ PASSES = {
     "fold_constants": fold_constants,
     "cse": eliminate_common_subexpressions,
     "fuse_bias_activation": fuse_bias_activation,
+    "fuse_conv_pool": fuse_conv_pool,
     "fold_softmax_cross_entropy": fold_softmax_cross_entropy,
     "plan_memory": plan_memory,
     "fold_batch_norm": fold_batch_norm,
@@ -35,7 +37,7 @@ PASSES = {
 
 PIPELINES = {
     "inference": ["verify", "drop_dropout", "fold_batch_norm", "decompose_grouped_conv", "fold_constants", "cse",
-                  "fuse_bias_activation", "dce", "plan_memory"],
+                  "fuse_bias_activation", "fuse_conv_pool", "dce", "plan_memory"],
     "training_forward": ["verify", "fold_softmax_cross_entropy", "dce"],
     "training": ["verify", "decompose_grouped_conv", "cse", "fuse_bias_activation", "dce", "plan_memory"],
     "none": ["verify"],

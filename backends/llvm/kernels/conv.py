@@ -12,13 +12,14 @@ padded scratch, copy the interior out) serves grad_input.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llvmlite import ir
 
 from .builder import KernelBuilder, check_activation
-from .matmul import (Epilogue, EpilogueOperands, ReductionLevel, TilePlan, check_packing, column_blocks, emit_tile,
-                     finish_pack, for_row_tiles, gemm_builder, pack_b, packed_block, packed_floats, plan_tile)
+from .matmul import (MAX_TILE_ROWS, Epilogue, EpilogueOperands, ReductionLevel, TilePlan, check_packing, column_blocks,
+                     emit_tile, finish_pack, for_row_tiles, gemm_builder, pack_b, packed_block, packed_floats, plan_tile,
+                     tile_fits, vector_registers)
 
 
 @dataclass(frozen=True)
@@ -170,10 +171,71 @@ def _for_part_row_tiles(kb: KernelBuilder, rows: int, mr: int, part, parts, body
             body(full * mr, rem)
 
 
+@dataclass(frozen=True)
+class PooledRows:
+    """conv2d_max_pool's row mapping: output pixel r (of OH//ph x OW//pw) is the window of conv pixels
+    (oy*ph + dy, ox*pw + dx), dy, dx in row-major order (max_pool2d's tap order), so a tile of q output
+    pixels holds q * window conv pixel rows; the tile height is a whole number of windows."""
+    g: ConvGeometry
+    ph: int
+    pw: int
+
+    @property
+    def window(self) -> int:
+        return self.ph * self.pw
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return self.g.oh // self.ph, self.g.ow // self.pw
+
+    @property
+    def rows(self) -> int:
+        oh, ow = self.out_hw
+        return oh * ow
+
+    def __post_init__(self):
+        if self.window > MAX_TILE_ROWS:
+            raise ValueError(f"conv2d pool window {(self.ph, self.pw)} has more than {MAX_TILE_ROWS} pixels "
+                             f"(one register tile)")
+        if min(self.out_hw) < 1:
+            raise ValueError(f"conv2d pool window {(self.ph, self.pw)} is larger than the conv output "
+                             f"{(self.g.oh, self.g.ow)}")
+
+    def plan(self, target, plan: TilePlan | None = None):
+        """(tile plan, column blocks) whose row tiles are whole windows and fit the registers; a block's
+        mr counts conv pixel rows (a multiple of the window)."""
+        regs = vector_registers(target)
+        plan = plan or plan_tile(self.rows * self.window, self.g.f, target, self.g.taps)
+        nv = plan.nv
+        while nv > 1 and not tile_fits(self.window, nv, regs):
+            nv -= 1
+        plan = TilePlan(max(self.window, plan.mr // self.window * self.window), nv)
+        blocks = column_blocks(self.rows * self.window, self.g.f, plan, target, self.g.taps)
+        return plan, [replace(b, mr=max(self.window, b.mr // self.window * self.window)) for b in blocks]
+
+    def conv_pixels(self, kb: KernelBuilder, r0, count: int) -> list:
+        """Flat conv pixel indices (oh * OW + ow) of the windows of output pixels r0 .. r0 + count - 1."""
+        out_w = self.out_hw[1]
+        pixels = []
+        for t in range(count):
+            r = kb.add(r0, t)
+            if isinstance(r, int):
+                oy, ox = divmod(r, out_w)
+            else:
+                oy = kb.b.udiv(r, kb.i64(out_w))
+                ox = kb.b.sub(r, kb.b.mul(oy, kb.i64(out_w)))
+            for dy in range(self.ph):
+                for dx in range(self.pw):
+                    pixels.append(kb.add(kb.mul(kb.add(kb.mul(oy, self.ph), dy), self.g.ow),
+                                         kb.add(kb.mul(ox, self.pw), dx)))
+        return pixels
+
+
 def build_conv2d(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, stride=(1, 1),
                  padding=((0, 0), (0, 0)), dilation=(1, 1), has_bias: bool = False, has_residual: bool = False,
                  activation: str = "linear", activation_params: tuple = (), target, plan: TilePlan | None = None,
-                 loop_order: str = "cols", split_rows: bool = False, packing: str = "per_call") -> ir.Function:
+                 loop_order: str = "cols", split_rows: bool = False, packing: str = "per_call",
+                 pool: tuple | None = None) -> ir.Function:
     """void name(ptr x, ptr w, ptr b, ptr residual, ptr out, ptr scratch, [i64 part, i64 parts,] i64 n):
     out (n, OH, OW, F) = activation(conv2d(x (n, H, W, C), w (KH, KW, C, F)) + b + residual), bias,
     residual (laid out like out) and activation fused into the tile epilogue. `b` / `residual` are not
@@ -185,9 +247,13 @@ def build_conv2d(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, st
     bit-identical); each part packs the filters and pads the image into its own scratch.
     packing (matmul.PACKINGS): "per_call" packs w into scratch on every call; "pack_only" builds the
     weight-packing function of this kernel (it writes the packed filters to `out` and returns;
-    fn.packed_bytes says how many); "prepacked" reads `w` as that packed buffer."""
+    fn.packed_bytes says how many); "prepacked" reads `w` as that packed buffer.
+    pool (ph, pw): conv2d_max_pool — out is (n, OH // ph, OW // pw, F), the maximum of each non-overlapping
+    window of the activated conv output, taken in the tile's registers (PooledRows); the conv output is
+    never stored."""
     check_packing(packing)
     g = conv_geometry(in_hwc, kernel_hw, filters, stride, padding, dilation)
+    pooled = PooledRows(g, *_pair("pool", pool, 1)) if pool is not None else None
     activation, activation_params = check_activation(activation, activation_params)
     if loop_order not in ("cols", "rows"):
         raise ValueError(f"loop_order must be 'cols' or 'rows', got {loop_order!r}")
@@ -197,8 +263,11 @@ def build_conv2d(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, st
     x, w, bias, residual, out = kb.args
     n = kb.n
     lanes = kb.lanes
-    plan = plan or plan_tile(g.pixels, g.f, target, g.taps)
-    blocks = column_blocks(g.pixels, g.f, plan, target, g.taps)
+    if pooled is not None:
+        plan, blocks = pooled.plan(target, plan)
+    else:
+        plan = plan or plan_tile(g.pixels, g.f, target, g.taps)
+        blocks = column_blocks(g.pixels, g.f, plan, target, g.taps)
     k = g.taps
     if packing == "per_call":
         packed = kb.scratch(k * packed_floats(blocks, lanes))
@@ -213,42 +282,45 @@ def build_conv2d(module: ir.Module, name: str, *, in_hwc, kernel_hw, filters, st
     if xp is not None:
         kb.memset_zero(xp, g.hp * g.wp * g.c)
     epilogue = Epilogue.of(bias=has_bias, residual=has_residual, activation=activation,
-                           activation_params=activation_params)
+                           activation_params=activation_params, window=pooled.window if pooled else 1)
+    rows = pooled.rows if pooled else g.pixels          # what a tile row counts: output pixels
 
     with kb.for_range(n, name="image") as li:
         i = li.index
         src = _image_source(kb, g, x, i, xp)
-        out_img = kb.gep(out, kb.mul(i, g.pixels * g.f))
+        out_img = kb.gep(out, kb.mul(i, rows * g.f))
         res_img = kb.gep(residual, kb.mul(i, g.pixels * g.f)) if has_residual else None
 
         def tile(r0, mr, which, j):
             blk = blocks[which]
             nr = blk.nv * lanes
             col0 = kb.add(blk.start, kb.mul(j, nr))
-            a_rows = [kb.gep(src, _pixel_offset(kb, g, kb.add(r0, m))) for m in range(mr)]
+            # the conv pixels of the tile's rows: mr output pixels, or mr windows of pooled.window pixels
+            pixels = pooled.conv_pixels(kb, r0, mr) if pooled else [kb.add(r0, m) for m in range(mr)]
+            a_rows = [kb.gep(src, _pixel_offset(kb, g, p)) for p in pixels]
             acc = emit_tile(kb, a_rows, packed_block(kb, packed, k, blocks, which, j), _tap_loops(g, nr),
                             blk.nv, nr)
-            offsets = [kb.add(kb.mul(kb.add(r0, m), g.f), col0) for m in range(mr)]
-            out_rows = [kb.gep(out_img, off) for off in offsets]
+            out_rows = [kb.gep(out_img, kb.add(kb.mul(kb.add(r0, m), g.f), col0)) for m in range(mr)]
+            res_rows = ([kb.gep(res_img, kb.add(kb.mul(p, g.f), col0)) for p in pixels]
+                        if has_residual else None)
             epilogue.emit(kb, acc, out_rows, blk.width,
-                          EpilogueOperands(bias=kb.gep(bias, col0) if has_bias else None,
-                                           residual_rows=[kb.gep(res_img, off) for off in offsets]
-                                           if has_residual else None))
+                          EpilogueOperands(bias=kb.gep(bias, col0) if has_bias else None, residual_rows=res_rows))
 
         for which, blk in enumerate(blocks):
+            per_tile = blk.mr // pooled.window if pooled else blk.mr      # output pixels per row tile
             if split_rows:
                 with kb.for_range(blk.count, name="cols") as lj:
-                    _for_part_row_tiles(kb, g.pixels, blk.mr, *kb.int_args,
+                    _for_part_row_tiles(kb, rows, per_tile, *kb.int_args,
                                         lambda r0, mr, which=which, j=lj.index: tile(r0, mr, which, j))
             elif loop_order == "cols":
                 with kb.for_range(blk.count, name="cols") as lj:
-                    for_row_tiles(kb, g.pixels, blk.mr, lambda r0, mr, which=which, j=lj.index:
+                    for_row_tiles(kb, rows, per_tile, lambda r0, mr, which=which, j=lj.index:
                                   tile(r0, mr, which, j))
             else:
                 def row_tile(r0, mr, which=which, blk=blk):
                     with kb.for_range(blk.count, name="cols") as lj:
                         tile(r0, mr, which, lj.index)
-                for_row_tiles(kb, g.pixels, blk.mr, row_tile)
+                for_row_tiles(kb, rows, per_tile, row_tile)
     return kb.finish()
 
 

@@ -86,14 +86,18 @@ class PositiveMask:
 @dataclass(frozen=True)
 class Epilogue:
     """A small pipeline applied per accumulator vector, then one store (or add into the output when
-    `accumulate`, for reductions split across calls of the tile)."""
+    `accumulate`, for reductions split across calls of the tile). `window` > 1 (conv2d_max_pool): each
+    group of `window` consecutive tile rows is one max-pool window, reduced to its maximum in row order
+    from -inf with the builder's NaN-propagating maximum (max_pool2d's kernel, so the bits agree) and
+    stored to out_rows[group]."""
     steps: tuple = ()
     accumulate: bool = False
+    window: int = 1
 
     @staticmethod
     def of(*, bias: bool = False, residual: bool = False, activation: str = "linear",
            activation_params: tuple = (), positive_mask: bool = False,
-           accumulate: bool = False) -> "Epilogue":
+           accumulate: bool = False, window: int = 1) -> "Epilogue":
         steps = []
         if bias:
             steps.append(BiasAdd())
@@ -103,12 +107,18 @@ class Epilogue:
             steps.append(Activation(activation, activation_params))
         if positive_mask:
             steps.append(PositiveMask())
-        return Epilogue(tuple(steps), accumulate)
+        if window < 1 or (window > 1 and accumulate):
+            raise ValueError(f"Epilogue: window must be >= 1 and cannot accumulate, got {window}, {accumulate}")
+        return Epilogue(tuple(steps), accumulate, window)
 
     def emit(self, kb: KernelBuilder, acc, out_rows: Sequence[ir.Value], width: int,
              ops: EpilogueOperands = EpilogueOperands()) -> None:
-        """Finish a tile: acc[m][v] -> out_rows[m][v*lanes : ...], only the first `width` columns."""
+        """Finish a tile: acc[m][v] -> out_rows[m][v*lanes : ...], only the first `width` columns (with a
+        window: out_rows[m // window])."""
         lanes = kb.lanes
+        if self.window > 1:
+            self._emit_pooled(kb, acc, out_rows, width, ops)
+            return
         for m, row in enumerate(acc):
             for v, value in enumerate(row):
                 col = v * lanes
@@ -118,6 +128,22 @@ class Epilogue:
                 if self.accumulate:
                     value = kb.b.fadd(kb.load_part(out_rows[m], col, w), value)
                 kb.store_part(value, out_rows[m], col, w)
+
+    def _emit_pooled(self, kb, acc, out_rows, width, ops):
+        lanes = kb.lanes
+        if len(acc) % self.window:
+            raise ValueError(f"Epilogue: {len(acc)} tile rows are not whole windows of {self.window}")
+        for group, row_out in enumerate(out_rows):
+            for v in range(len(acc[0])):
+                col = v * lanes
+                w = min(lanes, width - col)
+                best = kb.const(float("-inf"), like=acc[0][v])
+                for m in range(group * self.window, (group + 1) * self.window):
+                    value = acc[m][v]
+                    for step in self.steps:
+                        value = step.emit(kb, value, m, col, w, ops)
+                    best = kb.maximum(best, value)
+                kb.store_part(best, row_out, col, w)
 
 
 # ----------------------------------------------------------------------------------------------------
