@@ -200,10 +200,11 @@ def test_example_plans_verify_and_meet_targets(name):
                                exe.plan.naive_bytes(BATCH))
         assert lower <= arena <= 1.05 * lower
         assert arena < naive
-    # training keeps every activation for the backward pass, so reuse pays: well under half of naive.
-    # (Inference cannot reach 0.5: the first conv output and its pool output are live together and
-    # already exceed half of all node outputs; arena == lower bound is the best possible there.)
-    assert train.plan.arena_bytes(BATCH) <= 0.5 * train.plan.naive_bytes(BATCH)
+    # training keeps every activation for the backward pass, so reuse pays: about 0.65 of naive (0.46
+    # before fold_relu_grad removed the conv-sized masked gradients from the naive total; the arena
+    # itself did not change). (Inference cannot reach 0.5: the first conv (+ pool) output and the next
+    # one are live together and exceed half of all node outputs; arena == lower bound is the best there.)
+    assert train.plan.arena_bytes(BATCH) <= 0.7 * train.plan.naive_bytes(BATCH)
     assert inf.plan.lower_bound_bytes(BATCH) > 0.5 * inf.plan.naive_bytes(BATCH)
 
 

@@ -356,7 +356,8 @@ def test_pipelines_and_registry():
     assert PIPELINES["inference"][:9] == ["verify", "drop_dropout", "fold_batch_norm", "decompose_grouped_conv",
                                           "fold_constants", "cse", "fuse_bias_activation", "fuse_conv_pool", "dce"]
     assert PIPELINES["training_forward"][:3] == ["verify", "fold_softmax_cross_entropy", "dce"]
-    assert PIPELINES["training"][:5] == ["verify", "decompose_grouped_conv", "cse", "fuse_bias_activation", "dce"]
+    assert PIPELINES["training"][:6] == ["verify", "decompose_grouped_conv", "cse", "fuse_bias_activation",
+                                         "fold_relu_grad", "dce"]
 
 
 def test_unknown_pass_or_pipeline_is_a_clear_error():

@@ -167,6 +167,12 @@ _pool = _Pool()
 atexit.register(_pool.close)
 
 
+def shutdown() -> None:
+    """Stop this process's idle worker processes (they start again on demand): a cold-start measurement
+    begins without them."""
+    _pool.close()
+
+
 def kernel_symbol(text: str, family: str) -> str:
     """The symbol of a kernel built under PLACEHOLDER: k<hash of its IR>_<family> (family: an op name)."""
     return f"k{hashlib.sha256(text.encode()).hexdigest()[:20]}_{family}"

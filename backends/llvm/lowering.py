@@ -174,6 +174,8 @@ def _pool_spec(node):
                 padding=tuple(map(tuple, a["padding"])))
     if node.op.startswith("avg"):
         spec["count_include_pad"] = a["count_include_pad"]
+    if node.op == "max_pool2d_grad" and a["relu_mask"]:
+        spec["relu_mask"] = True
     if node.op == "max_pool2d" and x.dtype != "f32":       # int8 values (codegen's QUANTIZED_LOWERINGS)
         spec["dtype"] = x.dtype
     return spec

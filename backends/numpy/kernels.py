@@ -325,9 +325,9 @@ def conv2d_max_pool(x, w, b, out, stride, padding, dilation, pool, activation="l
     return max_pool2d(y, out, pool, pool, ((0, 0), (0, 0)))
 
 
-def max_pool2d_grad(x, dy, out, pool, stride, padding):
+def max_pool2d_grad(x, dy, out, pool, stride, padding, relu_mask=False):
     """out (x's shape): each window's dy goes to the FIRST maximum of the window in row-major (kh, kw)
-    order; overlapping windows accumulate."""
+    order; overlapping windows accumulate. relu_mask: then out *= (x > 0), as relu_grad(x, out)."""
     _expect_rank("max_pool2d_grad", "x", x, 4)
     pool, stride, pads, out_hw = _pool_geometry("max_pool2d_grad", x.shape, pool, stride, padding)
     _expect_shape("max_pool2d_grad", "dy", dy.shape, (x.shape[0],) + out_hw + (x.shape[3],))
@@ -362,6 +362,8 @@ def max_pool2d_grad(x, dy, out, pool, stride, padding):
                 share_r.fill(0)
                 np.copyto(share_r, dyc[:, o_h, o_w], where=hit_r)
                 _accumulate(dxc[:, i_h, i_w], share_r)
+    if relu_mask:
+        relu_grad(x, out, out)
     return out
 
 

@@ -328,9 +328,22 @@ class Conv2DMaxPool(Op):
 
 @register
 class MaxPool2DGrad(PoolBase):
+    """dx for max_pool2d: each window's dy goes to the first maximum of the window (row-major taps).
+    relu_mask (the fold_relu_grad pass): then dx *= (x > 0), relu_grad's multiply, for x the output of a
+    relu — one pass instead of two; only for windows that cannot overlap (each cell gets one share)."""
     name = "max_pool2d_grad"
     inputs = ("x", "dy")
+    attrs = dict(PoolBase.attrs, relu_mask=False)
     differentiable = False
+
+    def normalize(self, types, attrs):
+        a = super().normalize(types, attrs)
+        if not isinstance(attrs["relu_mask"], bool):
+            raise IRError(f"max_pool2d_grad: relu_mask must be a bool, got {attrs['relu_mask']!r}")
+        if attrs["relu_mask"] and (a["stride"][0] < a["pool"][0] or a["stride"][1] < a["pool"][1]):
+            raise IRError(f"max_pool2d_grad: relu_mask needs windows that cannot overlap (stride >= pool), "
+                          f"got pool {a['pool']}, stride {a['stride']}")
+        return a
 
     def infer(self, types, attrs):
         if super().infer(types[:1], attrs)[0] != types[1]:

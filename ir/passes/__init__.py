@@ -16,6 +16,7 @@ from .decompose_grouped_conv import decompose_grouped_conv
 from .drop_dropout import drop_dropout
 from .fold_batch_norm import fold_batch_norm
 from .fold_constants import fold_constants
+from .fold_relu_grad import fold_relu_grad
 from .fold_softmax_cross_entropy import fold_softmax_cross_entropy
 from .fuse_bias_activation import fuse_bias_activation
 from .fuse_conv_pool import fuse_conv_pool
@@ -32,6 +33,7 @@ PASSES = {
     "fold_softmax_cross_entropy": fold_softmax_cross_entropy,
     "plan_memory": plan_memory,
     "fold_batch_norm": fold_batch_norm,
+    "fold_relu_grad": fold_relu_grad,
     "decompose_grouped_conv": decompose_grouped_conv,
 }
 
@@ -39,7 +41,8 @@ PIPELINES = {
     "inference": ["verify", "drop_dropout", "fold_batch_norm", "decompose_grouped_conv", "fold_constants", "cse",
                   "fuse_bias_activation", "fuse_conv_pool", "dce", "plan_memory"],
     "training_forward": ["verify", "fold_softmax_cross_entropy", "dce"],
-    "training": ["verify", "decompose_grouped_conv", "cse", "fuse_bias_activation", "dce", "plan_memory"],
+    "training": ["verify", "decompose_grouped_conv", "cse", "fuse_bias_activation", "fold_relu_grad", "dce",
+                 "plan_memory"],
     "none": ["verify"],
 }
 

@@ -216,13 +216,18 @@ def build_avg_pool2d(module: ir.Module, name: str, *, in_hwc, pool, stride, padd
     return kb.finish()
 
 
-def build_max_pool2d_grad(module: ir.Module, name: str, *, in_hwc, pool, stride, padding,
+def build_max_pool2d_grad(module: ir.Module, name: str, *, in_hwc, pool, stride, padding, relu_mask=False,
                           target) -> ir.Function:
     """`void name(ptr x, ptr dy, ptr out, i64 n)`: each window's dy goes to the FIRST maximum of the window
-    in row-major (kh, kw) order; overlapping windows accumulate. out is fully overwritten."""
+    in row-major (kh, kw) order; overlapping windows accumulate. out is fully overwritten. relu_mask
+    (disjoint windows only): each share is multiplied by (x > 0) with the builder's relu_grad as it is
+    stored — the standalone relu_grad's instruction on the same operands, and cells no window covers stay
+    +0 as 0 * mask would."""
     g = pool_geometry("max_pool2d_grad", in_hwc, pool, stride, padding)
     # windows that cannot overlap write each input cell at most once: plain stores, no read-modify-write
     disjoint = g.sh >= g.ph and g.sw >= g.pw
+    if relu_mask and not disjoint:
+        raise ValueError(f"max_pool2d_grad: relu_mask needs disjoint windows, got pool {pool}, stride {stride}")
     kb = KernelBuilder(module, name, 3, target, arg_names=("x", "dy", "out"))
     x, dy, out = kb.args
     b = kb.b
@@ -248,8 +253,11 @@ def build_max_pool2d_grad(module: ir.Module, name: str, *, in_hwc, pool, stride,
                     pix = kb.mul(kb.add(kb.mul(lh.index, g.w), lw.index), g.c)
                     for p, peak, grad, (off, width) in zip(pend, peaks, grads, block):
                         at = kb.add(pix, off)
-                        hit = b.and_(b.fcmp_ordered("==", kb.load_part(x_img, at, width), peak), p)
+                        xv = kb.load_part(x_img, at, width)
+                        hit = b.and_(b.fcmp_ordered("==", xv, peak), p)
                         share = b.select(hit, grad, kb.const(0.0, like=vty))
+                        if relu_mask:
+                            share = kb.relu_grad(xv, share)
                         if not disjoint:
                             share = b.fadd(kb.load_part(out_img, at, width), share)
                         kb.store_part(share, out_img, at, width)
