@@ -112,3 +112,24 @@ def test_runtime_and_model_predict_take_the_same_path(model, tmp_path):
         rt.predict(bad)
     with pytest.raises(gc.GraphcnnError, match="1 NaN or infinite value"):
         model.predict(bad)
+
+
+def test_finiteness_check_catches_every_position_and_survives_overflowing_sums():
+    """input_arrays.all_finite: the BLAS-dot shortcut of small inputs is never trusted when it says
+    "not finite" (a finite sum may overflow), and a NaN or inf anywhere is always caught."""
+    from graphcnn.input_arrays import DOT_CHECK_MAX, all_finite
+    rng = np.random.default_rng(0)
+    for size in (1, 7, 784, DOT_CHECK_MAX, DOT_CHECK_MAX + 1):
+        a = rng.standard_normal(size).astype(np.float32)
+        assert all_finite(a)
+        for pos in {0, size // 2, size - 1}:
+            for bad in (np.nan, np.inf, -np.inf):
+                b = a.copy()
+                b[pos] = bad
+                assert not all_finite(b), (size, pos, bad)
+        big = np.full(size, 3e38, np.float32)           # finite, but its sum overflows to inf
+        assert all_finite(big)
+        big[size // 2] = -3e38
+        assert all_finite(big)
+    both = np.array([np.inf, -np.inf], np.float32)      # sums to NaN
+    assert not all_finite(both)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import operator
 import os
 import threading
 import time
@@ -47,6 +48,15 @@ def _address(a: np.ndarray) -> int:
     return a.ctypes.data
 
 
+def _tuple_getter(names):
+    """d -> (d[name] for name in names) as a tuple (operator.itemgetter, which returns a bare item for one
+    name)."""
+    if len(names) == 1:
+        name = names[0]
+        return lambda d: (d[name],)
+    return operator.itemgetter(*names) if names else (lambda d: ())
+
+
 class RuntimeApi:
     """A NativeGraph's one-call path (export.add_runtime_api): the .so's NAME_run_threads in the JIT module,
     its leaf table filled from the executable's arrays (re-filled when one is replaced; packed buffers
@@ -70,15 +80,27 @@ class RuntimeApi:
         # the arrays whose identity decides whether the table is current: each leaf, or a packed one's sources
         self.watched = sorted({s for name in self.order for s in (packed[name].sources if name in packed else (name,))})
         self.held = self.retired = None
+        self._getters = None        # _watched_arrays' lookups, made at the first call
         self.lock = threading.Lock()
         self.out_shape = tuple(shape.output_dims)
         self.workspaces = ArenaCache(lambda n: self.shape.workspace_size_threads(n, self.threads))
 
-    def _refresh(self, leaves):
-        arrays = [leaves[name] for name in self.watched]
+    def _watched_arrays(self, state, consts) -> tuple:
+        """The watched arrays now, from the executable's params/state and constants (one C-level lookup
+        each: this runs on every call)."""
+        getters = self._getters
+        if getters is None:
+            in_state = [name for name in self.watched if name in state]
+            getters = self._getters = (_tuple_getter(in_state),
+                                       _tuple_getter([name for name in self.watched if name not in state]))
+        return getters[0](state) + getters[1](consts)
+
+    def _refresh(self, state, consts):
+        arrays = self._watched_arrays(state, consts)
         held = self.held
-        if held is not None and all(a is b for a, b in zip(arrays, held)):
+        if held is not None and all(map(operator.is_, arrays, held)):
             return
+        leaves = {**state, **consts}
         with self.lock:
             packed = self.native.layout.packed
             for i, name in enumerate(self.order):
@@ -88,8 +110,8 @@ class RuntimeApi:
             # thread started before this refresh (replacing params during a predict is still a race)
             self.retired, self.held = self.held, arrays
 
-    def __call__(self, leaves, x, n: int) -> np.ndarray:
-        self._refresh(leaves)
+    def __call__(self, state, consts, x, n: int) -> np.ndarray:
+        self._refresh(state, consts)
         ws = self.workspaces.get(n)
         at = ws.views.get("address")
         if at is None:
@@ -368,7 +390,7 @@ class LlvmExecutable(Executable):
         if api is None:
             return super().__call__(*args, **kwargs)
         arrays = self._ready_input(args, kwargs) or self.check_inputs(args, kwargs)
-        return api(self._leaves(arrays), arrays[0], arrays[0].shape[0])
+        return api(self.state, self.consts, arrays[0], arrays[0].shape[0])
 
     def _run_chunks(self, arrays, n):
         """A per-sample batch on `threads` threads, as the exported .so splits it: chunks of at most
