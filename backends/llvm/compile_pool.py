@@ -187,7 +187,8 @@ class KernelCompiler:
         self.folder = jit.trusted_cache_dir()
         self.symbols, self.texts, self.objects = [], [], []     # per kernel, in submission order
         self.keys, self.cached = [], []
-        self.jobs, self.failed, self.threads = queue.Queue(), [], []
+        # largest module first (its size stands for its compile time), so the last jobs are the short ones
+        self.jobs, self.failed, self.threads = queue.PriorityQueue(), [], []
 
     def submit(self, text: str, family: str) -> str:
         """Add a kernel module built with the function name PLACEHOLDER; -> its symbol. A module whose
@@ -205,7 +206,7 @@ class KernelCompiler:
         self.objects.append(obj)
         self.cached.append(obj is not None)
         if obj is None:
-            self.jobs.put(index)
+            self.jobs.put((-len(text), index))
             if not self.threads:
                 self.threads = [threading.Thread(target=self._dispatch, name=DISPATCHER_NAME, daemon=True)
                                 for _ in range(worker_count())]
@@ -220,8 +221,8 @@ class KernelCompiler:
             return
         try:
             while True:
-                index = self.jobs.get()
-                if index is None:
+                _, index = self.jobs.get()
+                if index < 0:
                     return
                 obj = worker.compile(self.texts[index], self.opt, self.target)
                 if obj is None:
@@ -236,7 +237,7 @@ class KernelCompiler:
         to the cache."""
         while True:
             try:
-                index = self.jobs.get_nowait()
+                _, index = self.jobs.get_nowait()
             except queue.Empty:
                 break
             self.objects[index] = jit.compile_object(self.texts[index], self.opt, self.target)
@@ -259,7 +260,7 @@ class KernelCompiler:
             except queue.Empty:
                 break
         for _ in self.threads:
-            self.jobs.put(None)
+            self.jobs.put((0, -1))             # the end marker: after every real job (their keys are negative)
         for t in self.threads:
             t.join()
         self.threads = []
