@@ -155,3 +155,23 @@ def test_a_lowering_that_fails_half_way_stops_its_dispatchers(monkeypatch):
     with pytest.raises(LoweringError, match="refused for the test"):
         NativeGraph(g, jit.host_target())
     assert not [t for t in threading.enumerate() if t.name == compile_pool.DISPATCHER_NAME]
+
+
+def test_idle_workers_stop_after_a_while(monkeypatch):
+    import time
+    monkeypatch.setenv("GRAPHCNN_CACHE", "0")
+    monkeypatch.setenv(compile_pool.WORKERS_ENV, "1")
+    monkeypatch.setattr(compile_pool, "IDLE_SECONDS", 0.2)
+    monkeypatch.setattr(compile_pool, "_pool", compile_pool._Pool())
+    m = _cnn(5)
+    gc.compile(m.inference_graph(), "llvm", m.weights)
+    pool = compile_pool._pool
+    workers = list(pool.idle)
+    assert workers and all(w.alive for w in workers)       # kept for the next compilation ...
+    deadline = time.monotonic() + 10
+    while pool.idle and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pool.idle and pool.started == 0             # ... and stopped once idle
+    for w in workers:
+        w.proc.wait(timeout=5)
+        assert not w.alive

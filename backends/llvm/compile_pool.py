@@ -31,6 +31,7 @@ else:       # started as a worker script: only jit.py beside this file (the pack
 
 WORKERS_ENV = "GRAPHCNN_COMPILE_WORKERS"
 MAX_WORKERS = 8
+IDLE_SECONDS = 10.0         # idle workers stop this long after their last kernel
 # the name a kernel is built under in its own module; submit() replaces it by the kernel's hashed symbol
 PLACEHOLDER = "__graphcnn_kernel__"
 DISPATCHER_NAME = "graphcnn-compile-dispatch"
@@ -125,15 +126,17 @@ class _Worker:
 
 
 class _Pool:
-    """The process's idle workers; new ones are started on demand up to worker_count()."""
+    """The process's idle workers; new ones are started on demand up to worker_count(), and the idle ones
+    stop IDLE_SECONDS after the last compilation (a worker holds ~150 MB: LLVM)."""
 
     def __init__(self):
         self.lock, self.idle, self.started, self.pid = threading.Lock(), [], 0, os.getpid()
+        self.timer = None
 
     def borrow(self) -> _Worker | None:
         with self.lock:
             if self.pid != os.getpid():         # a forked child: the parent's pipes are not ours
-                self.idle, self.started, self.pid = [], 0, os.getpid()
+                self.idle, self.started, self.pid, self.timer = [], 0, os.getpid(), None
             while self.idle:
                 w = self.idle.pop()
                 if w.alive:
@@ -153,12 +156,19 @@ class _Pool:
         with self.lock:
             if w.alive and self.pid == os.getpid():
                 self.idle.append(w)
+                if self.timer is not None:
+                    self.timer.cancel()
+                self.timer = threading.Timer(IDLE_SECONDS, self.close)
+                self.timer.daemon = True
+                self.timer.start()
             else:
                 self.started -= 1
 
     def close(self) -> None:
+        """Stop the idle workers (borrowed ones stay with their compilation)."""
         with self.lock:
-            idle, self.idle, self.started = self.idle, [], 0
+            idle, self.idle = self.idle, []
+            self.started -= len(idle)
         for w in idle:
             w.close()
 
