@@ -180,5 +180,25 @@ class Executable:
                 for o, want in zip(self.run(arrays), self._output_dtypes)]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
+    def train_step(self, accept, *args, **kwargs):
+        """One call of a training graph whose state updates are kept only when accept(outputs) is true
+        (fit refuses a NaN or diverging loss and keeps the weights from before that step): -> (outputs as
+        __call__ returns them, accepted). accept sees the raw outputs (valid during the call)."""
+        arrays = self._ready_input(args, kwargs) or self.check_inputs(args, kwargs)
+        raw, accepted = self._run_guarded(arrays, accept)
+        outs = [o.copy() if o.dtype == want else o.astype(want) for o, want in zip(raw, self._output_dtypes)]
+        return (outs[0] if len(outs) == 1 else tuple(outs)), accepted
+
+    def _run_guarded(self, arrays, accept):
+        """run() with the state put back from a copy when accept(outputs) is false (backends that see the
+        outputs before they update the state skip the copy)."""
+        backup = {k: v.copy() for k, v in self.state.items()}
+        raw = self.run(arrays)
+        if accept(raw):
+            return raw, True
+        for k, v in backup.items():
+            self.state[k][...] = v
+        return raw, False
+
     def run(self, arrays: list) -> tuple:
         raise NotImplementedError

@@ -304,13 +304,21 @@ def _fit(model, x, y, epochs, batch_size, validation_data, seed, shuffle, verbos
                     batch[SAMPLE_WEIGHT] = weights[idx]
                 if feeds_lr:
                     batch[LR_INPUT] = np.float32(model.learning_rate)
-                backup = {k: v.copy() for k, v in exe.state.items()}
-                pred, loss = step(batch, n_batch) if parallel else exe(**batch)
+                def acceptable(loss, first=first_loss):
+                    loss = float(loss)
+                    return math.isfinite(loss) and loss <= DIVERGENCE_FACTOR * max(loss if first is None else first, 1.0)
+                if parallel:
+                    backup = {k: v.copy() for k, v in exe.state.items()}
+                    pred, loss = step(batch, n_batch)
+                    accepted = acceptable(loss)
+                    if not accepted:
+                        for k, v in backup.items():
+                            exe.state[k][...] = v
+                else:       # the executable keeps the step's updates only for an acceptable loss
+                    (pred, loss), accepted = exe.train_step(lambda outs: acceptable(outs[1]), **batch)
                 loss = float(loss)
                 first_loss = loss if first_loss is None else first_loss
-                if not math.isfinite(loss) or loss > DIVERGENCE_FACTOR * max(first_loss, 1.0):
-                    for k, v in backup.items():
-                        exe.state[k][...] = v
+                if not accepted:
                     why = "" if not math.isfinite(loss) else \
                         f" (over {DIVERGENCE_FACTOR:g} x the first batch's {first_loss:.4g}: training diverged)"
                     raise TrainingError(f"fit: the loss became {loss} at epoch {epoch + 1}, batch {b + 1}{why}; "

@@ -133,3 +133,44 @@ def test_finiteness_check_catches_every_position_and_survives_overflowing_sums()
         assert all_finite(big)
     both = np.array([np.inf, -np.inf], np.float32)      # sums to NaN
     assert not all_finite(both)
+
+
+def test_split_training_step_equals_the_chunk_api_step(monkeypatch):
+    """The threaded training step (one flat row of chunk means per chunk, combined in two array ops) gives
+    the bits of the chunk API that graphcnn.distributed uses: chunk_gradients, combine_chunk_means,
+    apply_update."""
+    from backends.llvm import executable as llvm_exe
+    from graphcnn import layers
+
+    def chunk_api_step(self, arrays, n, accept=None):
+        chunks = self._chunks(n)
+        parts = self.chunk_gradients(arrays, chunks)
+        outs = [np.concatenate([p[k] for p in parts]) if t.batched else None
+                for k, (_, t) in enumerate(self.outputs)]
+        reduced = llvm_exe.combine_chunk_means([self.chunk_means(p) for p in parts], chunks, n)
+        for k, v in zip(self.mean_outputs, reduced):
+            outs[k] = v
+        if accept is not None and not accept(outs):
+            return outs, False
+        self.apply_update(reduced[len(self.mean_outputs):], arrays)
+        return outs if accept is None else (outs, True)
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((45, 9, 9, 2)).astype(np.float32)
+    y = rng.integers(0, 4, 45)
+    results = []
+    for step in (None, chunk_api_step):
+        if step is not None:
+            monkeypatch.setattr(llvm_exe.LlvmExecutable, "_train_step", step)
+        m = gc.Sequential([layers.Input((9, 9, 2)), layers.Conv2D(3, 3, activation="relu"), layers.MaxPool2D(2),
+                           layers.Flatten(), layers.Dense(4, activation="softmax")], name="split_step")
+        m.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"], backend="llvm",
+                  threads=2)
+        history = m.fit(x, y, epochs=2, batch_size=16, verbose=0, seed=1, shuffle=False)   # chunks 8+8, last 7 = 4+3
+        assert m._executable("train").split_training
+        results.append((m.get_weights(), history.history["loss"]))
+    (w_flat, loss_flat), (w_api, loss_api) = results
+    assert loss_flat == loss_api
+    assert sorted(w_flat) == sorted(w_api) and len(w_flat) == 4
+    for name in w_flat:
+        assert w_flat[name].tobytes() == w_api[name].tobytes(), name

@@ -273,6 +273,32 @@ def test_divergence_stops_with_message_and_keeps_weights():
         m.fit(x, target, epochs=3, batch_size=8, seed=0, verbose=0)
 
 
+@pytest.mark.parametrize("backend, threads", [("numpy", None), ("llvm", 1), ("llvm", 2)])
+def test_divergence_keeps_the_weights_of_the_last_good_step(backend, threads):
+    """The refused step leaves no trace: the state copy put back (numpy, one LLVM thread) or, for the
+    threaded LLVM step, the update never applied (Executable.train_step)."""
+    x, y = data(64)
+    m = gc.Sequential([L.Input((6,)), L.Dense(3)], name="div_kept")
+    m.compile(optimizer={"name": "sgd", "lr": 1e6}, loss="mse", backend=backend,
+              **({"threads": threads} if threads else {}))
+    target = np.eye(3, dtype=np.float32)[y] * 100
+    kept = []
+
+    class Keep(C.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            kept.append(m.get_weights())
+
+    with pytest.raises(gc.TrainingError, match="diverged"):
+        m.fit(x, target, epochs=3, batch_size=8, seed=0, verbose=0, callbacks=[Keep()])
+    if threads == 2:
+        assert m._executable("train").split_training
+    assert kept, "the first step should have been accepted"
+    now = m.get_weights()
+    assert sorted(now) == sorted(kept[-1])
+    for name in now:
+        assert now[name].tobytes() == kept[-1][name].tobytes(), name
+
+
 def test_verbose_prints_one_line_per_epoch_when_not_a_tty(capsys):
     x, y = data(16)
     m = small()

@@ -420,17 +420,59 @@ class LlvmExecutable(Executable):
             f.result()
         return outs
 
-    def _train_step(self, arrays, n):
+    def _run_guarded(self, arrays, accept):
+        # the split step sees its loss before the update graph runs: nothing to copy back, unless the
+        # gradient function updates state itself
+        if not self.split_training or self._grads.graph.updates:
+            return super()._run_guarded(arrays, accept)
+        n = arrays[0].shape[0] if self._first_batched else \
+            next((a.shape[0] for a, (_, t) in zip(arrays, self.inputs) if t.batched), 1)
+        return self._train_step(arrays, n, accept)
+
+    def _train_step(self, arrays, n, accept=None):
+        """The split step on this process's threads: each chunk's batched outputs go straight into their
+        rows of the results and its chunk means (losses, gradients) into one flat float32 row, so the
+        weighted combination is two array operations — combine_chunk_means' arithmetic, element for
+        element (same products, same left-to-right sums in float32), hence the same bits. With `accept`
+        (train_step): -> (outputs, accepted), the update applied only when accept(outputs) is true."""
         chunks = self._chunks(n)
-        parts = self.chunk_gradients(arrays, chunks)
-        outs = [np.concatenate([p[k] for p in parts]) if t.batched else None
-                for k, (_, t) in enumerate(self.outputs)]
-        reduced = combine_chunk_means([self.chunk_means(p) for p in parts], chunks, n)
-        means, grads = reduced[:len(self.mean_outputs)], reduced[len(self.mean_outputs):]
-        for k, v in zip(self.mean_outputs, means):
+        layout = self._flat_layout()
+        outs = [np.empty(t.concrete(n), t.np_dtype) if t.batched else None for _, t in self.outputs]
+        flats = np.empty((len(chunks), layout[-1][0] + layout[-1][1] if layout else 0), np.float32)
+        k_out, means = len(self.outputs), self.mean_outputs
+        batched = [k for k, (_, t) in enumerate(self.outputs) if t.batched]
+
+        def grads(c, a, b):
+            sl = [x[a:b] if t.batched else x for x, (_, t) in zip(arrays, self.inputs)]
+            res = self._grads(self._leaves(sl), b - a, a)        # views into this thread's arena
+            for k in batched:
+                outs[k][a:b] = res[k]
+            row = flats[c]
+            for (off, size, _), r in zip(layout, [res[k] for k in means] + res[k_out:]):
+                row[off:off + size] = r.reshape(-1)
+        self._map_chunks(grads, [(c, a, b) for c, (a, b) in enumerate(chunks)])
+        acc = flats[0] * np.float32((chunks[0][1] - chunks[0][0]) / n)
+        for row, (a, b) in zip(flats[1:], chunks[1:]):
+            acc += row * np.float32((b - a) / n)
+        reduced = [acc[off:off + size].reshape(shape) for off, size, shape in layout]
+        for k, v in zip(means, reduced):
             outs[k] = v
-        self.apply_update(grads, arrays)
-        return outs
+        if accept is not None and not accept(outs):
+            return outs, False
+        self.apply_update(reduced[len(means):], arrays)
+        return outs if accept is None else (outs, True)
+
+    def _flat_layout(self) -> list:
+        """(offset, size, shape) of each chunk mean (chunk_mean_shapes order) in the flat row (cached)."""
+        layout = getattr(self, "_flat", None)
+        if layout is None:
+            layout, off = [], 0
+            for shape in self.chunk_mean_shapes:
+                size = int(np.prod(shape, dtype=np.int64))
+                layout.append((off, size, shape))
+                off += size
+            self._flat = layout
+        return layout
 
     @property
     def mean_outputs(self) -> list:
