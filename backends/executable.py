@@ -72,6 +72,18 @@ class ArenaCache:
         return sum(a.buffer.nbytes for a in self._cache().values())
 
 
+def run_keeping_state(state: dict, run, accept):
+    """(run(), accepted): the arrays of `state` (updated in place by run) are copied first and put back
+    when accept(outputs) is false."""
+    backup = {k: v.copy() for k, v in state.items()}
+    outputs = run()
+    if accept(outputs):
+        return outputs, True
+    for k, v in backup.items():
+        state[k][...] = v
+    return outputs, False
+
+
 class ExecutionError(RuntimeError):
     """A compiled function failed at run time."""
 
@@ -190,15 +202,9 @@ class Executable:
         return (outs[0] if len(outs) == 1 else tuple(outs)), accepted
 
     def _run_guarded(self, arrays, accept):
-        """run() with the state put back from a copy when accept(outputs) is false (backends that see the
-        outputs before they update the state skip the copy)."""
-        backup = {k: v.copy() for k, v in self.state.items()}
-        raw = self.run(arrays)
-        if accept(raw):
-            return raw, True
-        for k, v in backup.items():
-            self.state[k][...] = v
-        return raw, False
+        """run() with the state put back when accept(outputs) is false (run_keeping_state; backends that
+        see the outputs before they update the state skip the copy)."""
+        return run_keeping_state(self.state, lambda: self.run(arrays), accept)
 
     def run(self, arrays: list) -> tuple:
         raise NotImplementedError

@@ -6,12 +6,14 @@ resumed at initial_epoch=e (gc.load_model) sees exactly the batches an uninterru
 masks hash (seed, step, element) and the step is saved with the optimizer state."""
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
 
 import numpy as np
 
+from backends.executable import run_keeping_state
 import ir.training
 from ir.training import OPTIMIZERS
 
@@ -244,6 +246,13 @@ def fit(model, x, y, epochs=1, batch_size=32, validation_data=None, seed=None, s
         raise
 
 
+def _acceptable(outputs, first_loss):
+    """A training step's (prediction, loss) is kept when the loss is finite and not DIVERGENCE_FACTOR times
+    the first batch's (at least 1; the first batch is measured against itself)."""
+    loss = float(outputs[1])
+    return math.isfinite(loss) and loss <= DIVERGENCE_FACTOR * max(loss if first_loss is None else first_loss, 1.0)
+
+
 def _fit(model, x, y, epochs, batch_size, validation_data, seed, shuffle, verbose, callbacks, validation_split,
          initial_epoch, class_weight, sample_weight, parallel):
     from . import distributed as dist
@@ -304,18 +313,12 @@ def _fit(model, x, y, epochs, batch_size, validation_data, seed, shuffle, verbos
                     batch[SAMPLE_WEIGHT] = weights[idx]
                 if feeds_lr:
                     batch[LR_INPUT] = np.float32(model.learning_rate)
-                def acceptable(loss, first=first_loss):
-                    loss = float(loss)
-                    return math.isfinite(loss) and loss <= DIVERGENCE_FACTOR * max(loss if first is None else first, 1.0)
+                # the step's updates are kept only for an acceptable loss (outputs: prediction, loss)
+                accept = functools.partial(_acceptable, first_loss=first_loss)
                 if parallel:
-                    backup = {k: v.copy() for k, v in exe.state.items()}
-                    pred, loss = step(batch, n_batch)
-                    accepted = acceptable(loss)
-                    if not accepted:
-                        for k, v in backup.items():
-                            exe.state[k][...] = v
-                else:       # the executable keeps the step's updates only for an acceptable loss
-                    (pred, loss), accepted = exe.train_step(lambda outs: acceptable(outs[1]), **batch)
+                    (pred, loss), accepted = run_keeping_state(exe.state, lambda: step(batch, n_batch), accept)
+                else:
+                    (pred, loss), accepted = exe.train_step(accept, **batch)
                 loss = float(loss)
                 first_loss = loss if first_loss is None else first_loss
                 if not accepted:

@@ -12,6 +12,7 @@ GIL, so threads run native code in parallel).
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import operator
 import os
@@ -372,9 +373,13 @@ class LlvmExecutable(Executable):
         bounds = np.linspace(0, n, k + 1).astype(int)
         return [(int(bounds[i]), int(bounds[i + 1])) for i in range(k)]
 
-    def run(self, arrays):
-        n = arrays[0].shape[0] if self._first_batched else \
+    def _batch(self, arrays) -> int:
+        """The call's batch size: the first batched input's leading dimension (1 without one)."""
+        return arrays[0].shape[0] if self._first_batched else \
             next((a.shape[0] for a, (_, t) in zip(arrays, self.inputs) if t.batched), 1)
+
+    def run(self, arrays):
+        n = self._batch(arrays)
         if self.split_training:
             return self._train_step(arrays, n)
         if n < self.threads and self._main.team_parts > 1:
@@ -425,9 +430,7 @@ class LlvmExecutable(Executable):
         # gradient function updates state itself
         if not self.split_training or self._grads.graph.updates:
             return super()._run_guarded(arrays, accept)
-        n = arrays[0].shape[0] if self._first_batched else \
-            next((a.shape[0] for a, (_, t) in zip(arrays, self.inputs) if t.batched), 1)
-        return self._train_step(arrays, n, accept)
+        return self._train_step(arrays, self._batch(arrays), accept)
 
     def _train_step(self, arrays, n, accept=None):
         """The split step on this process's threads: each chunk's batched outputs go straight into their
@@ -436,7 +439,7 @@ class LlvmExecutable(Executable):
         element (same products, same left-to-right sums in float32), hence the same bits. With `accept`
         (train_step): -> (outputs, accepted), the update applied only when accept(outputs) is true."""
         chunks = self._chunks(n)
-        layout = self._flat_layout()
+        layout = self._flat_layout
         outs = [np.empty(t.concrete(n), t.np_dtype) if t.batched else None for _, t in self.outputs]
         flats = np.empty((len(chunks), layout[-1][0] + layout[-1][1] if layout else 0), np.float32)
         k_out, means = len(self.outputs), self.mean_outputs
@@ -462,16 +465,14 @@ class LlvmExecutable(Executable):
         self.apply_update(reduced[len(means):], arrays)
         return outs if accept is None else (outs, True)
 
+    @functools.cached_property
     def _flat_layout(self) -> list:
-        """(offset, size, shape) of each chunk mean (chunk_mean_shapes order) in the flat row (cached)."""
-        layout = getattr(self, "_flat", None)
-        if layout is None:
-            layout, off = [], 0
-            for shape in self.chunk_mean_shapes:
-                size = int(np.prod(shape, dtype=np.int64))
-                layout.append((off, size, shape))
-                off += size
-            self._flat = layout
+        """(offset, size, shape) of each chunk mean (chunk_mean_shapes order) in _train_step's flat row."""
+        layout, off = [], 0
+        for shape in self.chunk_mean_shapes:
+            size = int(np.prod(shape, dtype=np.int64))
+            layout.append((off, size, shape))
+            off += size
         return layout
 
     @property

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from ..graph import Graph, Node
 from ..ops import get_op
+from .rewrite import sole_reader
 
 
 def _disjoint(node: Node) -> bool:
@@ -34,7 +35,7 @@ def fold_relu_grad(g: Graph) -> Graph:
         y, grad = n.inputs
         pool = producer.get(grad.name)
         if (pool is None or pool.op != "max_pool2d_grad" or pool.attrs["relu_mask"] or pool.inputs[0] is not y
-                or not _disjoint(pool) or grad.name in results or len(users[grad.name]) != 1
+                or not _disjoint(pool) or sole_reader(grad, users, results) is not n
                 or id(pool) in absorbed):
             continue
         attrs = get_op("max_pool2d_grad").check(pool.inputs, dict(pool.attrs, relu_mask=True))

@@ -17,19 +17,12 @@ every downstream reference (including relu_grad(y, dy) in training graphs, which
 activation's OUTPUT) stays valid."""
 from __future__ import annotations
 
-from ..graph import Graph, Node, Value
+from ..graph import Graph, Node
 from ..ops import activations, get_op
+from .rewrite import sole_reader
 
 FUSABLE_OPS = ("conv2d", "dense", "depthwise_conv2d")
 FUSABLE_ACTIVATIONS = tuple(name for name in activations.NAMES if name != "linear")
-
-
-def _sole_user(v: Value, users: dict, results: set):
-    """The only node reading v, or None when v has several uses (or none) or is a graph result."""
-    readers = users[v.name]
-    if v.name in results or len(readers) != 1:
-        return None
-    return readers[0]
 
 
 def fuse_bias_activation(g: Graph) -> Graph:
@@ -48,11 +41,11 @@ def fuse_bias_activation(g: Graph) -> Graph:
             continue
         chain = [n]
         x, w, *bias = n.inputs
-        user = _sole_user(n.outputs[0], users, results)
+        user = sole_reader(n.outputs[0], users, results)
         if not bias and user is not None and user.op == "bias_add" and user.inputs[0] is n.outputs[0]:
             bias = [user.inputs[1]]
             chain.append(user)
-            user = _sole_user(user.outputs[0], users, results)
+            user = sole_reader(user.outputs[0], users, results)
         residual = []
         # an add has two producers: the first conv to reach it takes it (claimed), the other stays apart
         if (n.op == "conv2d" and bias and n.attrs.get("groups", 1) == 1 and user is not None
@@ -62,7 +55,7 @@ def fuse_bias_activation(g: Graph) -> Graph:
             if len(skip) == 1 and skip[0].type == y.type:
                 residual = skip
                 chain.append(user)
-                user = _sole_user(user.outputs[0], users, results)
+                user = sole_reader(user.outputs[0], users, results)
         activation, params = "linear", ()
         if user is not None and user.op in FUSABLE_ACTIVATIONS:
             activation = user.op

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from ..graph import Graph, Node
 from ..ops import get_op
+from .rewrite import sole_reader
 
 # pixels of one pool window the fused kernel keeps in one register tile (2x2, 1x2, 2x1 ...)
 MAX_WINDOW = 4
@@ -47,11 +48,9 @@ def fuse_conv_pool(g: Graph) -> Graph:
     for n in g.nodes:
         if n.op != "conv2d" or n.attrs.get("groups", 1) != 1 or n.inputs[0].dtype != "f32":
             continue
-        y = n.outputs[0]
-        readers = users[y.name]
-        if y.name in results or len(readers) != 1 or not _fusable_pool(readers[0]):
+        pool = sole_reader(n.outputs[0], users, results)
+        if pool is None or not _fusable_pool(pool):
             continue
-        pool = readers[0]
         attrs = get_op("conv2d_max_pool").check(n.inputs, dict(n.attrs, pool=pool.attrs["pool"]))
         replace[id(pool)] = Node("conv2d_max_pool", list(n.inputs), attrs, pool.outputs)
         absorbed.add(id(n))

@@ -9,6 +9,15 @@ from ..graph import Graph, Node, Value
 from ..ops import get_op
 
 
+def sole_reader(v: Value, users: dict, results: set) -> Node | None:
+    """The only node reading v, or None when v has several readers (or none) or is a graph result: the
+    fusion rule (ONNX Runtime, Glow) of every pass that absorbs a value into the node reading it."""
+    readers = users[v.name]
+    if v.name in results or len(readers) != 1:
+        return None
+    return readers[0]
+
+
 class NodeBuilder:
     """Appends validated nodes to `self.nodes`; `emit` returns the new node's output values."""
 

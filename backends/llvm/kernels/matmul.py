@@ -116,34 +116,22 @@ class Epilogue:
         """Finish a tile: acc[m][v] -> out_rows[m][v*lanes : ...], only the first `width` columns (with a
         window: out_rows[m // window])."""
         lanes = kb.lanes
-        if self.window > 1:
-            self._emit_pooled(kb, acc, out_rows, width, ops)
-            return
-        for m, row in enumerate(acc):
-            for v, value in enumerate(row):
+        if len(acc) != len(out_rows) * self.window:
+            raise ValueError(f"Epilogue: {len(acc)} tile rows for {len(out_rows)} output rows of {self.window}")
+        for r, row_out in enumerate(out_rows):
+            for v in range(len(acc[r * self.window])):
                 col = v * lanes
                 w = min(lanes, width - col)
-                for step in self.steps:
-                    value = step.emit(kb, value, m, col, w, ops)
-                if self.accumulate:
-                    value = kb.b.fadd(kb.load_part(out_rows[m], col, w), value)
-                kb.store_part(value, out_rows[m], col, w)
-
-    def _emit_pooled(self, kb, acc, out_rows, width, ops):
-        lanes = kb.lanes
-        if len(acc) % self.window:
-            raise ValueError(f"Epilogue: {len(acc)} tile rows are not whole windows of {self.window}")
-        for group, row_out in enumerate(out_rows):
-            for v in range(len(acc[0])):
-                col = v * lanes
-                w = min(lanes, width - col)
-                best = kb.const(float("-inf"), like=acc[0][v])
-                for m in range(group * self.window, (group + 1) * self.window):
-                    value = acc[m][v]
+                # a window's maximum: from -inf in row order, as max_pool2d's kernel takes it
+                value = kb.const(float("-inf"), like=acc[r][v]) if self.window > 1 else None
+                for m in range(r * self.window, (r + 1) * self.window):
+                    x = acc[m][v]
                     for step in self.steps:
-                        value = step.emit(kb, value, m, col, w, ops)
-                    best = kb.maximum(best, value)
-                kb.store_part(best, row_out, col, w)
+                        x = step.emit(kb, x, m, col, w, ops)
+                    value = x if value is None else kb.maximum(value, x)
+                if self.accumulate:
+                    value = kb.b.fadd(kb.load_part(row_out, col, w), value)
+                kb.store_part(value, row_out, col, w)
 
 
 # ----------------------------------------------------------------------------------------------------
