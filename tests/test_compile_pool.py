@@ -127,9 +127,10 @@ def test_worker_count_setting(monkeypatch):
     assert compile_pool.worker_count() == 3
     monkeypatch.setenv(compile_pool.WORKERS_ENV, "100")
     assert compile_pool.worker_count() == compile_pool.MAX_WORKERS
-    monkeypatch.setenv(compile_pool.WORKERS_ENV, "many")
-    with pytest.raises(ValueError, match="GRAPHCNN_COMPILE_WORKERS"):
-        compile_pool.worker_count()
+    for bad in ("many", "-1", "1.5"):
+        monkeypatch.setenv(compile_pool.WORKERS_ENV, bad)
+        with pytest.raises(ValueError, match="GRAPHCNN_COMPILE_WORKERS must be a whole number"):
+            compile_pool.worker_count()
 
 
 def test_kernel_symbols_name_the_code():

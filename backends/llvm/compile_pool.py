@@ -82,9 +82,13 @@ def worker_count() -> int:
     env = os.environ.get(WORKERS_ENV, "").strip()
     if env:
         try:
-            return max(0, min(MAX_WORKERS, int(env)))
+            count = int(env)
         except ValueError:
-            raise ValueError(f"${WORKERS_ENV} must be a whole number of worker processes, got {env!r}") from None
+            count = -1
+        if count < 0:
+            raise ValueError(f"${WORKERS_ENV} must be a whole number of worker processes (0: compile "
+                             f"in-process; at most {MAX_WORKERS} are used), got {env!r}")
+        return min(MAX_WORKERS, count)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, min(MAX_WORKERS, cpus - 1))
 
